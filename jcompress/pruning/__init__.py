@@ -1,0 +1,1 @@
+"""jcompress.pruning."""
