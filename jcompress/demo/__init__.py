@@ -1,1 +1,6 @@
-"""jcompress.demo."""
+"""Data and models for ``jcompress demo`` and the examples (nothing in the library imports this)."""
+
+from jcompress.demo._data import Digits, batches, load_digits
+from jcompress.demo._models import CNN, MLP, accuracy
+
+__all__ = ["CNN", "MLP", "Digits", "accuracy", "batches", "load_digits"]
