@@ -28,13 +28,13 @@ class Digits:
 
 
 def load_digits(*, seed: int = 0, test_fraction: float = 0.3) -> Digits:
-    """Digits with a stratified, seeded train/test split (about 540 test images at 0.3).
+    """Digits with a stratified, seeded train/test split (539 test images at 0.3).
 
     Needs scikit-learn (the ``demo`` and ``test`` extras).
 
     >>> d = load_digits(seed=0)
     >>> d.x_train.shape[1], d.x_test.shape[0]
-    (64, 540)
+    (64, 539)
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
