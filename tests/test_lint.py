@@ -31,4 +31,3 @@ def test_no_deprecated_tree_api():
             if needle in text:
                 bad.append(f"{path.relative_to(ROOT)}: {needle}")
     assert not bad, bad
-
