@@ -1,1 +1,29 @@
-"""jcompress.pruning."""
+"""jcompress.pruning: masks (magnitude, random, saliency; unstructured, N:M, channels).
+
+Masks are pytrees with the parameters' paths; ``apply_masks`` zeroes the pruned weights.
+Counts are exact: a pool of ``S`` weights at sparsity ``s`` loses ``round(float32(s) * S)``.
+"""
+
+from jcompress.pruning._masks import (
+    apply_masks,
+    magnitude_masks,
+    nm_masks,
+    random_masks,
+    saliency_masks,
+    sparsity,
+    structured_masks,
+)
+from jcompress.pruning._structures import NM, Channels, Unstructured
+
+__all__ = [
+    "NM",
+    "Channels",
+    "Unstructured",
+    "apply_masks",
+    "magnitude_masks",
+    "nm_masks",
+    "random_masks",
+    "saliency_masks",
+    "sparsity",
+    "structured_masks",
+]

@@ -1,0 +1,164 @@
+"""Exact pruning counts and exact, sort-free selection of the lowest scores.
+
+Two shared mechanisms (DESIGN §4: "exact thresholds exist once"):
+
+* :func:`exact_count`: ``k = round(float32(s) * S)`` with round-half-to-even, computed exactly in
+  32-bit integers (x64 is off) from the float32's mantissa and exponent, so it is right for
+  ``S > 2**24`` and for a traced ``s`` inside ``jit``.
+* :func:`prune_lowest`: keep masks that remove exactly ``k`` entries with the lowest scores, by
+  a two-pass histogram refinement over monotone integer keys (no sort): pass 1 counts the top
+  15 bits of each key in 32768 buckets and finds the bucket holding the ``k``-th smallest key;
+  pass 2 counts the low 16 bits inside that bucket, which pins the exact ``k``-th key ``T``.
+  Everything below ``T`` is removed; among keys equal to ``T`` the lowest positions (in the
+  documented order) go first, so the count is exact even when every score is equal.
+
+Keys: a non-negative float32's bit pattern read as an int32 is monotone in its value, so
+``key = bitcast(abs(score))`` orders scores exactly (``-0.0`` becomes ``+0.0``; NaN keys sort
+above ``+inf``). Key ``-1`` marks an entry that must be removed first (already pruned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["PRUNED_KEY", "exact_count", "keys_of", "prune_lowest"]
+
+PRUNED_KEY = -1
+"""The key of an entry that is already pruned: lower than every score's key."""
+
+_MAX_COUNT = 2**31 - 1
+_LEVELS = ((16, 15), (0, 16))  # (shift, bits): top 15 bits, then the low 16 bits
+
+
+def keys_of(scores: jax.Array) -> jax.Array:
+    """Monotone int32 keys of ``abs(scores)`` (any float dtype, upcast exactly to float32).
+
+    >>> keys_of(jnp.array([0.0, -0.0, 1.0, -2.0])).tolist()
+    [0, 0, 1065353216, 1073741824]
+    """
+    mag = jnp.abs(jnp.asarray(scores).astype(jnp.float32))
+    return lax.bitcast_convert_type(mag, jnp.int32)
+
+
+def exact_count(sparsity: jax.typing.ArrayLike, size: int) -> jax.Array:
+    """``round(float32(sparsity) * size)`` (half to even), exact in int32 arithmetic.
+
+    Args:
+      sparsity: a scalar in ``[0, 1]``; concrete or traced. It is read as a float32; values
+        below 0 (and NaN) count as 0, values above 1 as 1 (callers validate concrete values).
+      size: the static number of entries ``S``, ``0 <= S < 2**31``.
+
+    Returns:
+      An int32 scalar ``k``, ``0 <= k <= size``.
+
+    The float32 is ``M * 2**-q`` with a 24-bit integer mantissa ``M`` and ``q >= 24`` for values
+    below 1. The product ``M * S`` (up to 55 bits) is built from 12-bit limbs with int32 partial
+    products, split into ``hi * 2**24 + lo``; ``k = hi >> (q - 24)`` and the discarded bits are
+    compared with one half for the rounding.
+
+    >>> int(exact_count(0.5, 5)), int(exact_count(0.5, 7)), int(exact_count(0.3, 2**24 + 3))
+    (2, 4, 5033166)
+    """
+    size = int(size)
+    if not 0 <= size <= _MAX_COUNT:
+        raise ValueError(
+            f"exact_count: {size} entries exceed the int32 range of the count; prune fewer "
+            "weights together (scope='layer' or a narrower where=)"
+        )
+    s = jnp.asarray(sparsity, jnp.float32)
+    bits = lax.bitcast_convert_type(jnp.clip(s, 0.0, 1.0), jnp.int32)
+    exponent = (bits >> 23) & 0xFF
+    fraction = bits & 0x7FFFFF
+    mant = jnp.where(exponent > 0, fraction | 0x800000, fraction)  # < 2**24
+    q = jnp.where(exponent > 0, 150 - exponent, 149)  # value = mant * 2**-q
+    m0, m1 = mant & 0xFFF, mant >> 12
+    s0, s1, s2 = size & 0xFFF, (size >> 12) & 0xFFF, size >> 24  # s2 < 2**7
+    # 12-bit limbs of mant * size; every partial product and carry stays below 2**27.
+    p0 = m0 * s0
+    p1 = m0 * s1 + m1 * s0 + (p0 >> 12)
+    p2 = m0 * s2 + m1 * s1 + (p1 >> 12)
+    p3 = m1 * s2 + (p2 >> 12)
+    lo = (p0 & 0xFFF) | ((p1 & 0xFFF) << 12)  # the low 24 bits
+    hi = (p2 & 0xFFF) | (p3 << 12)  # the rest: < 2**31
+    t = jnp.clip(q - 24, 0, 31)  # q >= 24 below 1; hi < 2**31 so a shift by 31 leaves 0
+    k = hi >> t
+    hi_rest = hi - (k << t)
+    # Compare the discarded part (hi_rest * 2**24 + lo) with one half (2**(q - 1)).
+    half_hi = jnp.where(t > 0, jnp.int32(1) << jnp.maximum(t - 1, 0), 0)
+    half_lo = jnp.where(t > 0, 0, 1 << 23)
+    above = (hi_rest > half_hi) | ((hi_rest == half_hi) & (lo > half_lo))
+    tie = (hi_rest == half_hi) & (lo == half_lo)
+    k = k + (above | (tie & ((k & 1) == 1))).astype(jnp.int32)
+    k = jnp.where(q > 55, 0, k)  # mant * size < 2**55 <= 2**(q - 1): rounds to 0
+    k = jnp.where(s >= 1.0, size, k)
+    return jnp.where(jnp.isnan(s) | (s <= 0.0), 0, k).astype(jnp.int32)
+
+
+def prune_lowest(keys: Sequence[jax.Array], k: jax.typing.ArrayLike) -> list[jax.Array]:
+    """Keep masks removing exactly ``k`` entries per row with the lowest keys, over all arrays.
+
+    Args:
+      keys: int32 arrays of shapes ``(B, N_i)``: ``B`` independent rows (stacked slices) shared
+        by every array; the arrays of one row form one pool (global scope). Keys are
+        :func:`keys_of` values or :data:`PRUNED_KEY`.
+      k: int32 of shape ``()`` or ``(B,)``: entries to remove per row, ``0 <= k <= sum_i N_i``.
+
+    Returns:
+      Bool arrays of the shapes of ``keys``, ``True`` where kept. Per row exactly
+      ``max(k, n_pruned)`` entries are removed, ``n_pruned`` the entries with
+      :data:`PRUNED_KEY` (they are always removed, first). The kept entries have the largest
+      keys; among keys equal to the threshold the lowest positions are removed first, in the
+      order: arrays in sequence order, then row-major position inside the array.
+
+    >>> [m] = prune_lowest([jnp.array([[3, 1, 2, 1]], jnp.int32)], 2)
+    >>> m.tolist()
+    [[True, False, True, False]]
+    """
+    keys = [jnp.asarray(x, jnp.int32) for x in keys]
+    rows = keys[0].shape[0]
+    if any(x.ndim != 2 or x.shape[0] != rows for x in keys):
+        raise ValueError(
+            f"prune_lowest: keys must be (B, N_i) with one B, got {[x.shape for x in keys]}"
+        )
+    k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (rows,))
+    pruned = sum(jnp.sum(x < 0, axis=1, dtype=jnp.int32) for x in keys)
+    rank = jnp.maximum(k - pruned, 0)  # entries still to remove among non-negative keys
+    prefix = jnp.zeros((rows,), jnp.int32)  # the bits of the threshold found so far
+    row_base = jnp.arange(rows, dtype=jnp.int32)[:, None]
+    for shift, nbits in _LEVELS:
+        buckets = 1 << nbits
+        hist = jnp.zeros((rows * buckets,), jnp.int32)
+        for x in keys:
+            inside = (x >= 0) & ((x >> (shift + nbits)) == prefix[:, None])
+            index = jnp.where(
+                inside, row_base * buckets + ((x >> shift) & (buckets - 1)), rows * buckets
+            )
+            hist = hist.at[index.reshape(-1)].add(1, mode="drop")
+        cum = jnp.cumsum(hist.reshape(rows, buckets), axis=1)
+        bucket = jnp.sum(cum < rank[:, None], axis=1, dtype=jnp.int32)
+        before = jnp.where(
+            bucket > 0, jnp.take_along_axis(cum, jnp.maximum(bucket - 1, 0)[:, None], 1)[:, 0], 0
+        )
+        rank = rank - before
+        prefix = (prefix << nbits) | bucket
+    threshold, need = prefix[:, None], rank[:, None]  # remove `need` of the keys == threshold
+    equal = sum(jnp.sum(x == threshold, axis=1, dtype=jnp.int32) for x in keys)
+
+    def all_or_none(_):
+        return [(x > threshold) | ((x == threshold) & (need == 0)) for x in keys]
+
+    def lowest_positions(_):
+        out, offset = [], jnp.zeros((rows, 1), jnp.int32)
+        for x in keys:
+            eq = (x == threshold).astype(jnp.int32)
+            before_me = jnp.cumsum(eq, axis=1) - eq + offset
+            out.append((x > threshold) | ((eq == 1) & (before_me >= need)))
+            offset = offset + jnp.sum(eq, axis=1, keepdims=True)
+        return out
+
+    partial_tie = jnp.any((need[:, 0] > 0) & (need[:, 0] < equal))
+    return lax.cond(partial_tie, lowest_positions, all_or_none, None)
