@@ -1,0 +1,244 @@
+"""A tree <-> a JSON node (structure and leaf metadata) plus a list of arrays.
+
+JSON nodes (schema version 1), ``{"t": ...}``:
+
+* ``dict`` / ``frozendict`` / ``state`` (``nnx.State``): ``"items": [[key, node], ...]`` in the
+  container's order; keys are ``str`` or ``int``;
+* ``list`` / ``tuple``: ``"items": [node, ...]``;
+* ``none``; ``scalar``: ``"v"`` a bool, int, float or str;
+* ``array``: ``"a"``, an index into the checkpoint's array entries;
+* ``variable``: an ``nnx.Variable`` (``"type"`` one of flax.nnx's variable classes, by name),
+  ``"metadata"`` and the ``"value"`` node;
+* ``compressed``: ``"kind"`` (a registered name), ``"arrays"`` ``{field: node}`` and
+  ``"static"`` ``{field: value}``.
+
+Nothing here names code to import or run: types are looked up in fixed tables and the
+compressed-leaf registry.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+
+from jcompress.checkpoint import _registry
+from jcompress.tree import Compressed, path_str
+
+_SCALARS = (bool, int, float, str)
+
+
+class ArrayRef:
+    """An array found while walking: its path and value."""
+
+    __slots__ = ("path", "value")
+
+    def __init__(self, path: str, value: Any):
+        self.path, self.value = path, value
+
+
+def _unsupported(path: str, x: Any, why: str = "") -> TypeError:
+    return TypeError(
+        f"{path or '<root>'}: cannot save a {type(x).__module__}.{type(x).__qualname__}"
+        f"{why}; a jcompress checkpoint holds dict, list, tuple, None, bool/int/float/str, "
+        "arrays, nnx.State/nnx.Variable, FrozenDict and registered compressed leaves "
+        "(jcompress.checkpoint.register_compressed); convert it to one of these"
+    )
+
+
+def _nnx():
+    return sys.modules.get("flax.nnx")
+
+
+def _frozendict_type():
+    mod = sys.modules.get("flax.core.frozen_dict")
+    return getattr(mod, "FrozenDict", None)
+
+
+def _variable_types() -> dict[str, type]:
+    from flax import nnx
+
+    out = {}
+    for name in dir(nnx):
+        obj = getattr(nnx, name)
+        if isinstance(obj, type) and issubclass(obj, nnx.Variable):
+            out.setdefault(obj.__name__, obj)
+    return out
+
+
+def encode_static(path: str, field: str, value: Any) -> Any:
+    """JSON form of a static field: JSON scalars, dtypes and tuples/lists of them."""
+    if value is None or isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, tuple | list):
+        items = [encode_static(path, field, v) for v in value]
+        return {"tuple": items} if isinstance(value, tuple) else {"list": items}
+    try:
+        is_dtype = isinstance(value, np.dtype) or (
+            isinstance(value, type) and issubclass(value, np.generic)
+        )
+    except TypeError:
+        is_dtype = False
+    if is_dtype or type(value).__module__.startswith(("jax", "ml_dtypes")):
+        try:
+            return {"dtype": np.dtype(value).name}
+        except TypeError:
+            pass
+    raise TypeError(
+        f"{path}: the static field {field!r} holds a {type(value).__name__} ({value!r}), which "
+        "a checkpoint cannot store; static fields must be JSON scalars, dtypes or tuples of them"
+    )
+
+
+def decode_static(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "dtype" in value:
+            import jax.numpy as jnp
+
+            return jnp.dtype(value["dtype"])
+        if "tuple" in value:
+            return tuple(decode_static(v) for v in value["tuple"])
+        if "list" in value:
+            return [decode_static(v) for v in value["list"]]
+        raise ValueError(f"unknown static value {value!r}")
+    return value
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, np.ndarray | np.generic | jax.Array)
+
+
+def to_node(tree: Any) -> tuple[Any, list[ArrayRef]]:
+    """Walk ``tree``; raise ``TypeError`` naming the path of anything unsupported."""
+    refs: list[ArrayRef] = []
+    nnx = _nnx()
+    frozen = _frozendict_type()
+    variable_types = _variable_types() if nnx is not None else {}
+
+    def array(keys: list, x: Any, suffix: str = "") -> dict:
+        path = path_str(keys) + suffix
+        if isinstance(x, jax.core.Tracer):
+            raise TypeError(
+                f"{path}: cannot save a traced value (inside jit/grad/vmap); save concrete "
+                "arrays outside the transformation"
+            )
+        refs.append(ArrayRef(path, x))
+        return {"t": "array", "a": len(refs) - 1}
+
+    def items(keys: list, mapping: Any, kind: str) -> dict:
+        out = []
+        for k, v in mapping.items():
+            if not (isinstance(k, str | int) and not isinstance(k, bool)):
+                raise TypeError(
+                    f"{path_str(keys) or '<root>'}: cannot save the {kind} key {k!r} of type "
+                    f"{type(k).__name__}; keys must be str or int"
+                )
+            out.append([k, walk([*keys, jax.tree_util.DictKey(k)], v)])
+        return {"t": kind, "items": out}
+
+    def walk(keys: list, x: Any) -> Any:
+        if isinstance(x, Compressed):
+            kind = _registry.kind_of(x)
+            path = path_str(keys)
+            if kind is None:
+                raise _unsupported(
+                    path,
+                    x,
+                    " (a compressed leaf whose class is not registered: call "
+                    "jcompress.checkpoint.register_compressed)",
+                )
+            arrays = {}
+            for a in kind.arrays:
+                v = getattr(x, a)
+                if v is None:
+                    arrays[a] = None
+                elif _is_array(v):
+                    arrays[a] = array(keys, v, f"/{a}")
+                else:
+                    raise _unsupported(f"{path}/{a}", v)
+            static = {s: encode_static(path, s, getattr(x, s)) for s in kind.static}
+            return {"t": "compressed", "kind": kind.name, "arrays": arrays, "static": static}
+        if nnx is not None and isinstance(x, nnx.Variable):
+            name = type(x).__name__
+            if variable_types.get(name) is not type(x):
+                raise _unsupported(
+                    path_str(keys), x, " (only flax.nnx's own Variable classes are stored by name)"
+                )
+            meta = x.get_metadata()
+            metadata = {k: encode_static(path_str(keys), k, v) for k, v in meta.items()}
+            value = walk([*keys, jax.tree_util.GetAttrKey("value")], x.get_raw_value())
+            return {"t": "variable", "type": name, "metadata": metadata, "value": value}
+        if nnx is not None and type(x) is nnx.State:
+            return items(keys, x.raw_mapping, "state")  # nested levels are plain dicts
+        if frozen is not None and type(x) is frozen:
+            return items(keys, x, "frozendict")
+        if type(x) is dict:
+            return items(keys, x, "dict")
+        if type(x) in (list, tuple):
+            return {
+                "t": type(x).__name__,
+                "items": [walk([*keys, jax.tree_util.SequenceKey(i)], v) for i, v in enumerate(x)],
+            }
+        if x is None:
+            return {"t": "none"}
+        if type(x) in _SCALARS:
+            return {"t": "scalar", "v": x}
+        if _is_array(x):
+            return array(keys, x)
+        raise _unsupported(path_str(keys), x)
+
+    return walk([], tree), refs
+
+
+def from_node(node: Any, arrays: list[Any]) -> Any:
+    """Rebuild a tree from its node and the loaded arrays; ``ValueError`` on a bad node."""
+
+    def items(n: dict) -> list:
+        return [(k, walk(v)) for k, v in n["items"]]
+
+    def walk(n: Any) -> Any:
+        t = n["t"]
+        if t == "dict":
+            return dict(items(n))
+        if t == "list":
+            return [walk(v) for v in n["items"]]
+        if t == "tuple":
+            return tuple(walk(v) for v in n["items"])
+        if t == "none":
+            return None
+        if t == "scalar":
+            return n["v"]
+        if t == "array":
+            return arrays[n["a"]]
+        if t == "frozendict":
+            from flax.core import FrozenDict
+
+            return FrozenDict(items(n))
+        if t == "state":
+            from flax import nnx
+
+            return nnx.State(dict(items(n)), _copy=False)
+        if t == "variable":
+            cls = _variable_types().get(n["type"])
+            if cls is None:
+                raise ValueError(f"unknown nnx Variable type {n['type']!r}")
+            meta = {k: decode_static(v) for k, v in n["metadata"].items()}
+            return cls(walk(n["value"]), **meta)
+        if t == "compressed":
+            kind = _registry.kind_named(n["kind"])
+            if kind is None:
+                raise ValueError(
+                    f"the checkpoint holds compressed leaves of kind {n['kind']!r}, which is not "
+                    f"registered here (registered: {_registry.registered()}); import the module "
+                    "that registers it"
+                )
+            kwargs: dict[str, Any] = {
+                a: None if v is None else walk(v) for a, v in n["arrays"].items()
+            }
+            kwargs.update({s: decode_static(v) for s, v in n["static"].items()})
+            return kind.build(**kwargs)
+        raise ValueError(f"unknown node type {t!r}")
+
+    return walk(node)
