@@ -123,7 +123,9 @@ def plan(refs: list[_schema.ArrayRef]) -> tuple[list[dict], dict[str, Any], np.n
             x = jax.random.key_data(x)
         entry["dtype"] = np.dtype(x.dtype).name
         entry["shape"] = [int(s) for s in x.shape]
-        entry["sharding"] = _describe_sharding(x)
+        sharding = _describe_sharding(x)
+        if sharding is not None:
+            entry["sharding"] = sharding
         host = _host(x)
         bits = _encode.element_bits(np.dtype(x.dtype))
         if host is None:  # not addressable from this process: orbax writes the shards
@@ -199,7 +201,7 @@ def write(directory: Path, tree: Any) -> None:
         "arrays": entries,
     }
     with open(directory / SCHEMA_FILE, "w") as f:
-        json.dump(schema, f, indent=1)
+        json.dump(schema, f, separators=(",", ":"))
 
 
 def _check_target(directory: Path) -> None:
