@@ -98,14 +98,36 @@ def _require(module: str, *names: str) -> tuple:
     return tuple(getattr(mod, n) for n in names)
 
 
-def _save_and_report(tree: Any, out: str, reference: Any) -> None:
+def _console():
     from rich.console import Console
 
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 120))
+
+
+def _transform(fn, params: Any) -> Any:
+    """``fn(params)`` compiled once; plain arrays come back as the input's array type."""
+    import jax
+    import numpy as np
+
+    from jcompress.tree import is_compressed
+
+    out = jax.jit(fn)(params)
+    return jax.tree.map(
+        lambda new, old: np.asarray(new) if isinstance(old, np.ndarray) and not is_compressed(new)
+        else new,
+        out,
+        params,
+        is_leaf=is_compressed,
+    )  # fmt: skip
+
+
+def _save_and_report(tree: Any, out: str, reference: Any) -> None:
     from jcompress import checkpoint, report
 
     checkpoint.save(out, tree)
     s = report.summarize(tree, reference=reference)
-    console = Console()
+    console = _console()
     console.print(s.table(title=out))
     console.print(
         f"wrote {out}: {report.format_bytes(checkpoint.disk_bytes(out))} on disk, "
@@ -127,8 +149,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from jcompress import checkpoint, report
 
     tree = _read_params(args.dir)
@@ -139,7 +159,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         d["total"]["disk_bytes"] = disk
         print(json.dumps(d, indent=1))
         return 0
-    console = Console()
+    console = _console()
     console.print(s.table(title=str(args.dir)))
     console.print(
         f"{len(s.leaves)} arrays, {s.size:,} values, {report.format_bytes(s.memory_bytes)} in "
@@ -162,7 +182,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     granularity = PerGroup(args.group_size) if args.group_size else PerChannel()
     spec = QuantSpec(bits=args.bits, granularity=granularity, calibration=calibration)
     params = _read_params(args.input)
-    q = quantize(params, spec, where=args.where, roles=_roles(params, args.layout))
+    roles = _roles(params, args.layout)
+    q = _transform(lambda p: quantize(p, spec, where=args.where, roles=roles), params)
     _save_and_report(q, args.output, params)
     return 0
 
@@ -187,14 +208,15 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     NM, apply_masks, magnitude_masks = _require("pruning", "NM", "apply_masks", "magnitude_masks")
     params = _read_params(args.input)
     structure = NM(n=nm[0], m=nm[1]) if nm else None
-    masks = magnitude_masks(
-        params,
-        args.sparsity,
-        structure=structure,
-        where=args.where,
-        roles=_roles(params, args.layout),
-    )
-    _save_and_report(apply_masks(params, masks), args.output, params)
+    roles = _roles(params, args.layout)
+
+    def prune(p):
+        masks = magnitude_masks(
+            p, args.sparsity, structure=structure, where=args.where, roles=roles
+        )
+        return apply_masks(p, masks)
+
+    _save_and_report(_transform(prune, params), args.output, params)
     return 0
 
 

@@ -136,7 +136,7 @@ class Summary:
             ("memory", "right"),
             ("encoded", "right"),
         ] + ([("ratio", "right")] if has_ref else []):
-            t.add_column(name, justify=justify)
+            t.add_column(name, justify=justify, overflow="fold")
         for r in self.leaves:
             row = [
                 r.path,

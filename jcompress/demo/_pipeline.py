@@ -161,7 +161,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     stages: dict[str, str] = {}
-    epochs_teacher, epochs_student, repeats = (12, 10, 5) if quick else (40, 30, 30)
+    epochs_teacher, epochs_student, repeats = (10, 8, 3) if quick else (40, 30, 30)
 
     data = load_digits(seed=seed)
     model = MLP((300, 100, 10))
