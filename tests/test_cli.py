@@ -5,7 +5,6 @@ import re
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
