@@ -1,0 +1,205 @@
+"""``capture``: statistics of what flows into every matmul/conv that consumes a parameter."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jcompress.runtime import _interpret as ip
+from jcompress.runtime._roles import consumer_role, trace_params
+from jcompress.tree import Params
+
+__all__ = ["InputStats", "capture", "consumer_inputs"]
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["absmax", "sumsq", "count", "gram"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class InputStats:
+    """Per-input-channel statistics of a layer's input ``X (rows, channels)``.
+
+    Channels are the consuming leaf's contracting axes, flattened in leaf order (Dense
+    ``(in, out)``: ``in``; Conv ``(kh, kw, in, out)``: ``kh·kw·in`` patch entries; attention
+    ``(heads, head_dim, features)``: ``heads·head_dim``). Stacked (scanned) layers carry a leading
+    axis per layer on every field.
+
+    Attributes:
+      absmax: ``(..., channels)`` ``max |X|`` over rows (float32).
+      sumsq: ``(..., channels)`` ``sum X²`` over rows (float32).
+      count: ``(...)`` number of rows (int32).
+      gram: ``(..., channels, channels)`` ``XᵀX`` (float32), or ``None``.
+    """
+
+    absmax: jax.Array
+    sumsq: jax.Array
+    count: jax.Array
+    gram: jax.Array | None = None
+
+    def merge(self, other: InputStats) -> InputStats:
+        """Statistics of both batches together.
+
+        >>> import jax.numpy as jnp
+        >>> a = InputStats(jnp.ones(2), jnp.ones(2), jnp.array(1))
+        >>> a.merge(a).count
+        Array(2, dtype=int32, weak_type=True)
+        """
+        if (self.gram is None) != (other.gram is None):
+            raise ValueError("InputStats.merge: one side has gram=None; capture both with gram=")
+        return InputStats(
+            absmax=jnp.maximum(self.absmax, other.absmax),
+            sumsq=self.sumsq + other.sumsq,
+            count=self.count + other.count,
+            gram=None if self.gram is None else self.gram + other.gram,
+        )
+
+    @property
+    def rms(self) -> jax.Array:
+        """Root mean square per channel."""
+        return jnp.sqrt(self.sumsq / jnp.maximum(self.count, 1)[..., None])
+
+
+def _rows(x: jax.Array, keep_batch: list[int], channel_dims: list[int]) -> jax.Array:
+    """``x`` as ``(batch..., rows, channels)`` with channels in the given order."""
+    rest = [d for d in range(x.ndim) if d not in keep_batch and d not in channel_dims]
+    x = jnp.transpose(x, [*keep_batch, *rest, *channel_dims])
+    b = [x.shape[i] for i in range(len(keep_batch))]
+    c = 1
+    for d in channel_dims:
+        c *= x.shape[len(keep_batch) + len(rest) + channel_dims.index(d)]
+    return x.reshape(*b, -1, c)
+
+
+def consumer_inputs(eqn: Any, invals: list[Any], facts: list[ip.View | None]):
+    """``(path, X)`` of a consumer: the other operand as ``(stacked..., rows, channels)``.
+
+    Channels follow the leaf's contracting axes in leaf order; ``None`` for gathers, uses that
+    give the leaf no weight role, and grouped convolutions.
+    """
+    i, view, role = consumer_role(eqn, facts)
+    if role is None or eqn.primitive.name in (ip.GATHER, ip.DYNAMIC_SLICE):
+        return None
+    name = eqn.primitive.name
+    x = ip.Interpreter.materialize(invals[1 - i])
+    if name == ip.DOT:
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        wc, xc, xb = (rc, lc, lb) if i == 1 else (lc, rc, rb)
+        order = sorted(range(len(wc)), key=lambda k: view.axes[wc[k]])
+        return view.path, _rows(x, list(xb), [xc[k] for k in order])
+    p = eqn.params
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        raise ValueError(
+            f"{view.path}: capture does not support grouped convolutions "
+            f"(feature_group_count={p['feature_group_count']})"
+        )
+    dn = p["dimension_numbers"]
+    rhs_shape = eqn.invars[1].aval.shape
+    spatial = [rhs_shape[d] for d in dn.rhs_spec[2:]]
+    n_sp = len(spatial)
+    letters = "HWDXYZ"[:n_sp]
+    patches = lax.conv_general_dilated_patches(
+        jnp.transpose(x, dn.lhs_spec),  # (batch, features, *spatial)
+        filter_shape=spatial,
+        window_strides=p["window_strides"],
+        padding=p["padding"],
+        lhs_dilation=p["lhs_dilation"],
+        rhs_dilation=p["rhs_dilation"],
+        dimension_numbers=("NC" + letters, "OI" + letters, "NC" + letters),
+        precision=lax.Precision.HIGHEST,
+    )
+    # patch features are (in, *spatial) flattened, input channel slowest
+    c_in = rhs_shape[dn.rhs_spec[1]]
+    patches = jnp.moveaxis(patches, 1, -1)
+    patches = patches.reshape(*patches.shape[:-1], c_in, *spatial)
+    n_lead = patches.ndim - 1 - len(spatial)
+    kernel_dims = [dn.rhs_spec[1], *dn.rhs_spec[2:]]  # operand dims of each patch axis
+    order = sorted(range(len(kernel_dims)), key=lambda k: view.axes[kernel_dims[k]])
+    patches = jnp.transpose(patches, [*range(n_lead), *[n_lead + k for k in order]])
+    return view.path, patches.reshape(-1, c_in * math.prod(spatial))
+
+
+class _Capture(ip.Interpreter):
+    def __init__(self, gram: bool):
+        super().__init__()
+        self.gram = gram
+        self.stacked: set[str] = set()
+
+    def consume(self, eqn, invals, facts):
+        got = consumer_inputs(eqn, invals, facts)
+        if got is not None:
+            path, x = got
+            x = x.astype(jnp.float32)
+            stats = InputStats(
+                absmax=jnp.max(jnp.abs(x), axis=-2),
+                sumsq=jnp.sum(x * x, axis=-2),
+                count=jnp.full(x.shape[:-2], x.shape[-2], jnp.int32),
+                gram=(
+                    jnp.einsum("...rc,...rd->...cd", x, x, precision=lax.Precision.HIGHEST)
+                    if self.gram
+                    else None
+                ),
+            )
+            self.emit(path, stats)
+        return super().consume(eqn, invals, facts)
+
+    def unstack(self, key, value, stacked):
+        if stacked:
+            return value
+        # a leaf reused by every iteration: merge the iterations
+        return jax.tree.map(
+            lambda f, v: f(v, axis=0),
+            InputStats(jnp.max, jnp.sum, jnp.sum, None if value.gram is None else jnp.sum),
+            value,
+        )
+
+
+def capture(
+    fn: Callable[..., Any], params: Params, *args: Any, gram: bool = False
+) -> dict[str, InputStats]:
+    """Statistics of the input of every matmul/conv that consumes a parameter leaf.
+
+    For each leaf consumed by ``dot_general`` or ``conv_general_dilated``, the other operand
+    ``X`` is laid out as ``(rows, channels)`` over the leaf's contracting axes (conv: the
+    ``kh·kw·in`` patches of ``lax.conv_general_dilated_patches``) and summarized per channel.
+    Leaves sliced by ``scan`` (``nn.scan`` stacks) get one slice of statistics per layer (a
+    leading stacked axis). Accumulate batches with :meth:`InputStats.merge`. ``fn`` is called as
+    ``fn(params, *args)`` (linen: ``lambda p, x: model.apply({"params": p}, x)``).
+
+    Args:
+      fn: ``fn(params, *args)``.
+      params: the parameter tree.
+      *args: one batch of inputs.
+      gram: also accumulate ``XᵀX`` (for GPTQ / SparseGPT).
+
+    Returns:
+      ``{path: InputStats}`` for every consumed leaf.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.ones((2, 3))}
+    >>> stats = capture(lambda p, x: x @ p["w"], params, jnp.array([[1.0, -4.0], [2.0, 0.0]]))
+    >>> stats["w"].absmax, stats["w"].sumsq, stats["w"].count
+    (Array([2., 4.], dtype=float32), Array([ 5., 16.], dtype=float32), Array(2, dtype=int32))
+    """
+    traced = trace_params(fn, params, args)
+    return _capture_jit(traced.jaxpr, tuple(traced.facts()), gram)(list(traced.leaves))
+
+
+@functools.lru_cache(maxsize=32)
+def _capture_jit(jaxpr, facts, gram):
+    @jax.jit
+    def run(leaves):
+        interp = _Capture(gram)
+        values = [ip.Deferred(x) if ip.is_compressed(x) else x for x in leaves]
+        interp.run(jaxpr, values, list(facts))
+        return interp.records
+
+    return run

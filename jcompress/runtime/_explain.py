@@ -1,0 +1,216 @@
+"""``explain``: which compiled path each compressed matmul took, read from the compiled HLO."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from jcompress.tree import is_compressed, leaves_with_paths
+
+__all__ = ["INTEGER_DOT", "FLOAT_FALLBACK", "FUSED", "GATHER", "Explained", "explain"]
+
+INTEGER_DOT = "integer dot"
+FUSED = "fused dequantization"
+FLOAT_FALLBACK = "float fallback"
+GATHER = "gather rows"
+UNKNOWN = "unknown"
+
+_MARK = re.compile(r"jc\[(?P<path>[^|\]]*)\|(?P<how>[^\]]*)\]")
+_KERNEL = re.compile(r"jc\.kernel=(?P<kernel>[a-z_0-9]+)")
+_INSTR = re.compile(
+    r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<type>[a-z0-9]+)\[(?P<dims>[0-9,]*)\]\S*\s+"
+    r"(?P<op>[\w\-]+)\((?P<args>[^)]*)\)(?P<rest>.*)$"
+)
+_CALLS = re.compile(r"calls=%(?P<callee>[\w.\-]+)")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s.*\{\s*$")
+_FLOAT = ("f16", "bf16", "f32", "f64")
+_SUBBYTE_INT = ("s8", "s4", "s2", "u8", "u4", "u2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Explained:
+    """How one compressed leaf's consumer was compiled.
+
+    Attributes:
+      path: the leaf's path (leaves of arguments after the first: ``args[i]/...``).
+      intended: the path jcompress asked for: ``"integer dot"`` (``s8 x s8 -> s32``), ``"fused
+        dequantization"`` (the integer weight read inside the fusion doing the matmul), ``"float
+        fallback"`` (a float copy of the whole weight materialised: no fast path), or ``"gather
+        rows"``.
+      compiled: what the compiled HLO shows, in the same terms (``"unknown"`` if unreadable).
+      formulation: the formulation named at trace time (``limbs``, ``int8``, ``dequantize``, ...).
+    """
+
+    path: str
+    intended: str
+    compiled: str
+    formulation: str
+
+    @property
+    def ok(self) -> bool:
+        return self.intended == self.compiled
+
+
+@dataclasses.dataclass
+class _Instr:
+    name: str
+    dtype: str
+    size: int
+    op: str
+    args: list[str]
+    tag: tuple[str, str] | None
+    kernel: str | None
+    callee: str | None
+
+
+def _parse(hlo: str) -> tuple[dict[str, list[_Instr]], set[str]]:
+    comps: dict[str, list[_Instr]] = {}
+    fused: set[str] = set()
+    current = None
+    for line in hlo.splitlines():
+        m = _COMP.match(line)
+        if m and "=" not in line.split("{")[0]:
+            current = m.group("name")
+            comps[current] = []
+            continue
+        m = _INSTR.match(line)
+        if not m or current is None:
+            continue
+        dims = [int(d) for d in m.group("dims").split(",") if d]
+        tag = _MARK.search(m.group("rest"))
+        kernel = _KERNEL.search(m.group("rest"))
+        callee = _CALLS.search(m.group("rest"))
+        if callee and m.group("op") == "fusion":
+            fused.add(callee.group("callee"))
+        comps[current].append(
+            _Instr(
+                name=m.group("name"),
+                dtype=m.group("type"),
+                size=math.prod(dims),
+                op=m.group("op"),
+                args=re.findall(r"%([\w.\-]+)", m.group("args")),
+                tag=(tag.group("path"), tag.group("how")) if tag else None,
+                kernel=kernel.group("kernel") if kernel else None,
+                callee=callee.group("callee") if callee else None,
+            )
+        )
+    return comps, fused
+
+
+def _has_int_dot(comps, instr: _Instr) -> bool:
+    if instr.op in ("dot", "convolution") and instr.dtype == "s32":
+        return True
+    body = comps.get(instr.callee or "", [])
+    return any(i.op in ("dot", "convolution") and i.dtype == "s32" for i in body)
+
+
+def _classify(comps, fused, path: str, weight_size: int) -> str:
+    found_int = found_float = found_fused = False
+    for cname, instrs in comps.items():
+        if cname in fused:
+            continue
+        by_name = {i.name: i for i in instrs}
+        tagged = {i.name for i in instrs if i.tag and i.tag[0] == path}
+        # tagged instructions, their direct users and their direct operands (XLA drops the
+        # metadata of some fusions, e.g. the integer GEMM's)
+        operands = {a for i in instrs if i.name in tagged for a in i.args}
+        members = [
+            i
+            for i in instrs
+            if i.name in tagged or i.name in operands or any(a in tagged for a in i.args)
+        ]
+        for i in members:
+            if _has_int_dot(comps, i):
+                found_int = True
+            elif i.dtype in _FLOAT and i.size == weight_size and i.op != "parameter":
+                found_float = True
+            elif i.dtype in _FLOAT and any(
+                by_name.get(a) is not None
+                and by_name[a].dtype in _SUBBYTE_INT
+                and by_name[a].size == weight_size
+                for a in i.args
+            ):
+                found_fused = True
+    if found_float:
+        return FLOAT_FALLBACK
+    if found_int:
+        return INTEGER_DOT
+    if found_fused:
+        return FUSED
+    return UNKNOWN
+
+
+def _intended(how: str, kernel: str | None, backend: str) -> tuple[str, str]:
+    if how == "take":
+        return GATHER, "take"
+    if how == "dequantize":  # the runtime found no fast path for this use
+        return FLOAT_FALLBACK, "dequantize"
+    name = kernel or how
+    if name in ("limbs", "int8"):
+        return INTEGER_DOT, name
+    if name == "dequantize":
+        return (FLOAT_FALLBACK if backend == "cpu" else FUSED), name
+    return FUSED, name
+
+
+def _weight_sizes(args: tuple, kwargs: dict) -> dict[str, int]:
+    sizes = {}
+    for i, a in enumerate(args):
+        for p, x in leaves_with_paths(a):
+            if is_compressed(x):
+                name = p if i == 0 else (f"args[{i}]/{p}" if p else f"args[{i}]")
+                sizes[name] = math.prod(x.shape)
+    for k, a in kwargs.items():
+        for p, x in leaves_with_paths(a):
+            if is_compressed(x):
+                sizes[f"kwargs[{k}]/{p}" if p else f"kwargs[{k}]"] = math.prod(x.shape)
+    return sizes
+
+
+def explain(jitted_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Explained]:
+    """Which compiled path each compressed matmul of ``jitted_fn(*args)`` took.
+
+    Compiles ``jitted_fn`` (``jax.jit(jc.compressed(f))`` or ``jc.compressed(f)``) for ``args``
+    and reads the compiled HLO text: consumers of compressed leaves are tagged at trace time, and
+    the HLO around each tag shows an integer dot (``s8 x s8 -> s32``), a fusion reading the integer
+    weight and producing a float result (fused dequantization), or a float copy of the whole
+    weight materialised before a float matmul (float fallback). A fallback is never silent:
+    it is a record with ``compiled == "float fallback"``.
+
+    Args:
+      jitted_fn: a function with ``.lower(*args)``.
+      *args: arguments to compile for.
+      **kwargs: keyword arguments to compile for.
+
+    Returns:
+      One :class:`Explained` per tagged consumer, in HLO order of first appearance.
+
+    >>> import jax.numpy as jnp
+    >>> from jcompress.runtime import compressed
+    >>> explain(compressed(lambda p, x: x @ p["w"]), {"w": jnp.ones((2, 2))}, jnp.ones((1, 2)))
+    []
+    """
+    hlo = jitted_fn.lower(*args, **kwargs).compile().as_text()
+    comps, fused = _parse(hlo)
+    sizes = _weight_sizes(args, kwargs)
+    backend = jax.default_backend()
+    seen: dict[tuple[str, str], str | None] = {}
+    for instrs in comps.values():
+        for i in instrs:
+            if i.tag is not None:
+                key = i.tag
+                if key not in seen or seen[key] is None:
+                    seen[key] = i.kernel
+    out = []
+    for (path, how), kernel in seen.items():
+        intended, formulation = _intended(how, kernel, backend)
+        compiled = _classify(comps, fused, path, sizes[path]) if path in sizes else UNKNOWN
+        if intended == GATHER and compiled != FLOAT_FALLBACK:
+            compiled = GATHER
+        out.append(Explained(path, intended, compiled, formulation))
+    return out
