@@ -124,18 +124,31 @@ def main(argv=None) -> list[dict]:
     from rich.table import Table
 
     t = Table(title=f"checkpoint size ({'quick' if args.quick else 'full'}; medians of {repeats})")
-    for col in ("tree", "memory", "encoded", "jc disk", "orbax disk", "orbax/jc",
-                "vs dense (jc)", "save jc/orbax", "load jc/orbax"):  # fmt: skip
+    for col in (
+        "tree",
+        "memory",
+        "encoded",
+        "jc disk",
+        "orbax disk",
+        "orbax/jc",
+        "vs dense (jc)",
+        "save jc/orbax",
+        "load jc/orbax",
+    ):
         t.add_column(col, justify="left" if col == "tree" else "right")
     fb = report.format_bytes
     for r in rows:
         t.add_row(
-            r["tree"], fb(r["memory_bytes"]), fb(r["encoded_bytes"]), fb(r["jc_disk_bytes"]),
-            fb(r["orbax_disk_bytes"]), f"{r['orbax_disk_bytes'] / r['jc_disk_bytes']:.2f}x",
+            r["tree"],
+            fb(r["memory_bytes"]),
+            fb(r["encoded_bytes"]),
+            fb(r["jc_disk_bytes"]),
+            fb(r["orbax_disk_bytes"]),
+            f"{r['orbax_disk_bytes'] / r['jc_disk_bytes']:.2f}x",
             f"{dense / r['jc_disk_bytes']:.1f}x" if r["tree"] != "200 small arrays" else "-",
             f"{r['jc_save'] * 1e3:.0f}/{r['orbax_save'] * 1e3:.0f} ms",
             f"{r['jc_load'] * 1e3:.0f}/{r['orbax_load'] * 1e3:.0f} ms",
-        )  # fmt: skip
+        )
     Console(width=160).print(t)
     out = Path(__file__).parent / "results" / "checkpoint_size.json"
     out.parent.mkdir(exist_ok=True)

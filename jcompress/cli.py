@@ -114,12 +114,13 @@ def _transform(fn, params: Any) -> Any:
 
     out = jax.jit(fn)(params)
     return jax.tree.map(
-        lambda new, old: np.asarray(new) if isinstance(old, np.ndarray) and not is_compressed(new)
-        else new,
+        lambda new, old: (
+            np.asarray(new) if isinstance(old, np.ndarray) and not is_compressed(new) else new
+        ),
         out,
         params,
         is_leaf=is_compressed,
-    )  # fmt: skip
+    )
 
 
 def _save_and_report(tree: Any, out: str, reference: Any) -> None:
@@ -171,9 +172,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     AbsMax, MSE, Percentile, PerChannel, PerGroup, QuantSpec, quantize = _require(
-        "quantization", "AbsMax", "MSE", "Percentile", "PerChannel", "PerGroup", "QuantSpec",
+        "quantization",
+        "AbsMax",
+        "MSE",
+        "Percentile",
+        "PerChannel",
+        "PerGroup",
+        "QuantSpec",
         "quantize",
-    )  # fmt: skip
+    )
     calibration = {
         "absmax": lambda: AbsMax(),
         "mse": lambda: MSE(),
@@ -250,13 +257,17 @@ def _parser() -> _Parser:
     q.add_argument("output", metavar="OUT", help="output jcompress checkpoint")
     q.add_argument("--bits", type=int, default=8, help="bits per value, 2..8 (default: 8)")
     q.add_argument(
-        "--group-size", type=int, default=0,
+        "--group-size",
+        type=int,
+        default=0,
         help="quantization group size along the contracting axis (default: per-channel)",
-    )  # fmt: skip
+    )
     q.add_argument(
-        "--calibration", choices=("absmax", "mse", "percentile"), default="mse",
+        "--calibration",
+        choices=("absmax", "mse", "percentile"),
+        default="mse",
         help="how clipping ranges are chosen (default: mse)",
-    )  # fmt: skip
+    )
     q.add_argument("--percentile", type=float, default=99.9, help="for --calibration percentile")
     q.add_argument("--where", help="regex (full match) of the leaf paths to quantize")
     q.add_argument("--layout", choices=("flax", "torch"), default="flax", help=layout_help)

@@ -19,14 +19,25 @@ from hypothesis import strategies as st
 
 import jcompress.checkpoint as ckpt
 import jcompress.quantization
+import jcompress.structure
 from jcompress.checkpoint import _encode, _io
 from jcompress.tree import Compressed
 
 QArray = getattr(jcompress.quantization, "QArray", None)
 needs_qarray = pytest.mark.skipif(QArray is None, reason="jcompress.quantization.QArray missing")
 
-DTYPES = ["float32", "bfloat16", "float16", "int8", "int4", "int2", "uint4", "uint32", "bool",
-          "float8_e4m3fn"]  # fmt: skip
+DTYPES = [
+    "float32",
+    "bfloat16",
+    "float16",
+    "int8",
+    "int4",
+    "int2",
+    "uint4",
+    "uint32",
+    "bool",
+    "float8_e4m3fn",
+]
 SHAPES = [(), (7,), (3, 5), (64, 129)]
 
 
@@ -166,8 +177,9 @@ def test_qarray_round_trip(tmp_path, bits, dtype):
     store = {8: jnp.int8, 4: jnp.int4, 2: jnp.int2}[bits]
     lim = 2 ** (bits - 1)
     values = jnp.asarray(rng.integers(-lim, lim, (64, 48)), store)
-    q_sym = QArray(values, jnp.asarray(rng.random((1, 48)) + 0.1, jnp.float32), bits=bits,
-                   dtype=dtype)  # fmt: skip
+    q_sym = QArray(
+        values, jnp.asarray(rng.random((1, 48)) + 0.1, jnp.float32), bits=bits, dtype=dtype
+    )
     zp = jnp.asarray(rng.integers(-lim, lim, (2, 48)), store)
     q_asym = QArray(values, jnp.full((2, 48), 0.5), zp, jnp.ones(64), bits=bits, dtype=dtype)
     tree = {"sym": q_sym, "asym": q_asym, "bias": jnp.zeros(48, dtype)}
@@ -412,11 +424,13 @@ def test_sharded_save_and_load_restores_shardings(tmp_path, devices):
     mesh = jax.make_mesh((4, 2), ("data", "model"))
     P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
     rng = np.random.default_rng(0)
-    big = jax.device_put(jnp.asarray(rng.standard_normal((256, 128)), jnp.float32),
-                         NS(mesh, P("data", "model")))  # fmt: skip
+    big = jax.device_put(
+        jnp.asarray(rng.standard_normal((256, 128)), jnp.float32), NS(mesh, P("data", "model"))
+    )
     small = jax.device_put(jnp.arange(8.0), NS(mesh, P("data")))
-    values = jax.device_put(jnp.asarray(rng.integers(-8, 8, (256, 128)), jnp.int4),
-                            NS(mesh, P(None, "model")))  # fmt: skip
+    values = jax.device_put(
+        jnp.asarray(rng.integers(-8, 8, (256, 128)), jnp.int4), NS(mesh, P(None, "model"))
+    )
     q = QArray(values, jnp.ones((1, 128)), bits=4, dtype=jnp.float32)
     tree = {"big": big, "small": small, "q": q}
     d = tmp_path / "c"
@@ -449,8 +463,10 @@ def test_sharded_save_and_load_restores_shardings(tmp_path, devices):
 
 @needs_qarray
 def test_checkpoint_manager_items(tmp_path):
-    tree = {"w": jnp.arange(6.0).reshape(2, 3), "q": QArray(
-        jnp.ones((2, 3), jnp.int4), jnp.ones((1, 3)), bits=4, dtype=jnp.bfloat16)}  # fmt: skip
+    tree = {
+        "w": jnp.arange(6.0).reshape(2, 3),
+        "q": QArray(jnp.ones((2, 3), jnp.int4), jnp.ones((1, 3)), bits=4, dtype=jnp.bfloat16),
+    }
     with ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(max_to_keep=2)) as m:
         for step in range(3):
             params = {"w": tree["w"] + step, "q": tree["q"]}
@@ -474,3 +490,29 @@ def test_disk_bytes_counts_files(tmp_path):
     assert ckpt.disk_bytes(tmp_path / "c") == total
     with pytest.raises(FileNotFoundError):
         ckpt.disk_bytes(tmp_path / "none")
+
+
+@pytest.mark.skipif(
+    not hasattr(jcompress.structure, "LowRank"), reason="jcompress.structure.LowRank missing"
+)
+def test_low_rank_leaves_round_trip(tmp_path):
+    from jcompress.structure import LowRank
+
+    rng = np.random.default_rng(0)
+    lr = LowRank(
+        jnp.asarray(rng.standard_normal((6, 2)), jnp.float32),
+        jnp.asarray(rng.standard_normal((2, 3)), jnp.float32),
+        dtype=jnp.bfloat16,
+        layer_shape=(2, 3, 3),
+        contracting=(0, 1),
+        output=(2,),
+    )
+    back = roundtrip(tmp_path, {"attn": {"kernel": lr}})["attn"]["kernel"]
+    assert isinstance(back, LowRank)
+    assert (back.dtype, back.layer_shape, back.contracting, back.output) == (
+        np.dtype(jnp.bfloat16),
+        (2, 3, 3),
+        (0, 1),
+        (2,),
+    )
+    np.testing.assert_array_equal(back.dequantize(), lr.dequantize())

@@ -76,8 +76,9 @@ def test_inspect_table_and_json(capsys, flax_ckpt):
 def test_quantize_flax_layout_groups_along_the_input_axis(capsys, flax_ckpt, tmp_path):
     d, params = flax_ckpt
     out_dir = tmp_path / "q"
-    code, out, err = run(capsys, "quantize", d, out_dir, "--bits", 4, "--group-size", 32,
-                         "--calibration", "absmax")  # fmt: skip
+    code, out, err = run(
+        capsys, "quantize", d, out_dir, "--bits", 4, "--group-size", 32, "--calibration", "absmax"
+    )
     assert code == 0, err
     assert "QArray" in out
     q = checkpoint.load(out_dir)["params"]
@@ -93,12 +94,26 @@ def test_quantize_flax_layout_groups_along_the_input_axis(capsys, flax_ckpt, tmp
 @needs_quantize
 def test_quantize_torch_layout_and_plain_orbax_input(capsys, tmp_path):
     rng = np.random.default_rng(1)
-    state = {"fc": {"weight": rng.standard_normal((16, 64)).astype(np.float32),
-                    "bias": np.zeros(16, np.float32)}}  # fmt: skip
+    state = {
+        "fc": {
+            "weight": rng.standard_normal((16, 64)).astype(np.float32),
+            "bias": np.zeros(16, np.float32),
+        }
+    }
     with ocp.PyTreeCheckpointer() as c:
         c.save(tmp_path / "orbax", state)
-    code, _, err = run(capsys, "quantize", tmp_path / "orbax", tmp_path / "q", "--bits", 8,
-                       "--layout", "torch", "--calibration", "mse")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "quantize",
+        tmp_path / "orbax",
+        tmp_path / "q",
+        "--bits",
+        8,
+        "--layout",
+        "torch",
+        "--calibration",
+        "mse",
+    )
     assert code == 0, err
     w = checkpoint.load(tmp_path / "q")["fc"]["weight"]
     assert isinstance(w, QArray) and w.bits == 8

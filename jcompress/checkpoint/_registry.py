@@ -87,12 +87,24 @@ def register_compressed(
 
 
 # Kinds that jcompress itself defines, registered on first use (their modules may not exist in a
-# partial install, and importing them eagerly would make the checkpoint import everything).
-_BUILTIN = {"QArray": "jcompress.quantization"}
+# partial install, and importing them eagerly would make the checkpoint import everything):
+# name -> (module, array children, static fields).
+_BUILTIN = {
+    "QArray": (
+        "jcompress.quantization",
+        ("values", "scale", "zero_point", "act_scale"),
+        ("bits", "dtype"),
+    ),
+    "LowRank": (
+        "jcompress.structure",
+        ("a", "b"),
+        ("dtype", "layer_shape", "contracting", "output"),
+    ),
+}
 
 
 def _load_builtins() -> None:
-    for name, module in _BUILTIN.items():
+    for name, (module, arrays, static) in _BUILTIN.items():
         if name in _BY_NAME:
             continue
         try:
@@ -100,16 +112,8 @@ def _load_builtins() -> None:
         except ImportError:
             continue
         cls = getattr(mod, name, None)
-        if cls is not None:
-            _register_qarray(cls)
-
-
-def _register_qarray(cls: type) -> None:
-    """QArray: children values/scale/zero_point/act_scale, static bits and original dtype."""
-    arrays = ("values", "scale", "zero_point", "act_scale")
-    static = ("bits", "dtype")
-    if isinstance(cls, type) and all(hasattr(cls, f) for f in arrays + static):
-        register_compressed(cls, name="QArray", arrays=arrays, static=static)
+        if isinstance(cls, type) and all(hasattr(cls, f) for f in arrays + static):
+            register_compressed(cls, name=name, arrays=arrays, static=static)
 
 
 def kind_of(leaf: Any) -> CompressedKind | None:

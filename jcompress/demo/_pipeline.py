@@ -181,9 +181,15 @@ def run(
     with _progress(console) as progress:
         tx = optax.adam(1e-3)
         teacher, _ = _fit(
-            _make_step(ce, tx), teacher, tx.init(teacher), data,
-            epochs=epochs_teacher, seed=seed, progress=progress, description="train teacher",
-        )  # fmt: skip
+            _make_step(ce, tx),
+            teacher,
+            tx.init(teacher),
+            data,
+            epochs=epochs_teacher,
+            seed=seed,
+            progress=progress,
+            description="train teacher",
+        )
         variants.append(Variant("dense float32", teacher))
         stages["train"] = f"teacher trained {epochs_teacher} epochs (Adam 1e-3, batch 64)"
 
@@ -209,10 +215,15 @@ def run(
                 how = "GMP to 90% (one global threshold) + cross-entropy (no jc.distillation)"
                 stages["distill"] = "skipped: jcompress.distillation.distillation_loss missing"
             student, _ = _fit(
-                _make_step(student_loss, tx), teacher, tx.init(teacher), data,
-                epochs=epochs_student, seed=seed + 1, progress=progress,
+                _make_step(student_loss, tx),
+                teacher,
+                tx.init(teacher),
+                data,
+                epochs=epochs_student,
+                seed=seed + 1,
+                progress=progress,
                 description="prune + distill" if distill_api else "prune + fine-tune",
-            )  # fmt: skip
+            )
             stages["prune"] = how
             if distill_api is not None:
                 stages["distill"] = "distilled while pruning"
@@ -228,9 +239,12 @@ def run(
             prefix = "pruned " if base is not variants[0] else ""
             for bits in (8, 4):
                 q = _quantize_per_layer(
-                    base.params, QuantSpec(bits=bits, calibration=MSE()), quantize, progress,
+                    base.params,
+                    QuantSpec(bits=bits, calibration=MSE()),
+                    quantize,
+                    progress,
                     f"calibrate int{bits} (MSE)",
-                )  # fmt: skip
+                )
                 variants.append(Variant(f"{prefix}int{bits}", q))
             stages["quantize"] = "int8 and int4, per-channel scales, MSE-calibrated clipping"
         else:
@@ -279,9 +293,11 @@ def run(
         )
     console.print(table)
     if len(variants) > 1:
-        console.print(report.summarize(variants[-1].params, reference=reference).table(
-            title=f"per layer: {variants[-1].name}"
-        ))  # fmt: skip
+        console.print(
+            report.summarize(variants[-1].params, reference=reference).table(
+                title=f"per layer: {variants[-1].name}"
+            )
+        )
     for name, what in stages.items():
         console.print(f"[bold]{name}[/bold]: {what}")
     for v in variants:
@@ -301,9 +317,10 @@ def run(
         from jcompress import plots
 
         plots.tradeoff(
-            [(v.name, v.disk_bytes, v.accuracy) for v in variants], out / "tradeoff.png",
+            [(v.name, v.disk_bytes, v.accuracy) for v in variants],
+            out / "tradeoff.png",
             xlabel="bytes on disk",
-        )  # fmt: skip
+        )
         plots.layers(report.summarize(variants[-1].params), out / "layers.png")
         results["plots"] = ["tradeoff.png", "layers.png"]
     except ImportError as e:
