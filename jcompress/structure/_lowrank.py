@@ -327,16 +327,21 @@ class LowRank(jtree.Compressed):
                 precision=precision,
                 preferred_element_type=out_dtype,
             )
-        y = self._chain(lhs.astype(dtype), xc, wc, xb, wb, set(wc) == layer_c, dtype, precision)
-        y = y.astype(out_dtype)
+        y = self._chain(
+            lhs.astype(dtype), xc, wc, xb, wb, set(wc) == layer_c, dtype, out_dtype, precision
+        )
         if not weight_is_rhs:  # (batch, x free, w free) -> (batch, w free, x free)
             nb, nx = len(xb), lhs.ndim - len(xc) - len(xb)
             nw = y.ndim - nb - nx
             y = jnp.transpose(y, [*range(nb), *range(nb + nx, nb + nx + nw), *range(nb, nb + nx)])
         return y
 
-    def _chain(self, x, xc, wc, xb, wb, contract_in, dtype, precision) -> jax.Array:
-        """``(batch, x free, w free)`` of ``x · W`` through the factors; see ``dot_general``."""
+    def _chain(self, x, xc, wc, xb, wb, contract_in, dtype, out_dtype, precision) -> jax.Array:
+        """``(batch, x free, w free)`` of ``x · W`` through the factors; see ``dot_general``.
+
+        The thin intermediate ``x · a`` (``(..., r)``) is kept in the operands' dtype, as a dense
+        layer's output would be; the second product accumulates into ``out_dtype``.
+        """
         ns = self._stacked
         a, b = self._a.astype(dtype), self._b.astype(dtype)
         # x's contracted axes, ordered like the layer axes they meet, flattened into one axis
@@ -354,7 +359,11 @@ class LowRank(jtree.Compressed):
         # t: (batch, x free, r); the batch axes of ``second`` follow ``wb``'s order
         nb = len(wb)
         y = lax.dot_general(
-            t, second, (((t.ndim - 1,), (k2,)), (tuple(range(nb)), wb)), precision=precision
+            t,
+            second,
+            (((t.ndim - 1,), (k2,)), (tuple(range(nb)), wb)),
+            precision=precision,
+            preferred_element_type=out_dtype,
         )
         return y.reshape(*y.shape[:-1], *(self._layer_shape[f] for f in free))
 
