@@ -15,6 +15,11 @@ from jcompress.pruning._masks import (
 )
 from jcompress.pruning._structures import NM, Channels, Unstructured
 
+# isort: split
+# Schedules and the optax transform.
+from jcompress.pruning._optax import PruneState, masks_of, nonfinite, prune
+from jcompress.pruning._schedules import Schedule, constant_schedule, polynomial_schedule
+
 __all__ = [
     "NM",
     "Channels",
@@ -26,4 +31,11 @@ __all__ = [
     "saliency_masks",
     "sparsity",
     "structured_masks",
+    "PruneState",
+    "Schedule",
+    "constant_schedule",
+    "masks_of",
+    "nonfinite",
+    "polynomial_schedule",
+    "prune",
 ]

@@ -6,7 +6,7 @@ target sparsity at that step as a ``float32`` scalar array. Schedules here are p
 are fixed between updates and after the schedule ends.
 
 Any function with this signature works as a schedule (``optax`` schedules included), as long as
-it returns values in ``[0, 1]`` that never decrease (masks only grow within a schedule).
+it returns values in ``[0, 1)`` that never decrease (masks only grow within a schedule).
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ __all__ = ["Schedule", "constant_schedule", "polynomial_schedule"]
 _MAX_UPDATES = 2**20
 
 Schedule = Callable[[ArrayLike], jax.Array]
-"""``step -> target sparsity``: a ``float32`` scalar in ``[0, 1]``, non-decreasing in ``step``."""
+"""``step -> target sparsity``: a ``float32`` scalar in ``[0, 1)``, non-decreasing in ``step``."""
 
 
 def _check_sparsity(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1], got {value!r}")
+        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
     value = float(value)
-    if not (0.0 <= value <= 1.0):
+    if not (0.0 <= value < 1.0):
         raise ValueError(
-            f"{name} must be in [0, 1] (a fraction of weights to remove), got {value}; "
+            f"{name} must be in [0, 1) (the fraction of weights removed), got {value}; "
             "for 90% sparsity pass 0.9"
         )
     return value
@@ -67,14 +67,14 @@ def constant_schedule(sparsity: float, *, begin_step: int = 0) -> Schedule:
     ``begin_step``, from the parameters it sees then, and keeps them fixed afterwards.
 
     Args:
-      sparsity: the fraction of selected weights to remove, in ``[0, 1]``.
+      sparsity: the fraction of selected weights to remove, in ``[0, 1)``.
       begin_step: the first step with a non-zero target.
 
     Returns:
       ``schedule(step) -> float32 scalar``; jittable with a traced ``step``.
 
     Raises:
-      ValueError / TypeError: ``sparsity`` outside ``[0, 1]``, ``begin_step`` negative or not
+      ValueError / TypeError: ``sparsity`` outside ``[0, 1)``, ``begin_step`` negative or not
         an int.
 
     >>> s = constant_schedule(0.5, begin_step=10)
@@ -117,10 +117,10 @@ def polynomial_schedule(
     the network has many redundant weights, and slowly near the end.
 
     Args:
-      final_sparsity: :math:`s_f`, in ``[0, 1]``.
+      final_sparsity: :math:`s_f`, in ``[0, 1)``.
       begin_step: :math:`t_0`, the first pruning step (target ``initial_sparsity``).
       end_step: :math:`T > t_0`, the step from which the target is ``final_sparsity``.
-      initial_sparsity: :math:`s_i \le s_f`, in ``[0, 1]``.
+      initial_sparsity: :math:`s_i \le s_f`, in ``[0, 1)``.
       power: :math:`p > 0` (3 in the paper).
       update_every: :math:`\Delta t \ge 1`, steps between target updates (each one is a mask
         recomputation in :func:`prune`).

@@ -1,0 +1,449 @@
+"""``prune``: pruning as the outermost optax transform, with masks kept in its state.
+
+The masks, the target sparsity they were made for, a step count and a NaN/Inf flag live in the
+optimizer state (DESIGN §2), so a training step stays one jitted function and the user's loop
+needs no extra call: the returned updates drive pruned weights to exactly zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax import lax
+
+from jcompress import tree as jtree
+from jcompress.pruning import _masks
+from jcompress.pruning._schedules import Schedule
+from jcompress.pruning._structures import NM
+
+__all__ = ["PruneState", "masks_of", "nonfinite", "prune"]
+
+CRITERIA = ("magnitude", "saliency", "random")
+
+
+class PruneState(NamedTuple):
+    """The state of :func:`prune`.
+
+    Attributes:
+      inner_state: the wrapped optimizer's state.
+      masks: bool arrays with the parameters' paths (Variables unwrapped): broadcastable to the
+        leaf for selected leaves, a scalar ``True`` for the rest. ``False`` marks a pruned weight.
+      target: ``float32`` scalar, the target sparsity the masks were made for (with fixed
+        ``masks=``: the fraction of selected weights they prune).
+      count: ``int32`` scalar, the number of ``update`` calls so far (the schedule's step).
+      nonfinite: ``bool`` scalar, sticky: set once an ``update`` met NaN/Inf in the incoming
+        updates or the parameters. Masks are not recomputed after it is set.
+    """
+
+    inner_state: optax.OptState
+    masks: Any
+    target: jax.Array
+    count: jax.Array
+    nonfinite: jax.Array
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _unwrap(tree: Any) -> Any:
+    """``tree`` with every nnx ``Variable`` replaced by its value (same paths)."""
+    return jax.tree.map(
+        lambda x: x.get_value() if _is_variable(x) else x, tree, is_leaf=_is_variable
+    )
+
+
+def _like(reference: Any, other: Any, name: str) -> Any:
+    """``other``'s leaves rearranged into ``reference``'s structure, matched by path."""
+    return jtree.map_with_paths(lambda _, __, x: x, reference, other, names=[name])
+
+
+def _as_masks(reference: Any, masks: Any) -> Any:
+    """``masks`` in ``reference``'s structure, every entry a bool array (``True`` included)."""
+    return jtree.map_with_paths(
+        lambda _, __, m: jnp.asarray(m, jnp.bool_), reference, masks, names=["masks"]
+    )
+
+
+def _as_gradient_transformation(inner: Any) -> optax.GradientTransformationExtraArgs:
+    if isinstance(inner, optax.MultiSteps):
+        return optax.GradientTransformationExtraArgs(inner.init, inner.update)
+    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        raise TypeError(
+            f"prune: inner must be an optax GradientTransformation (an object with init and "
+            f"update), got {type(inner).__name__}; e.g. prune(optax.adam(1e-3), schedule=...)"
+        )
+    if not isinstance(inner, optax.GradientTransformation):
+        inner = optax.GradientTransformation(inner.init, inner.update)
+    return optax.with_extra_args_support(inner)
+
+
+def _check_key(key: Any) -> jax.Array:
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"prune: key must be a single PRNG key, got shape {key.shape}")
+        return key
+    if key.dtype != jnp.uint32 or key.shape != (2,):
+        raise TypeError(
+            f"prune: key must be a PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)), got "
+            f"dtype {key.dtype} and shape {key.shape}"
+        )
+    return key
+
+
+def _raw_target(schedule: Schedule, count: jax.Array) -> jax.Array:
+    s = jnp.asarray(schedule(count))
+    if s.shape != () or not jnp.issubdtype(s.dtype, jnp.floating):
+        raise TypeError(
+            f"prune: schedule(step) must return a float scalar, got dtype {s.dtype} and shape "
+            f"{s.shape}"
+        )
+    return s.astype(jnp.float32)
+
+
+def _fixed_masks(params: Any, masks: Any) -> tuple[Any, jax.Array]:
+    """Validate user masks against ``params`` (unwrapped); also the fraction they prune."""
+    counts = [0, 0]  # pruned, total over leaves with a non-scalar mask
+
+    def check(path, leaf, m):
+        dtype = getattr(m, "dtype", None) if not isinstance(m, bool) else np.dtype(bool)
+        if dtype is None or dtype != np.bool_:
+            raise TypeError(
+                f"{path}: masks must hold bool arrays (True keeps a weight), got "
+                f"{dtype if dtype is not None else type(m).__name__}; build them with "
+                "jc.pruning.magnitude_masks or masks_of(opt_state)"
+            )
+        shape = tuple(np.shape(leaf))
+        try:
+            full = np.broadcast_shapes(np.shape(m), shape)
+        except ValueError:
+            full = None
+        if full != shape:
+            raise ValueError(
+                f"{path}: mask of shape {np.shape(m)} does not broadcast to the leaf's shape "
+                f"{shape}; masks need the parameters' shapes"
+            )
+        if np.ndim(m):
+            kept = np.broadcast_to(np.asarray(m), shape)
+            counts[0] += int(kept.size - np.count_nonzero(kept))
+            counts[1] += int(kept.size)
+        return jnp.asarray(m)
+
+    out = jtree.map_with_paths(check, params, _unwrap(masks), names=["masks"])
+    return out, jnp.float32(counts[0] / counts[1] if counts[1] else 0.0)
+
+
+def prune(
+    inner: optax.GradientTransformation,
+    *,
+    schedule: Schedule | None = None,
+    masks: Any = None,
+    criterion: str = "magnitude",
+    structure: Any = None,
+    scope: str = "layer",
+    where: jtree.Where = None,
+    roles: Mapping[str, jtree.Role] | None = None,
+    key: jax.Array | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Prune while training: wrap any optax optimizer, keep the masks in its state.
+
+    ``prune`` is the **outermost** transform. It sees the raw gradients and the current
+    parameters, recomputes the masks (under ``lax.cond``) exactly when ``schedule(count)``
+    differs from the target they were made for, zeroes the gradients of pruned weights before
+    ``inner`` sees them, and returns ``jnp.where(mask, inner_update, -params)``: after
+    ``optax.apply_updates`` pruned weights are **exactly** zero (``p + (-p) == 0`` in floating
+    point) whatever ``inner`` does — momentum, Adam, weight decay. Nest other wrappers inside::
+
+        prune(optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3), schedule=...)
+        prune(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), schedule=...)
+        prune(optax.MultiSteps(optax.adam(1e-3), every_k_schedule=4), schedule=...)
+
+    (with ``MultiSteps`` inside, the schedule counts micro-batches: every ``update`` call). Read
+    the state through :func:`masks_of` and :func:`nonfinite`, which find it inside any wrapper.
+
+    Within one schedule masks only grow: each recomputation passes the old masks as
+    ``previous``, so a pruned weight never returns. After the schedule's last change the masks are
+    fixed. Scores are computed from the parameters passed to ``update``:
+
+    * ``"magnitude"``: ``|p|`` (gradual magnitude pruning with a polynomial schedule);
+    * ``"saliency"``: ``|p · g|`` with the incoming updates as gradients (keep ``prune``
+      outermost so they are raw gradients);
+    * ``"random"``: uniform scores from ``key`` folded with the step count.
+
+    With ``structure=NM(n, m)`` the schedule only switches pruning on: a positive target means
+    N:M masks (sparsity ``1 - n/m``).
+
+    Args:
+      inner: the optax transform to wrap (``GradientTransformation``, with or without extra
+        args, or ``optax.MultiSteps``). Extra keyword arguments of ``update`` reach it.
+      schedule: ``step -> target sparsity`` (:func:`constant_schedule`,
+        :func:`polynomial_schedule`, or any non-decreasing function into ``[0, 1)``; checked
+        at step 0 when ``prune`` is called, clipped to ``[0, 1]`` inside ``jit``).
+      masks: fixed masks to fine-tune with, instead of a schedule (bool arrays with the
+        parameters' paths, e.g. from ``magnitude_masks`` or :func:`masks_of`).
+      criterion: ``"magnitude"``, ``"saliency"`` or ``"random"``.
+      structure: ``None`` / ``Unstructured()``, ``NM(n, m)`` or ``Channels(...)``.
+      scope: ``"layer"`` (each leaf pruned to the target) or ``"global"`` (one threshold).
+      where: which leaves to prune (regex, callable, bool pytree; default: Flax ``kernel`` /
+        ``embedding`` leaves, or matmul/conv/gather leaves with ``roles``).
+      roles: ``{path: Role}`` for the selected leaves (from ``jc.roles``), for other layouts.
+      key: PRNG key, required by ``criterion="random"`` only.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`PruneState`.
+      ``update(updates, state, params, **extra_args)`` requires ``params``.
+
+    Raises:
+      ValueError / TypeError: both or neither of ``schedule`` and ``masks``; an unknown
+        criterion; ``"random"`` without ``key`` (or a ``key`` without it); options that
+        ``masks=`` would ignore; and at ``init``: bad ``where``/``roles``/``structure`` (N:M
+        divisibility), masks that do not match the parameters, NaN/Inf in the parameters.
+
+    References:
+      Zhu & Gupta, "To prune, or not to prune", 2017 (gradual magnitude pruning).
+      Lee et al., "SNIP: single-shot network pruning based on connection sensitivity", 2019
+      (the ``|w · g|`` saliency).
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from jcompress.pruning import constant_schedule, masks_of
+    >>> params = {"Dense_0": {"kernel": jnp.arange(1.0, 9.0).reshape(2, 4),
+    ...                       "bias": jnp.ones(4)}}
+    >>> tx = prune(optax.sgd(0.1), schedule=constant_schedule(0.5))
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> params["Dense_0"]["kernel"]  # the 4 smallest weights are exactly zero
+    Array([[0. , 0. , 0. , 0. ],
+           [4.9, 5.9, 6.9, 7.9]], dtype=float32)
+    >>> int(masks_of(state)["Dense_0"]["kernel"].sum())
+    4
+    """
+    if (schedule is None) == (masks is None):
+        raise ValueError(
+            "prune: pass exactly one of schedule= (prune while training, e.g. "
+            "polynomial_schedule(0.9, begin_step=..., end_step=...)) or masks= (fine-tune with "
+            "fixed masks)"
+        )
+    if criterion not in CRITERIA:
+        raise ValueError(f"prune: criterion must be one of {CRITERIA}, got {criterion!r}")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"prune: scope must be 'layer' or 'global', got {scope!r}")
+    if criterion == "random" and key is None:
+        raise ValueError("prune: criterion='random' needs key=jax.random.key(seed)")
+    if key is not None and criterion != "random":
+        raise ValueError(
+            f"prune: key= is only used by criterion='random', not {criterion!r}; drop it"
+        )
+    if key is not None:
+        key = _check_key(key)
+    if masks is not None:
+        ignored = [
+            name
+            for name, given in (
+                ("criterion", criterion != "magnitude"),
+                ("structure", structure is not None),
+                ("scope", scope != "layer"),
+                ("where", where is not None),
+                ("roles", roles is not None),
+            )
+            if given
+        ]
+        if ignored:
+            raise ValueError(
+                f"prune: with masks= the masks decide what is pruned; {ignored} would be "
+                "ignored: drop them (or use schedule= to compute masks)"
+            )
+    if schedule is not None and not callable(schedule):
+        raise TypeError(
+            f"prune: schedule must be a function step -> sparsity, got {type(schedule).__name__}"
+        )
+    inner = _as_gradient_transformation(inner)
+    fixed = masks
+
+    def target_at(count: jax.Array) -> jax.Array:
+        s = jnp.clip(_raw_target(schedule, count), 0.0, 1.0)
+        if isinstance(structure, NM):
+            # The schedule only switches N:M pruning on.
+            s = jnp.where(s > 0, jnp.float32(structure.sparsity), jnp.float32(0.0))
+        return s
+
+    if schedule is not None:
+        first = float(_raw_target(schedule, jnp.int32(0)))
+        if not 0.0 <= first < 1.0:
+            raise ValueError(
+                f"prune: schedule(0) = {first}; a schedule returns sparsities in [0, 1)"
+            )
+
+    def init(params: Any) -> PruneState:
+        params = _unwrap(params)
+        for path, leaf in jtree.leaves_with_paths(params):
+            jtree.check_finite(path, leaf, what="prune")
+        if fixed is not None:
+            state_masks, target = _fixed_masks(params, fixed)
+        else:
+            plan = make_plan(params)
+            shapes = jax.eval_shape(
+                lambda p: _masks.masks_from_scores(p, p, jnp.float32(0.0), plan), params
+            )
+            state_masks = jax.tree.map(lambda s: jnp.ones(s.shape, jnp.bool_), shapes)
+            state_masks = _as_masks(params, state_masks)
+            target = jnp.float32(0.0)
+        return PruneState(
+            inner_state=inner.init(params),
+            masks=state_masks,
+            target=target,
+            count=jnp.zeros((), jnp.int32),
+            nonfinite=jnp.zeros((), jnp.bool_),
+        )
+
+    def make_plan(params: Any) -> Any:
+        # The schedule's values are checked here and clipped inside jit; plan only needs
+        # a valid stand-in (N:M takes none).
+        return _masks.plan(
+            params,
+            structure=structure,
+            scope=scope,
+            where=where,
+            roles=roles,
+            sparsity=None if isinstance(structure, NM) else 0.0,
+            what="prune",
+        )
+
+    def scores_of(params: Any, grads: Any, selection: Any, count: jax.Array) -> Any:
+        if criterion == "magnitude":
+            return jax.tree.map(jnp.abs, params)
+        if criterion == "saliency":
+            return jax.tree.map(lambda p, g: jnp.abs(p * g.astype(p.dtype)), params, grads)
+        # One draw for every selected weight (one random-bits computation to compile), cut
+        # into the leaves in tree order.
+        leaves, treedef = jax.tree.flatten(params)
+        chosen = [bool(s) for s in jtree.match_paths(params, selection, name="selection")]
+        total = sum(int(np.size(p)) for p, s in zip(leaves, chosen) if s)
+        draw = jax.random.uniform(jax.random.fold_in(key, count), (total,), jnp.float32)
+        out, start = [], 0
+        for p, s in zip(leaves, chosen):
+            if s:
+                out.append(draw[start : start + p.size].reshape(p.shape))
+                start += p.size
+            else:
+                out.append(jnp.abs(p))
+        return jax.tree.unflatten(treedef, out)
+
+    def update(
+        updates: optax.Updates,
+        state: PruneState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, PruneState]:
+        if params is None:
+            raise ValueError(
+                "prune: update needs the current parameters: tx.update(grads, state, params)"
+            )
+        # Everything inside runs on the masks' structure (plain arrays), matched by path.
+        p = _like(state.masks, _unwrap(params), "params")
+        g = _like(state.masks, _unwrap(updates), "updates")
+        finite = jnp.array(True)
+        for leaf in jax.tree.leaves((p, g)):
+            if jnp.issubdtype(leaf.dtype, jnp.inexact):
+                finite = finite & jnp.all(jnp.isfinite(leaf))
+        bad = state.nonfinite | ~finite
+
+        if fixed is not None:
+            masks, target = state.masks, state.target
+            touched = jax.tree.map(lambda _: True, masks)
+        else:
+            plan = make_plan(p)
+            # Unselected leaves (scalar True masks) keep their updates untouched; channel
+            # groups also mask unselected members (biases, norms), which have array masks.
+            touched = jax.tree.map(lambda m: m.ndim > 0, state.masks)
+            target = target_at(state.count)
+            change = (target != state.target) & ~bad
+
+            def recompute(old):
+                scores = scores_of(p, g, plan.selection, state.count)
+                new = _masks.masks_from_scores(p, scores, target, plan, previous=old)
+                return _as_masks(old, new)
+
+            if jtree.is_concrete(change):  # eager: branch in Python, compile nothing extra
+                masks = recompute(state.masks) if bool(change) else state.masks
+            else:
+                masks = lax.cond(change, recompute, lambda old: old, state.masks)
+            target = jnp.where(change, target, state.target)
+
+        def mask_gradient(t, m, x):
+            return jnp.where(m, x, jnp.zeros((), x.dtype)) if t else x
+
+        masked_g = jax.tree.map(mask_gradient, touched, masks, g)
+        inner_updates, inner_state = inner.update(
+            _like(updates, masked_g, "updates"), state.inner_state, params, **extra_args
+        )
+
+        def final(_, u, x, m, t):
+            if not t:
+                return u
+            dtype = jnp.promote_types(u.dtype, x.dtype)
+            return jnp.where(m, u.astype(dtype), -x.astype(dtype))
+
+        new_updates = jtree.map_with_paths(
+            final, inner_updates, p, masks, touched, names=["params", "masks", "selection"]
+        )
+        return new_updates, PruneState(
+            inner_state=inner_state,
+            masks=masks,
+            target=target,
+            count=optax.safe_int32_increment(state.count),
+            nonfinite=bad,
+        )
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _find_states(opt_state: Any) -> PruneState:
+    found = [
+        x
+        for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState))
+        if isinstance(x, PruneState)
+    ]
+    if not found:
+        raise ValueError(
+            "no prune state found in this optimizer state; it comes from "
+            "tx = jc.pruning.prune(optax_optimizer, schedule=...) and tx.init(params)"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"found {len(found)} prune states in this optimizer state; pass the one you mean"
+        )
+    return found[0]
+
+
+def masks_of(opt_state: Any) -> Any:
+    """The current masks inside an optimizer state made by :func:`prune` (plain arrays).
+
+    Finds the :class:`PruneState` inside any wrapping (tuples, ``nnx.Optimizer.opt_state``)
+    and returns its masks with nnx ``Variable`` s unwrapped: bool arrays with the parameters'
+    paths, ``False`` where a weight is pruned.
+
+    Raises:
+      ValueError: no prune state (or more than one) in ``opt_state``.
+    """
+    return _unwrap(_find_states(opt_state).masks)
+
+
+def nonfinite(opt_state: Any) -> jax.Array:
+    """The sticky NaN/Inf flag of the :func:`prune` state inside ``opt_state`` (bool scalar).
+
+    ``True`` once an ``update`` met NaN or Inf in the incoming updates or the parameters; masks
+    are not recomputed from then on. Check it in your loop (it costs nothing inside ``jit``).
+
+    Raises:
+      ValueError: no prune state (or more than one) in ``opt_state``.
+    """
+    return _unwrap(_find_states(opt_state).nonfinite)
