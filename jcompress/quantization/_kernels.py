@@ -31,6 +31,7 @@ NaN rows (the float reference gives NaN or Inf there).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -42,23 +43,27 @@ __all__ = ["MODES", "WEIGHT_ONLY", "dot_general", "formulation"]
 
 MODES = ("weight_only", "dequantize", "limbs", "int8")
 
-# (backend, smallest row count) -> weight-only formulation; the last entry whose threshold is <=
-# the row count wins. Measured on a shared 2-core x86 CPU (benchmarks/runtime.py): "limbs" beats
-# float32 from batch 1 (1.0-1.3x) to 256 (2-3x); "dequantize" is ~0.1-0.6x there. GPU/TPU fuse
-# the dequantization into the dot, so they keep it.
-WEIGHT_ONLY: dict[str, tuple[tuple[int, str], ...]] = {
-    "cpu": ((1, "limbs"),),
-    "gpu": ((1, "dequantize"),),
-    "tpu": ((1, "dequantize"),),
+# backend -> ((smallest weight size, smallest row count, formulation), ...): the last entry both
+# thresholds admit wins. Measured on a shared 2-core x86 CPU (benchmarks/runtime.py): "limbs"
+# beats float32 from batch 1 to 256 on 1024² and 4096² weights, while "dequantize" is ~0.1-0.6x
+# there; below ~65k weights (the digits MLP) converting the weight costs less than the limbs'
+# extra work. GPU/TPU compilers fuse the dequantization into the dot, so they keep it.
+WEIGHT_ONLY: dict[str, tuple[tuple[int, int, str], ...]] = {
+    "cpu": ((0, 0, "dequantize"), (1 << 16, 1, "limbs")),
+    "gpu": ((0, 0, "dequantize"),),
+    "tpu": ((0, 0, "dequantize"),),
 }
 _LIMB_BASE = 254.0
 _MAX_K = (2**31 - 1) // (127 * 128)
 
 
-def formulation(mode: str, rows: int, backend: str | None = None) -> str:
-    """The formulation ``mode`` resolves to for ``rows`` activation rows on ``backend``.
+def formulation(mode: str, rows: int, backend: str | None = None, size: int | None = None) -> str:
+    """The formulation ``mode`` resolves to for ``rows`` activation rows and a weight of ``size``
+    elements on ``backend`` (default: the default backend).
 
-    >>> formulation("weight_only", 4, "gpu")
+    >>> formulation("weight_only", 4, "cpu", size=4096 * 4096)
+    'limbs'
+    >>> formulation("weight_only", 4, "gpu", size=4096 * 4096)
     'dequantize'
     >>> formulation("int8", 4, "cpu")
     'int8'
@@ -67,11 +72,11 @@ def formulation(mode: str, rows: int, backend: str | None = None) -> str:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode != "weight_only":
         return mode
-    backend = backend or jax.default_backend()
-    table = WEIGHT_ONLY.get(backend, ((1, "dequantize"),))
+    table = WEIGHT_ONLY.get(backend or jax.default_backend(), ((0, 0, "dequantize"),))
+    size = (1 << 62) if size is None else size
     chosen = "dequantize"
-    for threshold, name in table:
-        if rows >= threshold:
+    for min_size, min_rows, name in table:
+        if size >= min_size and rows >= min_rows:
             chosen = name
     return chosen
 
@@ -158,7 +163,7 @@ def dot_general(
     rows = batch_hint or int(
         np.prod([lhs.shape[d] for d in range(lhs.ndim) if d not in xc and d not in xb])
     )
-    chosen = formulation(mode, rows)
+    chosen = formulation(mode, rows, size=math.prod(qarray.values.shape))
     with jax.named_scope(f"jc.kernel={chosen}"):
         return _dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, chosen)
 
@@ -201,7 +206,8 @@ def _dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, 
         t = jnp.transpose(t, [*wb, *wc, *wf])
         return t.reshape(bt, n_groups, -1, n)
 
-    v = to_groups(values)  # (bt, G, g, n)
+    # sub-byte values are widened to int8 first: XLA:CPU's s4 x s8 dot is ~30x slower than this
+    v = to_groups(values.astype(jnp.int8))  # (bt, G, g, n)
     s = to_groups(qarray.scale.astype(jnp.float32))  # (bt, G, 1, n)
     x = jnp.transpose(lhs.astype(jnp.float32), [*xb, *xf, *xc]).reshape(bt, m, n_groups, group)
     n_limbs = 1 if chosen == "int8" else 3

@@ -155,44 +155,51 @@ def _hashable(x: Any) -> bool:
     return True
 
 
+def _split_args(args: tuple, kwargs: dict):
+    """``(treedef, (static, names), dynamic)``: ``dynamic`` maps names to array / compressed leaves.
+
+    Compressed leaves are named by their path (as :func:`explain` reports them), so the compiled
+    HLO parameters carry it (``dynamic['Dense_0/kernel'].values``).
+    """
+    flat, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_compressed)
+    names = ip.leaf_names(args, kwargs)
+    static, dynamic = [], {}
+    for i, (x, name) in enumerate(zip(flat, names)):
+        if ip._is_array_like(x):
+            static.append(_DYNAMIC)
+            dynamic[name if is_compressed(x) and name not in dynamic else f"~{i:06d}"] = x
+        elif not _hashable(x):
+            raise TypeError(
+                f"a non-array argument leaf of type {type(x).__name__} is not hashable; "
+                "non-array arguments are static (part of the compile cache key): pass it "
+                "as an array or make it hashable"
+            )
+        else:
+            static.append(x)
+    return treedef, (tuple(static), tuple(dynamic)), dynamic
+
+
 def filter_jit(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``jax.jit`` with array (and compressed) leaves traced and everything else static.
 
     Like ``eqx.filter_jit``: non-array leaves (flags, ``mutable=`` lists, strings) are part of
-    the cache key, so they must be hashable.
+    the cache key, so they must be hashable. The result has ``.lower(*args, **kwargs)``.
     """
 
     @functools.partial(jax.jit, static_argnums=(0, 1))
-    def run(treedef, static, dynamic):
-        flat = list(static)
-        it = iter(dynamic)
-        flat = [next(it) if s is _DYNAMIC else s for s in flat]
+    def run(treedef, static_names, dynamic):
+        static, names = static_names
+        it = iter(dynamic[k] for k in names)
+        flat = [next(it) if s is _DYNAMIC else s for s in static]
         args, kwargs = jax.tree_util.tree_unflatten(treedef, flat)
         return fn(*args, **kwargs)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        flat, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_compressed)
-        static = tuple(_DYNAMIC if ip._is_array_like(x) else x for x in flat)
-        for s in static:
-            if not _hashable(s):
-                raise TypeError(
-                    f"a non-array argument leaf of type {type(s).__name__} is not hashable; "
-                    "non-array arguments are static (part of the compile cache key): pass it "
-                    "as an array or make it hashable"
-                )
-        dynamic = [x for x in flat if ip._is_array_like(x)]
-        return run(treedef, static, dynamic)
+        return run(*_split_args(args, kwargs))
 
-    wrapper.lower = lambda *a, **k: _lower(run, *a, **k)  # type: ignore[attr-defined]
+    wrapper.lower = lambda *a, **k: run.lower(*_split_args(a, k))  # type: ignore[attr-defined]
     return wrapper
-
-
-def _lower(run, *args, **kwargs):
-    flat, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_compressed)
-    static = tuple(_DYNAMIC if ip._is_array_like(x) else x for x in flat)
-    dynamic = [x for x in flat if ip._is_array_like(x)]
-    return run.lower(treedef, static, dynamic)
 
 
 class _Dynamic:

@@ -26,6 +26,7 @@ _INSTR = re.compile(
     r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<type>[a-z0-9]+)\[(?P<dims>[0-9,]*)\]\S*\s+"
     r"(?P<op>[\w\-]+)\((?P<args>[^)]*)\)(?P<rest>.*)$"
 )
+_PARAM = re.compile(r"dynamic\[\\?'(?P<path>[^'\\]+)\\?'\]\.values")
 _CALLS = re.compile(r"calls=%(?P<callee>[\w.\-]+)")
 _COMP = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s.*\{\s*$")
 _FLOAT = ("f16", "bf16", "f32", "f64")
@@ -66,6 +67,7 @@ class _Instr:
     tag: tuple[str, str] | None
     kernel: str | None
     callee: str | None
+    param_of: str | None = None
 
 
 def _parse(hlo: str) -> tuple[dict[str, list[_Instr]], set[str]]:
@@ -85,6 +87,7 @@ def _parse(hlo: str) -> tuple[dict[str, list[_Instr]], set[str]]:
         tag = _MARK.search(m.group("rest"))
         kernel = _KERNEL.search(m.group("rest"))
         callee = _CALLS.search(m.group("rest"))
+        param = _PARAM.search(m.group("rest")) if m.group("op") == "parameter" else None
         if callee and m.group("op") == "fusion":
             fused.add(callee.group("callee"))
         comps[current].append(
@@ -97,6 +100,7 @@ def _parse(hlo: str) -> tuple[dict[str, list[_Instr]], set[str]]:
                 tag=(tag.group("path"), tag.group("how")) if tag else None,
                 kernel=kernel.group("kernel") if kernel else None,
                 callee=callee.group("callee") if callee else None,
+                param_of=param.group("path") if param else None,
             )
         )
     return comps, fused
@@ -109,7 +113,44 @@ def _has_int_dot(comps, instr: _Instr) -> bool:
     return any(i.op in ("dot", "convolution") and i.dtype == "s32" for i in body)
 
 
+_PASS = ("bitcast", "copy", "transpose", "reshape", "convert")
+
+
+def _classify_by_flow(comps, fused, path: str, weight_size: int) -> str:
+    """Follow the weight's integer ``values`` parameter to the instructions that consume it."""
+    for cname, instrs in comps.items():
+        if cname in fused:
+            continue
+        params = [i.name for i in instrs if i.param_of == path]
+        if not params:
+            continue
+        users: dict[str, list[_Instr]] = {}
+        for i in instrs:
+            for a in i.args:
+                users.setdefault(a, []).append(i)
+        frontier, consumers, seen = list(params), [], set(params)
+        while frontier:
+            for u in users.get(frontier.pop(), []):
+                if u.name in seen:
+                    continue
+                seen.add(u.name)
+                if u.op in _PASS and u.dtype in _SUBBYTE_INT:  # layout-only / widening copies
+                    frontier.append(u.name)
+                else:
+                    consumers.append(u)
+        if any(c.dtype in _FLOAT and c.size == weight_size for c in consumers):
+            return FLOAT_FALLBACK
+        if any(_has_int_dot(comps, c) for c in consumers):
+            return INTEGER_DOT
+        if any(c.dtype in _FLOAT for c in consumers):
+            return FUSED
+    return UNKNOWN
+
+
 def _classify(comps, fused, path: str, weight_size: int) -> str:
+    by_flow = _classify_by_flow(comps, fused, path, weight_size)
+    if by_flow != UNKNOWN:
+        return by_flow
     found_int = found_float = found_fused = False
     for cname, instrs in comps.items():
         if cname in fused:

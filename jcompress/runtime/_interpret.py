@@ -47,6 +47,7 @@ __all__ = [
     "Traced",
     "View",
     "identity_view",
+    "leaf_names",
     "trace",
 ]
 
@@ -241,6 +242,20 @@ class Traced:
             None if p is None else identity_view(p, len(x.shape))
             for p, x in zip(self.paths, self.leaves)
         ]
+
+
+def leaf_names(args: Sequence[Any], kwargs: dict[str, Any]) -> list[str]:
+    """Names of the leaves of ``tree_flatten((args, kwargs), is_leaf=is_compressed)``.
+
+    The first argument's leaves by their plain path, the others as ``args[i]/path`` and
+    ``kwargs[name]/path``: how the runtime names compressed leaves.
+    """
+    names = []
+    for i, a in enumerate(args):
+        names += [p for p, _ in _named_leaves(a, None if i == 0 else f"args[{i}]")]
+    for k in sorted(kwargs):
+        names += [p for p, _ in _named_leaves(kwargs[k], f"kwargs[{k}]")]
+    return names
 
 
 def _named_leaves(tree: Any, prefix: str | None) -> list[tuple[str, Any]]:
