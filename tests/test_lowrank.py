@@ -496,6 +496,12 @@ def test_conv_selected_explicitly_is_left_dense_with_a_reason():
     assert out["Conv_0"]["kernel"] is params["Conv_0"]["kernel"]
     rep = low_rank_report(params, out, where=".*kernel")
     assert "kind 'conv'" in rep.dense["Conv_0/kernel"]
+    # stacked axes that do not lead (nn.scan with variable_axes={"params": 1}): left dense
+    w = jnp.asarray(rand((16, 3, 16), 19))
+    roles = {"w": Role("matmul", contracting=(0,), output=(2,), stacked=(1,))}
+    assert low_rank({"w": w}, rank=2, roles=roles)["w"] is w
+    rep = low_rank_report({"w": w}, {"w": w}, roles=roles)
+    assert "do not lead" in rep.dense["w"] and rep.params_after == rep.params == w.size
 
 
 # ----------------------------------------------------------------------------------------------
