@@ -1,0 +1,160 @@
+"""SparseGPT: one-shot pruning with OBS weight reconstruction (Frantar & Alistarh, 2023).
+
+Rows of a Flax ``(in, out)`` kernel (the input channels; the paper's columns) are visited in
+order with the Hessian machinery shared with GPTQ (:mod:`jcompress._hessian`): a pruned weight's
+value is removed and its error, divided by ``U[j, j]``, is subtracted from the later rows along
+``U[j]`` (``U`` the upper Cholesky factor of the dampened ``H⁻¹``), so the kept weights
+reconstruct the layer output. The mask is chosen adaptively from the *current* (already
+updated) weights by the OBS saliency ``w² / U[j, j]²``:
+
+* unstructured: at the start of every block of ``block_size`` rows, each output channel prunes
+  its lowest-saliency weights in the block. Counts are exact per output channel: block ``b``
+  removes ``round(s · end_b) - round(s · start_b)``, so every output channel loses exactly
+  ``round(float32(s) · in)`` weights in total (the reference code instead thresholds each
+  block over all output channels together, which fixes the count only approximately).
+* ``NM(n, m)``: at the start of every group of ``m`` rows, each output channel keeps the ``n``
+  of the ``m`` with the largest saliency.
+
+Reference: Frantar, Alistarh, 2023, "SparseGPT: Massive Language Models Can Be Accurately
+Pruned in One-Shot", arXiv:2301.00774, Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from jcompress import _hessian
+from jcompress import tree as jtree
+from jcompress.pruning._structures import NM, Unstructured
+from jcompress.pruning._threshold import exact_count
+from jcompress.pruning._wanda import keep_largest
+
+__all__ = ["SparseGPTLayer", "sparsegpt_layer"]
+
+
+class SparseGPTLayer(NamedTuple):
+    """Result of :func:`sparsegpt_layer`: ``(weights, mask, stats)``.
+
+    Attributes:
+      weights: the pruned and reconstructed kernel ``(in, out)``, ``w``'s dtype, exactly zero
+        where ``mask`` is ``False``.
+      mask: bool ``(in, out)``, ``True`` where kept.
+      stats: :class:`jcompress._hessian.LayerStats`.
+    """
+
+    weights: jax.Array
+    mask: jax.Array
+    stats: _hessian.LayerStats
+
+
+@functools.partial(jax.jit, static_argnames=("structure", "block_size", "percdamp"))
+def _sparsegpt(w, h, sparsity, *, structure, block_size: int, percdamp: float):
+    n, out = w.shape
+    nm = structure if isinstance(structure, NM) else None
+    segment = nm.m if nm is not None else _hessian.block_rows(n, block_size, 1)
+    block = _hessian.block_rows(n, block_size, segment)
+    prep = _hessian.prepare(w, h, percdamp=percdamp, block=block, act_order=False)
+    rows = prep.w.shape[0]
+    if nm is None:
+        starts = [min(b * block, n) for b in range(rows // block + 1)]
+        cumulative = jnp.stack([exact_count(sparsity, s) for s in starts])
+    real = jnp.arange(rows) < n
+
+    def on_segment(carry, seg_rows, start, diag):
+        keep, result = carry
+        saliency = jnp.square(seg_rows) / jnp.square(diag)[:, None]
+        if nm is not None:
+            chosen = keep_largest(saliency, nm.m - nm.n, axis=0)
+        else:
+            inside = lax.dynamic_slice_in_dim(real, start, segment, 0)
+            saliency = jnp.where(inside[:, None], saliency, jnp.float32(jnp.inf))
+            b = start // block
+            k = cumulative[b + 1] - cumulative[b]
+            chosen = keep_largest(saliency, k, axis=0)
+        return lax.dynamic_update_slice_in_dim(keep, chosen, start, 0), result
+
+    def on_row(carry, row, r):
+        keep, result = carry
+        target = jnp.where(keep[r], row, jnp.float32(0))
+        return (keep, lax.dynamic_update_slice_in_dim(result, target[None], r, 0)), target
+
+    init = (jnp.ones((rows, out), bool), jnp.zeros((rows, out), jnp.float32))
+    (keep, result), loss = _hessian.sweep(
+        prep, init, block=block, segment=segment, on_segment=on_segment, on_row=on_row
+    )
+    weights = result[:n].astype(w.dtype)
+    err = _hessian.output_error(w, weights, h)
+    return SparseGPTLayer(weights, keep[:n], _hessian.LayerStats(loss, err, prep.ok))
+
+
+def _structure_and_sparsity(path: str, sparsity: Any, n: int) -> tuple[Any, Any]:
+    if isinstance(sparsity, NM):
+        if n % sparsity.m:
+            raise ValueError(
+                f"{path}: {sparsity.n}:{sparsity.m} sparsity needs the contracting axis (size "
+                f"{n}) divisible by {sparsity.m}; exclude it with where= or pad the layer"
+            )
+        return sparsity, jnp.float32(sparsity.sparsity)
+    if isinstance(sparsity, Unstructured):
+        raise TypeError(f"{path}: pass the sparsity as a float (Unstructured is the default)")
+    if jtree.is_concrete(sparsity):
+        value = float(sparsity)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(
+                f"{path}: sparsity must be in [0, 1) (the fraction of weights removed), got "
+                f"{sparsity!r}; for N:M pass NM(n=2, m=4)"
+            )
+    return Unstructured(), jnp.asarray(sparsity, jnp.float32)
+
+
+def sparsegpt_layer(
+    w: ArrayLike,
+    h: ArrayLike,
+    sparsity: float | NM,
+    *,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    path: str = "W",
+) -> SparseGPTLayer:
+    """Prune one kernel with SparseGPT (Frantar & Alistarh, 2023, Algorithm 1); jittable.
+
+    Args:
+      w: kernel ``(in, out)`` (Flax orientation: rows are the contracting axis).
+      h: Hessian ``(in, in)``, ``2 XᵀX / n`` of the layer inputs (``jcompress._hessian.hessian``).
+        Inputs that never fire (``H[j, j] == 0``) get their weight row zeroed.
+      sparsity: a float in ``[0, 1)`` (may be traced): every output channel loses exactly
+        ``round(float32(s) · in)`` weights; or ``NM(n, m)`` (``n`` kept in each ``m``
+        consecutive rows, ``in % m == 0``).
+      block_size: rows per block: the unit of adaptive mask selection and lazy updates
+        (rounded to a multiple of ``m`` for N:M).
+      percdamp: dampening ``λ = percdamp · mean(diag H)``.
+      path: the leaf's name for error messages.
+
+    Returns:
+      :class:`SparseGPTLayer` ``(weights, mask, stats)``.
+
+    Raises:
+      ValueError: shapes that do not fit (naming both), a bad sparsity or options, NaN/Inf in a
+        concrete ``w``, or (eagerly) a Hessian that is not positive definite after dampening
+        (inside ``jit``: ``stats.ok``).
+
+    >>> import jax.numpy as jnp
+    >>> w = jnp.array([[1.0, 0.2], [0.1, -2.0], [0.5, 0.3], [-0.2, 1.0]])
+    >>> out = sparsegpt_layer(w, jnp.eye(4), 0.5)
+    >>> out.mask.tolist()   # identity Hessian: magnitude pruning per output channel
+    [[True, False], [False, True], [True, False], [False, True]]
+    """
+    what = "SparseGPT"
+    w, h = _hessian.check_layer(path, w, h, block_size=block_size, percdamp=percdamp, what=what)
+    structure, s = _structure_and_sparsity(path, sparsity, w.shape[0])
+    result = _sparsegpt(
+        w, h, s, structure=structure, block_size=block_size, percdamp=float(percdamp)
+    )
+    _hessian.raise_if_failed(path, result.stats, what, percdamp)
+    return result

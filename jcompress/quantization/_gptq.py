@@ -1,0 +1,199 @@
+"""GPTQ: quantization with second-order error feedback (Frantar et al., 2022).
+
+Each input row of a kernel is rounded in turn with the scales of ``jc.quantization.quantize``
+(same :class:`QuantSpec`, same ``QArray`` layout, same rounding), and its rounding error is
+spread over the rows not yet rounded so that the layer output on the calibration inputs moves
+as little as possible. The Hessian machinery (dampening, Cholesky factor of ``H⁻¹``, lazy block
+updates) is :mod:`jcompress._hessian`, shared with SparseGPT.
+
+Scales:
+
+* ``PerChannel`` / ``PerTensor``: computed once from the whole kernel before the sweep (as the
+  reference implementation does), so with an identity Hessian GPTQ is round-to-nearest exactly.
+* ``PerGroup(g)``: a group's scales are computed when the sweep reaches its first row, from the
+  group's *current* rows (already corrected by the earlier rows' errors). Groups must start on
+  block boundaries, so the block size is rounded to a multiple of ``g`` (at least ``g``).
+* ``PerGroup(g)`` with ``act_order=True``: rows are processed out of order, so a group's rows
+  are not processed together; its scales are then computed up front from the original kernel
+  ("static groups"), which keeps the contiguous ``QArray`` group layout that ``dequantize``
+  and the runtime expect.
+
+Reference: Frantar, Ashkboos, Hoefler, Alistarh, 2022, "GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers", arXiv:2210.17323, Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from jcompress import _hessian
+from jcompress import tree as jtree
+from jcompress.quantization._calibration import Scales, compute_scales, layout, to_int
+from jcompress.quantization._qarray import QArray, dequantize_blocks, storage_dtype
+from jcompress.quantization._spec import PerChannel, PerGroup, QuantSpec
+
+__all__ = ["gptq_layer"]
+
+_DENSE = jtree.Role("matmul", contracting=(0,), output=(1,))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "block_size", "percdamp", "act_order"))
+def _gptq(w, h, mask, *, spec: QuantSpec, block_size: int, percdamp: float, act_order: bool):
+    n, out = w.shape
+    gran = spec.granularity
+    group = gran.size if isinstance(gran, PerGroup) else None
+    dynamic = group is not None and not act_order
+    segment = group if dynamic else _hessian.block_rows(n, block_size, 1)
+    block = _hessian.block_rows(n, block_size, segment)
+    w0 = jnp.asarray(w).astype(jnp.float32)
+    if mask is not None:
+        w0 = jnp.where(mask, w0, jnp.float32(0))
+    w0 = jnp.where((jnp.diagonal(h) == 0)[:, None], jnp.float32(0), w0)
+    prep = _hessian.prepare(w0, h, percdamp=percdamp, block=block, act_order=act_order)
+    rows = prep.w.shape[0]
+    perm = prep.perm
+    pad = rows - n
+    store = storage_dtype(spec.bits)
+
+    if dynamic:
+        ngroups = rows // group
+        one_group = dataclasses.replace(spec, granularity=PerChannel())
+        seg_layout = layout("", (group, out), one_group, _DENSE)
+        table = Scales(
+            jnp.ones((ngroups, out), jnp.float32),
+            None if spec.symmetric else jnp.zeros((ngroups, out), store),
+        )
+        index = jnp.arange(rows, dtype=jnp.int32) // group
+    else:
+        lay = layout("", (n, out), spec, _DENSE)
+        table = compute_scales(w0, spec=spec, lay=lay)
+        if group is not None:  # static groups: the original group of each processed row
+            index = jnp.concatenate([perm // group, jnp.zeros((pad,), jnp.int32)])
+        else:
+            index = jnp.zeros((rows,), jnp.int32)
+    keep = None
+    if mask is not None:
+        keep = jnp.concatenate([jnp.asarray(mask, bool)[perm], jnp.ones((pad, out), bool)])
+
+    def on_segment(carry, seg_rows, start, diag):
+        if not dynamic:
+            return carry
+        values, table = carry
+        fresh = compute_scales(seg_rows, spec=one_group, lay=seg_layout)
+        g = start // group
+        scale = lax.dynamic_update_slice_in_dim(table.scale, fresh.scale, g, 0)
+        zp = table.zero_point
+        if zp is not None:
+            zp = lax.dynamic_update_slice_in_dim(zp, fresh.zero_point, g, 0)
+        return values, Scales(scale, zp)
+
+    def on_row(carry, row, r):
+        values, table = carry
+        g = index[r]
+        scale = lax.dynamic_slice_in_dim(table.scale, g, 1, 0)
+        zp = (
+            None
+            if table.zero_point is None
+            else lax.dynamic_slice_in_dim(table.zero_point, g, 1, 0)
+        )
+        q, _ = to_int(row[None, :], Scales(scale, zp), spec)
+        if keep is not None:
+            q = jnp.where(keep[r][None, :], q, jnp.zeros_like(q) if zp is None else zp)
+        target = dequantize_blocks(q, scale, zp, jnp.float32)[0]
+        values = lax.dynamic_update_slice_in_dim(values, q, r, 0)
+        return (values, table), target
+
+    init = (jnp.zeros((rows, out), store), table)
+    (values, table), loss = _hessian.sweep(
+        prep, init, block=block, segment=segment, on_segment=on_segment, on_row=on_row
+    )
+    values = values[:n][jnp.argsort(perm)]
+    if dynamic:
+        table = Scales(
+            table.scale[: n // group],
+            None if table.zero_point is None else table.zero_point[: n // group],
+        )
+    qa = QArray(values, table.scale, table.zero_point, bits=spec.bits, dtype=w.dtype)
+    err = _hessian.output_error(w, qa.dequantize(), h)
+    return qa, _hessian.LayerStats(loss, err, prep.ok & jnp.isfinite(err))
+
+
+def gptq_layer(
+    w: ArrayLike,
+    h: ArrayLike,
+    spec: QuantSpec,
+    *,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    mask: ArrayLike | None = None,
+    path: str = "W",
+) -> tuple[QArray, _hessian.LayerStats]:
+    """Quantize one kernel with GPTQ (Frantar et al., 2022, Algorithm 1); pure and jittable.
+
+    Args:
+      w: kernel ``(in, out)`` (Flax orientation: rows are the contracting axis), float32 or
+        bfloat16.
+      h: Hessian ``(in, in)``, ``2 XᵀX / n`` of the layer's inputs ``X`` (``(n, in)``), e.g.
+        ``jcompress._hessian.hessian(stats.gram, stats.count)``. Inputs that never fire
+        (``H[j, j] == 0``) get their weight row set to zero.
+      spec: the :class:`QuantSpec` (bits, granularity, calibration of the clipping range,
+        symmetric); the result has the layout and rounding of ``quantize`` with this spec.
+      block_size: rows per lazy-update block (speed only; with ``PerGroup(g)`` rounded to a
+        multiple of ``g``).
+      percdamp: dampening ``λ = percdamp · mean(diag H)`` added to ``diag H``.
+      act_order: process rows by descending ``diag H`` (largest inputs first); the result is
+        un-permuted. With ``PerGroup`` the group scales are then computed up front (module
+        docstring).
+      mask: optional bool ``(in, out)``, ``False`` where the weight is pruned: those stay
+        exactly zero (integer value = zero point) and their removal error is fed back like a
+        rounding error, so the kept weights compensate for it.
+      path: the leaf's name for error messages.
+
+    Returns:
+      ``(qarray, stats)``: a :class:`QArray` of ``w``'s shape and dtype, and
+      :class:`jcompress._hessian.LayerStats` (``loss``, ``output_error``, ``ok``).
+
+    Raises:
+      ValueError: shapes that do not fit (naming both), bad options, a ``PerGroup`` size not
+        dividing ``in``, NaN/Inf in a concrete ``w``, or (eagerly) a Hessian that is not
+        positive definite after dampening. Inside ``jit``, read ``stats.ok`` instead.
+
+    >>> import jax.numpy as jnp
+    >>> from jcompress.quantization import QuantSpec
+    >>> w = jnp.array([[0.9, -0.2], [0.4, 0.75], [-0.6, 0.1], [0.3, -0.35]])
+    >>> qa, stats = gptq_layer(w, jnp.eye(4), QuantSpec(bits=4))
+    >>> qa.values.astype(jnp.int32).tolist()   # identity Hessian: round to nearest
+    [[7, -2], [3, 7], [-5, 1], [2, -3]]
+    >>> bool(stats.ok)
+    True
+    """
+    what = "GPTQ"
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{path}: {what} needs a QuantSpec, got {type(spec).__name__}")
+    w, h = _hessian.check_layer(path, w, h, block_size=block_size, percdamp=percdamp, what=what)
+    layout(path, tuple(w.shape), spec, _DENSE)  # PerGroup divisibility, with the path
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype != bool or mask.shape != w.shape:
+            raise ValueError(
+                f"{path}: mask= must be a bool array of the kernel's shape {w.shape}, got "
+                f"{mask.dtype}{mask.shape}"
+            )
+    qa, stats = _gptq(
+        w,
+        h,
+        mask,
+        spec=spec,
+        block_size=block_size,
+        percdamp=float(percdamp),
+        act_order=bool(act_order),
+    )
+    _hessian.raise_if_failed(path, stats, what, percdamp)
+    return qa, stats

@@ -1,0 +1,484 @@
+"""GPTQ, SparseGPT and Wanda against independent NumPy references written from the papers.
+
+The references below run in float64, row by row with *immediate* OBS updates of every later row
+(no lazy blocks, no padding, no segments): the blocked float32 JAX code must agree with them up
+to rare rounding flips, which are counted.
+"""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jcompress import _hessian
+from jcompress.pruning import NM
+from jcompress.pruning._sparsegpt import sparsegpt_layer
+from jcompress.pruning._wanda import wanda_masks
+from jcompress.quantization import MSE, PerGroup, PerTensor, QuantSpec, quantize
+from jcompress.quantization._gptq import gptq_layer
+from jcompress.runtime import InputStats
+
+# ----------------------------------------------------------------------------------------------
+# Independent NumPy references (float64)
+# ----------------------------------------------------------------------------------------------
+
+
+def np_levels(bits, symmetric):
+    half = 2 ** (bits - 1)
+    return (-(half - 1), half - 1) if symmetric else (-half, half - 1)
+
+
+def np_scales(block, bits, symmetric):
+    """Scale and zero point per column of ``block`` (rows reduced), absmax clipping."""
+    qmin, qmax = np_levels(bits, symmetric)
+    if symmetric:
+        scale = np.max(np.abs(block), axis=0) / qmax
+        zp = np.zeros_like(scale)
+    else:
+        hi = np.maximum(np.max(block, axis=0), 0)
+        lo = np.minimum(np.min(block, axis=0), 0)
+        scale = (hi - lo) / (qmax - qmin)
+        scale = np.where(scale > 0, scale, 1.0)
+        zp = np.clip(np.round(qmin - lo / scale), qmin, qmax)
+    return np.where(scale > 0, scale, 1.0), zp
+
+
+def np_quant(w, scale, zp, bits, symmetric):
+    qmin, qmax = np_levels(bits, symmetric)
+    q = np.clip(np.round(w / scale) + zp, qmin, qmax)
+    return q, (q - zp) * scale
+
+
+def np_upper_chol_inv(h, percdamp):
+    h = h.copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1
+    h += percdamp * np.mean(np.diag(h)) * np.eye(len(h))
+    return np.linalg.cholesky(np.linalg.inv(h)).T, dead
+
+
+def np_gptq(w, h, *, bits, symmetric, group=None, percdamp=0.01, act_order=False, mask=None):
+    """GPTQ, Frantar et al. 2022, Algorithm 1 (rows of the (in, out) kernel = paper's columns)."""
+    w = np.array(w, np.float64)
+    h = np.array(h, np.float64)
+    n = w.shape[0]
+    if mask is not None:
+        w = np.where(mask, w, 0)
+    w[np.diag(h) == 0] = 0
+    perm = (
+        np.argsort(-np.where(np.diag(h) == 0, 1, np.diag(h)), kind="stable")
+        if act_order
+        else np.arange(n)
+    )
+    if group is None:
+        scale, zp = np_scales(w, bits, symmetric)
+        scale, zp = scale[None], zp[None]
+        index = np.zeros(n, int)
+    elif act_order:  # static groups from the original weights
+        scale, zp = zip(*(np_scales(w[g : g + group], bits, symmetric) for g in range(0, n, group)))
+        scale, zp = np.stack(scale), np.stack(zp)
+        index = perm // group
+    w = w[perm]
+    h = h[perm][:, perm]
+    keep = None if mask is None else np.asarray(mask)[perm]
+    u, _ = np_upper_chol_inv(h, percdamp)
+    q_all = np.zeros_like(w)
+    scales = []
+    for j in range(n):
+        if group is not None and not act_order and j % group == 0:
+            s, z = np_scales(w[j : j + group], bits, symmetric)
+            scales.append((s, z))
+            s_j, z_j = s, z
+        elif group is not None and not act_order:
+            s_j, z_j = scales[-1]
+        else:
+            s_j, z_j = scale[index[j]], zp[index[j]]
+        q, deq = np_quant(w[j], s_j, z_j, bits, symmetric)
+        if keep is not None:
+            q = np.where(keep[j], q, z_j)
+            deq = np.where(keep[j], deq, 0.0)
+        err = (w[j] - deq) / u[j, j]
+        w[j:] -= np.outer(u[j, j:], err)
+        q_all[j] = q
+    q_all[perm] = q_all.copy()
+    return q_all
+
+
+def np_sparsegpt(w, h, sparsity, *, block=128, percdamp=0.01):
+    """SparseGPT, Frantar & Alistarh 2023, Algorithm 1; per-output-channel counts per block."""
+    w = np.array(w, np.float64)
+    h = np.array(h, np.float64)
+    n = w.shape[0]
+    w[np.diag(h) == 0] = 0
+    u, _ = np_upper_chol_inv(h, percdamp)
+    keep = np.ones(w.shape, bool)
+    nm = sparsity if isinstance(sparsity, NM) else None
+    seg = nm.m if nm else block
+    for j in range(n):
+        if j % seg == 0:
+            sal = w[j : j + seg] ** 2 / np.diag(u)[j : j + seg, None] ** 2
+            if nm:
+                k = nm.m - nm.n
+            else:
+                k = round(sparsity * min(j + seg, n)) - round(sparsity * j)
+            order = np.argsort(sal, axis=0, kind="stable")
+            for o in range(w.shape[1]):
+                keep[j + order[:k, o], o] = False
+        target = np.where(keep[j], w[j], 0)
+        err = (w[j] - target) / u[j, j]
+        w[j:] -= np.outer(u[j, j:], err)
+        w[j] = target
+    return w, keep
+
+
+def np_magnitude(w, sparsity):
+    """Magnitude pruning (Han et al. 2015): per layer, or N:M along the rows."""
+    keep = np.ones(w.shape, bool)
+    if isinstance(sparsity, NM):
+        groups = np.abs(w).reshape(-1, sparsity.m, w.shape[1])
+        order = np.argsort(groups, axis=1, kind="stable")[:, : sparsity.m - sparsity.n]
+        keep = keep.reshape(groups.shape)
+        np.put_along_axis(keep, order, False, axis=1)
+        return keep.reshape(w.shape)
+    order = np.argsort(np.abs(w).reshape(-1), kind="stable")[: round(sparsity * w.size)]
+    keep.reshape(-1)[order] = False
+    return keep
+
+
+def np_wanda(w, sumsq, sparsity):
+    score = np.abs(w) * np.sqrt(sumsq)[:, None]
+    k = round(sparsity * w.shape[0])
+    keep = np.ones(w.shape, bool)
+    order = np.argsort(score, axis=0, kind="stable")
+    for o in range(w.shape[1]):
+        keep[order[:k, o], o] = False
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def layer(seed, n_in=64, n_out=16, samples=512, rank=24):
+    """A kernel and correlated inputs ``X = Z·A + noise``; returns ``(X, W, H)`` (H float32)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(samples, rank)) @ rng.normal(size=(rank, n_in))
+    x += 0.1 * rng.normal(size=x.shape)
+    w = rng.normal(size=(n_in, n_out)).astype(np.float32)
+    return x, w, (2 * x.T @ x / samples).astype(np.float32)
+
+
+def out_err(x, w, w_hat):
+    return float(np.linalg.norm(x @ (np.asarray(w, np.float64) - np.asarray(w_hat, np.float64))))
+
+
+def rtn(w, spec):
+    return quantize({"kernel": jnp.asarray(w)}, spec)["kernel"]
+
+
+SPECS = [
+    QuantSpec(bits=4),
+    QuantSpec(bits=3),
+    QuantSpec(bits=4, granularity=PerGroup(32)),
+    QuantSpec(bits=3, granularity=PerGroup(32)),
+    QuantSpec(bits=4, symmetric=False),
+    QuantSpec(bits=3, granularity=PerGroup(16), symmetric=False),
+]
+BLOCK = 32  # GPTQ block size in every test: one compilation per spec is shared by the tests
+SBLOCK = 16  # SparseGPT's
+
+
+def group_of(spec):
+    return spec.granularity.size if isinstance(spec.granularity, PerGroup) else None
+
+
+@jax.jit
+def jit_gptq(w, h):
+    return gptq_layer(w, h, SPECS[0], block_size=BLOCK)
+
+
+@jax.jit
+def jit_sparsegpt(w, h, sparsity):
+    return sparsegpt_layer(w, h, sparsity, block_size=SBLOCK)
+
+
+# ----------------------------------------------------------------------------------------------
+# Against the NumPy references
+# ----------------------------------------------------------------------------------------------
+
+
+# (spec, act_order) pairs compiled in this file; the property tests reuse some
+COMPILED = [(s, False) for s in SPECS] + [(SPECS[0], True), (SPECS[3], True)]
+
+
+@pytest.mark.parametrize("spec, act_order", COMPILED, ids=str)
+def test_gptq_matches_numpy_reference(spec, act_order):
+    x, w, h = layer(0)
+    ref = np_gptq(
+        w, h, bits=spec.bits, symmetric=spec.symmetric, group=group_of(spec), act_order=act_order
+    )
+    qa, stats = gptq_layer(w, h, spec, block_size=BLOCK, act_order=act_order)
+    values = np.asarray(qa.values.astype(jnp.int32))
+    flips = int(np.sum(values != ref))
+    assert flips <= 0.01 * values.size, f"{flips} of {values.size} values differ"
+    assert bool(stats.ok)
+    # the output errors agree closely even where a flip happened
+    ours = out_err(x, w, qa.dequantize())
+    assert ours <= 1.02 * out_err(x, w, rtn_like(ref, qa)) + 1e-6
+
+
+def rtn_like(values, qa):
+    """Dequantize reference integer values with our scales (scales agree to float rounding)."""
+    return qa.__class__(
+        jnp.asarray(values, jnp.int32).astype(jnp.int8).astype(qa.values.dtype),
+        qa.scale,
+        qa.zero_point,
+        bits=qa.bits,
+        dtype=qa.dtype,
+    ).dequantize()
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.3, NM(2, 4), NM(1, 4)], ids=str)
+def test_sparsegpt_matches_numpy_reference(sparsity):
+    x, w, h = layer(1)
+    ref_w, ref_keep = np_sparsegpt(w, h, sparsity, block=SBLOCK)
+    out = sparsegpt_layer(w, h, sparsity, block_size=SBLOCK)
+    flips = int(np.sum(np.asarray(out.mask) != ref_keep))
+    assert flips <= 0.01 * ref_keep.size, f"{flips} mask entries differ"
+    if flips == 0:
+        np.testing.assert_allclose(np.asarray(out.weights), ref_w, rtol=2e-3, atol=2e-3)
+    assert abs(out_err(x, w, out.weights) - out_err(x, w, ref_w)) <= 0.02 * out_err(x, w, ref_w)
+
+
+def test_wanda_matches_numpy_reference():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(24, 10)).astype(np.float32)
+    sumsq = rng.uniform(0.1, 50, size=24).astype(np.float32)
+    stats = {"Dense_0/kernel": InputStats(jnp.ones(24), jnp.asarray(sumsq), jnp.array(8))}
+    for s in (0.25, 0.5, 0.7):
+        keep = wanda_masks({"Dense_0": {"kernel": jnp.asarray(w)}}, stats, s)
+        np.testing.assert_array_equal(np.asarray(keep["Dense_0"]["kernel"]), np_wanda(w, sumsq, s))
+
+
+# ----------------------------------------------------------------------------------------------
+# Identity Hessian, error versus baselines
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, dtype",
+    [
+        *((spec, jnp.float32) for spec in SPECS),
+        (QuantSpec(bits=8, granularity=PerTensor()), jnp.float32),
+        (QuantSpec(bits=2, granularity=PerGroup(8)), jnp.float32),
+        (QuantSpec(bits=4, calibration=MSE(grid=20)), jnp.float32),
+        (SPECS[0], jnp.bfloat16),
+        (SPECS[5], jnp.bfloat16),
+    ],
+    ids=str,
+)
+def test_gptq_identity_hessian_is_round_to_nearest(spec, dtype, strict):
+    _, w, _ = layer(3)
+    w = jnp.asarray(w, dtype)
+    # strict promotion is part of the compilation key: checked on a few configurations only
+    context = strict() if dtype == jnp.bfloat16 or spec == SPECS[5] else contextlib.nullcontext()
+    with context:
+        qa, _ = gptq_layer(w, jnp.eye(64, dtype=jnp.float32), spec, block_size=BLOCK)
+        ref = rtn(w, spec)
+    assert qa.dtype == dtype and qa.values.dtype == ref.values.dtype
+    np.testing.assert_array_equal(np.asarray(qa.values, np.int32), np.asarray(ref.values, np.int32))
+    np.testing.assert_array_equal(np.asarray(qa.scale), np.asarray(ref.scale))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("spec", SPECS[:4], ids=str)  # 4 and 3 bits, per channel and group 32
+def test_gptq_output_error_below_rtn(seed, spec):
+    x, w, h = layer(seed)
+    for act_order in [a for s, a in COMPILED if s == spec]:
+        qa, stats = gptq_layer(w, h, spec, block_size=BLOCK, act_order=act_order)
+        ours, base = out_err(x, w, qa.dequantize()), out_err(x, w, rtn(w, spec).dequantize())
+        assert ours < base
+        # output_error is ||X ΔW||² / n with H = 2XᵀX/n
+        np.testing.assert_allclose(float(stats.output_error), ours**2 / x.shape[0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("sparsity", [0.5, NM(2, 4)], ids=str)
+def test_sparsegpt_output_error_below_magnitude(seed, sparsity):
+    x, w, h = layer(seed)
+    out = sparsegpt_layer(w, h, sparsity, block_size=SBLOCK)
+    mag = np_magnitude(w, sparsity)
+    assert out_err(x, w, out.weights) < out_err(x, w, np.where(mag, w, 0))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("sparsity", [0.5, NM(2, 4)], ids=str)
+def test_wanda_beats_magnitude_with_outlier_channels(seed, sparsity):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(256, 32))
+    x[:, [3, 11, 20]] *= 30.0  # a few high-norm input channels
+    w = rng.normal(size=(32, 8)).astype(np.float32)
+    params = {"Dense_0": {"kernel": jnp.asarray(w)}}
+    stats = {
+        "Dense_0/kernel": InputStats(
+            jnp.asarray(np.abs(x).max(0), jnp.float32),
+            jnp.asarray((x * x).sum(0), jnp.float32),
+            jnp.array(256),
+        )
+    }
+    nm = isinstance(sparsity, NM)
+    kw = {"structure": sparsity} if nm else {}
+    s = None if nm else sparsity
+    ours = wanda_masks(params, stats, s, **kw)["Dense_0"]["kernel"]
+    mag = np_magnitude(w, sparsity)
+    assert out_err(x, w, np.where(ours, w, 0)) < out_err(x, w, np.where(mag, w, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact counts and patterns
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_in, sparsity", [(64, 0.5), (37, 0.3), (37, 0.7), (64, 0.0)])
+def test_sparsegpt_exact_count_per_output_channel(n_in, sparsity):
+    _, w, h = layer(4, n_in=n_in)
+    out = sparsegpt_layer(w, h, sparsity, block_size=SBLOCK)
+    pruned = np.sum(~np.asarray(out.mask), axis=0)
+    assert (pruned == round(np.float32(sparsity) * n_in)).all()
+    assert (np.asarray(out.weights)[~np.asarray(out.mask)] == 0).all()
+
+
+@pytest.mark.parametrize("nm", [NM(2, 4), NM(1, 4), NM(4, 8)], ids=str)
+def test_sparsegpt_nm_pattern(nm):
+    _, w, h = layer(5)
+    out = sparsegpt_layer(w, h, nm, block_size=SBLOCK)
+    kept = np.asarray(out.mask).reshape(64 // nm.m, nm.m, 16).sum(1)
+    assert (kept == nm.n).all()
+
+
+def test_wanda_exact_counts_and_nm():
+    rng = np.random.default_rng(6)
+    w = rng.normal(size=(3, 3, 4, 5)).astype(np.float32)  # conv (kh, kw, in, out)
+    stats = {"Conv_0/kernel": InputStats(jnp.ones(36), jnp.asarray(rng.uniform(1, 9, 36)), 1)}
+    params = {"Conv_0": {"kernel": jnp.asarray(w)}}
+    keep = np.asarray(wanda_masks(params, stats, 0.4)["Conv_0"]["kernel"])
+    assert (np.sum(~keep.reshape(36, 5), 0) == round(np.float32(0.4) * 36)).all()
+    keep = np.asarray(wanda_masks(params, stats, None, structure=NM(2, 4))["Conv_0"]["kernel"])
+    assert (keep.reshape(3, 3, 1, 4, 5).sum(3) == 2).all()
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[5]], ids=str)
+def test_gptq_mask_keeps_zeros(spec):
+    x, w, h = layer(7)
+    mask = np_magnitude(w, NM(2, 4))
+    qa, _ = gptq_layer(w, h, spec, mask=mask, block_size=BLOCK)
+    deq = np.asarray(qa.dequantize())
+    assert (deq[~mask] == 0).all()
+    assert int(np.sum(deq == 0)) >= int(np.sum(~mask))
+    ref = np_gptq(w, h, bits=spec.bits, symmetric=spec.symmetric, mask=mask, group=group_of(spec))
+    assert np.sum(np.asarray(qa.values, np.int32) != ref) <= 0.01 * ref.size
+    # pruning error is fed back: better than quantizing the masked kernel to nearest
+    masked = rtn(np.where(mask, w, 0), spec).dequantize()
+    assert out_err(x, w, deq) < out_err(x, w, masked)
+
+
+def test_dead_inputs():
+    _, w, h = layer(8)
+    h = h.copy()
+    h[5, :] = h[:, 5] = 0  # input 5 never fires
+    qa, stats = gptq_layer(w, h, SPECS[0], act_order=True, block_size=BLOCK)
+    assert bool(stats.ok) and (np.asarray(qa.dequantize())[5] == 0).all()
+    out = sparsegpt_layer(w, h, 0.5, block_size=SBLOCK)
+    assert bool(out.stats.ok) and (np.asarray(out.weights)[5] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# jit, determinism, compilation, errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_jit_equals_eager_and_deterministic():
+    _, w, h = layer(9)
+    eager, _ = gptq_layer(w, h, SPECS[0], block_size=BLOCK)
+    again, _ = gptq_layer(w, h, SPECS[0], block_size=BLOCK)
+    jitted, _ = jit_gptq(w, h)
+    for other in (again, jitted):
+        np.testing.assert_array_equal(
+            np.asarray(eager.values, np.int32), np.asarray(other.values, np.int32)
+        )
+        np.testing.assert_array_equal(np.asarray(eager.scale), np.asarray(other.scale))
+    s_eager = sparsegpt_layer(w, h, 0.5, block_size=SBLOCK)
+    s_jit = jit_sparsegpt(w, h, 0.5)  # a traced sparsity
+    np.testing.assert_array_equal(np.asarray(s_eager.mask), np.asarray(s_jit.mask))
+    np.testing.assert_array_equal(np.asarray(s_eager.weights), np.asarray(s_jit.weights))
+
+
+def test_no_recompilation_on_second_call():
+    from jcompress.pruning import _sparsegpt
+    from jcompress.quantization import _gptq
+
+    _, w, h = layer(10)
+    gptq_layer(w, h, SPECS[0], block_size=BLOCK)
+    sparsegpt_layer(w, h, 0.5, block_size=SBLOCK)
+    g, s = _gptq._gptq._cache_size(), _sparsegpt._sparsegpt._cache_size()
+    gptq_layer(w * 2, h, SPECS[0], block_size=BLOCK)
+    sparsegpt_layer(w, h * 3, 0.25, block_size=SBLOCK)  # a new sparsity: no new compilation
+    assert (_gptq._gptq._cache_size(), _sparsegpt._sparsegpt._cache_size()) == (g, s)
+
+
+def test_not_positive_definite_is_an_error_eagerly_and_a_flag_in_jit():
+    _, w, _ = layer(11)
+    bad = -np.eye(64, dtype=np.float32)
+    with pytest.raises(ValueError, match="Dense_0/kernel: GPTQ found the Hessian not positive"):
+        gptq_layer(w, bad, SPECS[0], block_size=BLOCK, path="Dense_0/kernel")
+    with pytest.raises(ValueError, match="raise percdamp"):
+        sparsegpt_layer(w, bad, 0.5, block_size=SBLOCK)
+    assert not bool(jit_gptq(w, bad)[1].ok)
+    nan_h = np.eye(64, dtype=np.float32)
+    nan_h[2, 3] = np.nan
+    assert not bool(jit_sparsegpt(w, nan_h, 0.5).stats.ok)
+
+
+def test_shape_errors_name_both_shapes():
+    w = np.ones((16, 4), np.float32)
+    with pytest.raises(ValueError, match=r"W \(16, 4\) and H \(8, 8\)"):
+        gptq_layer(w, np.eye(8, dtype=np.float32), QuantSpec(bits=4))
+    with pytest.raises(ValueError, match=r"W \(16, 4\) and H \(4, 4\)"):
+        sparsegpt_layer(w, np.eye(4, dtype=np.float32), 0.5)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sparsegpt_layer(np.ones((6, 4), np.float32), np.eye(6, dtype=np.float32), NM(2, 4))
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        sparsegpt_layer(w, np.eye(16, dtype=np.float32), 1.5)
+    with pytest.raises(ValueError, match="PerGroup"):
+        gptq_layer(w, np.eye(16, dtype=np.float32), QuantSpec(granularity=PerGroup(5)))
+    with pytest.raises(ValueError, match="mask="):
+        gptq_layer(w, np.eye(16, dtype=np.float32), QuantSpec(), mask=np.ones((4, 16), bool))
+    w_nan = w.copy()
+    w_nan[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        gptq_layer(w_nan, np.eye(16, dtype=np.float32), QuantSpec())
+
+
+def test_wanda_missing_and_malformed_stats():
+    params = {
+        "Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
+        "Dense_1": {"kernel": jnp.ones((3, 2))},
+    }
+    stats = {"Dense_0/kernel": InputStats(jnp.ones(4), jnp.ones(4), jnp.array(1))}
+    with pytest.raises(ValueError, match="Dense_1/kernel"):
+        wanda_masks(params, stats, 0.5)
+    stats["Dense_1/kernel"] = InputStats(jnp.ones(5), jnp.ones(5), jnp.array(1))
+    with pytest.raises(ValueError, match=r"Dense_1/kernel: InputStats.sumsq has shape \(5,\)"):
+        wanda_masks(params, stats, 0.5)
+    masks = wanda_masks(params, stats, 0.5, where="Dense_0/kernel")
+    assert masks["Dense_1"]["kernel"] is True and masks["Dense_0"]["bias"] is True
+
+
+def test_hessian_helper():
+    x = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
+    np.testing.assert_allclose(
+        np.asarray(_hessian.hessian(x.T @ x, 10)), 2 * x.T @ x / 10, rtol=1e-6
+    )
