@@ -1,1 +1,41 @@
-"""jcompress.quantization."""
+"""Quantization: ``QArray`` leaves, post-training quantization with calibrated clipping, QAT.
+
+* :class:`QuantSpec` with granularities :class:`PerTensor`, :class:`PerChannel`,
+  :class:`PerGroup` and calibrations :class:`AbsMax`, :class:`Percentile`, :class:`MSE`;
+  per-path settings are ordered ``[(regex, spec | None), ...]`` rules.
+* :func:`quantize` / :func:`dequantize`: float leaves to :class:`QArray` and back.
+* :func:`calibrate`: frozen ``{path: Scales}`` reused by :func:`quantize` and
+  :func:`fake_quantize` (quantization-aware training with a straight-through gradient).
+* :func:`nonfinite`: the flag for NaN/Inf weights met inside ``jit``.
+"""
+
+from jcompress.quantization._calibration import Scales
+from jcompress.quantization._qarray import QArray
+from jcompress.quantization._qat import fake_quantize
+from jcompress.quantization._quantize import calibrate, dequantize, nonfinite, quantize
+from jcompress.quantization._spec import (
+    MSE,
+    AbsMax,
+    Percentile,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    QuantSpec,
+)
+
+__all__ = [
+    "MSE",
+    "AbsMax",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
+    "Percentile",
+    "QArray",
+    "QuantSpec",
+    "Scales",
+    "calibrate",
+    "dequantize",
+    "fake_quantize",
+    "nonfinite",
+    "quantize",
+]

@@ -1,0 +1,211 @@
+"""Post-training quantization of parameter trees: ``calibrate``, ``quantize``, ``dequantize``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcompress import tree as jtree
+from jcompress.quantization._calibration import Scales, compute_scales, layout, to_int
+from jcompress.quantization._qarray import QArray, storage_dtype
+from jcompress.quantization._spec import QuantSpec, SpecOrRules, resolve_specs
+
+__all__ = ["calibrate", "dequantize", "nonfinite", "quantize"]
+
+
+def _plan(params, spec_or_rules, where, roles, what):
+    """``{path: (spec, Layout)}`` for the leaves to quantize, with eager value checks."""
+    resolved = resolve_specs(params, spec_or_rules, where=where, roles=roles, what=what)
+    leaves = dict(jtree.leaves_with_paths(params))
+    plan = {}
+    for path, (spec, role) in resolved.items():
+        leaf = leaves[path]
+        jtree.check_finite(path, leaf, what=what)
+        plan[path] = (spec, layout(path, tuple(leaf.shape), spec, role))
+    return plan
+
+
+def _checked_scales(path, given, spec: QuantSpec, lay) -> Scales:
+    if not isinstance(given, Scales):
+        raise TypeError(
+            f"{path}: scales= entries must be Scales (from jc.quantization.calibrate), got "
+            f"{type(given).__name__}"
+        )
+    if tuple(given.scale.shape) != lay.scale_shape:
+        raise ValueError(
+            f"{path}: the given scale has shape {tuple(given.scale.shape)}, but this spec and "
+            f"role need {lay.scale_shape}; calibrate with the same spec_or_rules/roles"
+        )
+    if (given.zero_point is None) != spec.symmetric or (
+        given.zero_point is not None
+        and np.dtype(given.zero_point.dtype) != storage_dtype(spec.bits)
+    ):
+        raise ValueError(
+            f"{path}: the given scales do not fit QuantSpec(bits={spec.bits}, "
+            f"symmetric={spec.symmetric}); calibrate with the same spec_or_rules"
+        )
+    return given
+
+
+def scales_for(plan, scales) -> dict[str, Scales] | None:
+    """The given ``scales`` for the planned leaves, checked by path and shape."""
+    if scales is None:
+        return None
+    if not isinstance(scales, Mapping):
+        raise TypeError(
+            "scales= must be the {path: Scales} dict returned by jc.quantization.calibrate, got "
+            f"{type(scales).__name__}"
+        )
+    reference = {p: 0 for p in plan}
+    matched = jtree.match_paths(
+        reference, scales, name="scales", is_leaf=lambda x: isinstance(x, Scales)
+    )
+    return {p: _checked_scales(p, s, *plan[p]) for p, s in zip(plan, matched)}
+
+
+def map_planned(leaf_fn, params, spec_or_rules, where, roles, scales, what):
+    """``leaf_fn(w, scales | None, spec=, lay=)`` on every planned leaf; others unchanged."""
+    plan = _plan(params, spec_or_rules, where, roles, what)
+    given = scales_for(plan, scales)
+
+    def leaf(path, x):
+        if path not in plan:
+            return x
+        spec, lay = plan[path]
+        return leaf_fn(jnp.asarray(x), None if given is None else given[path], spec=spec, lay=lay)
+
+    return jtree.map_with_paths(leaf, params)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "lay"))
+def _quantize_leaf(w, scales, *, spec: QuantSpec, lay) -> QArray:
+    if scales is None:
+        scales = compute_scales(w, spec=spec, lay=lay)
+    values, _ = to_int(w, scales, spec)
+    out = object.__new__(QArray)
+    out._set(values, scales.scale, scales.zero_point, None, spec.bits, np.dtype(w.dtype))
+    return out
+
+
+def calibrate(
+    params: jtree.Params,
+    spec_or_rules: SpecOrRules,
+    *,
+    where: jtree.Where = None,
+    roles: Mapping[str, jtree.Role] | None = None,
+) -> dict[str, Scales]:
+    """Frozen calibration: ``{path: Scales(scale, zero_point)}`` for every leaf to quantize.
+
+    Pass the result as ``scales=`` to :func:`quantize` or :func:`fake_quantize` (QAT): no MSE
+    search is re-run there. The dict is a pytree of arrays (jit it, pass it to a jitted loss).
+
+    Args:
+      params: the parameter tree (linen dict, ``nnx.State``, Equinox arrays, nested containers).
+      spec_or_rules: a :class:`QuantSpec`, or ordered ``[(regex, QuantSpec | None), ...]`` rules
+        (the first ``re.fullmatch`` on the path wins; ``None`` leaves the leaf in float).
+      where: selection (DESIGN §2); intersected with the rules.
+      roles: ``{path: Role}`` (``jc.roles``); defaults to Flax's layouts.
+
+    Returns:
+      ``{path: Scales}`` in tree order; ``scale`` has the ``QArray.scale`` shape.
+
+    >>> import jax.numpy as jnp
+    >>> from jcompress.quantization import QuantSpec
+    >>> s = calibrate({"Dense_0": {"kernel": jnp.ones((4, 3))}}, QuantSpec(bits=8))
+    >>> s["Dense_0/kernel"].scale.shape
+    (1, 3)
+    """
+    plan = _plan(params, spec_or_rules, where, roles, "calibrate")
+    leaves = dict(jtree.leaves_with_paths(params))
+    return {
+        p: compute_scales(jnp.asarray(leaves[p]), spec=spec, lay=lay)
+        for p, (spec, lay) in plan.items()
+    }
+
+
+def quantize(
+    params: jtree.Params,
+    spec_or_rules: SpecOrRules,
+    *,
+    where: jtree.Where = None,
+    roles: Mapping[str, jtree.Role] | None = None,
+    scales: Mapping[str, Scales] | None = None,
+) -> jtree.Params:
+    """Replace the selected float leaves by :class:`QArray` s (round to nearest, calibrated clip).
+
+    Only the quantized leaves change; every other leaf, the tree structure and nnx ``Variable``
+    wrappers are kept. Works eagerly and inside ``jit`` (sharded inputs give values and scales
+    sharded along the same output axes, no gathering).
+
+    Args:
+      params: the parameter tree.
+      spec_or_rules: a :class:`QuantSpec`, or ordered ``[(regex, QuantSpec | None), ...]`` rules
+        (first ``re.fullmatch`` wins, ``None`` keeps float). Every rule must win at least one
+        selected leaf.
+      where: selection (default: ``kernel``/``embedding`` leaves, or matmul/conv/gather roles);
+        intersected with the rules.
+      roles: ``{path: Role}``; decides output axes (per-channel scales), the group axis (the last
+        contracting axis) and stacked layers (separate scales per layer).
+      scales: frozen calibration from :func:`calibrate` (skips the calibration search).
+
+    Returns:
+      The tree with :class:`QArray` leaves.
+
+    Raises:
+      ValueError: a rule or ``where`` selecting nothing; a non-float leaf selected; a
+        ``PerGroup`` size not dividing the group axis; NaN/Inf in concrete weights (inside
+        ``jit``: such blocks get NaN scales, see :func:`nonfinite`); ``scales`` not matching.
+
+    >>> import jax.numpy as jnp
+    >>> from jcompress.quantization import QuantSpec, PerGroup
+    >>> params = {"Dense_0": {"kernel": jnp.ones((64, 8)), "bias": jnp.zeros(8)}}
+    >>> q = quantize(params, QuantSpec(bits=4, granularity=PerGroup(32)))
+    >>> q["Dense_0"]["kernel"]
+    QArray(shape=(64, 8), bits=4, dtype=float32, scale=(2, 8))
+    >>> q["Dense_0"]["kernel"].nbytes   # 512 int4 values + 16 float32 scales
+    320
+    """
+    return map_planned(_quantize_leaf, params, spec_or_rules, where, roles, scales, "quantize")
+
+
+def dequantize(tree: jtree.Params) -> jtree.Params:
+    """Every compressed leaf to its float array (``.dequantize()``); other leaves untouched.
+
+    >>> import jax.numpy as jnp
+    >>> from jcompress.quantization import QuantSpec
+    >>> q = quantize({"kernel": jnp.eye(2)}, QuantSpec())
+    >>> dequantize(q)["kernel"]
+    Array([[1., 0.],
+           [0., 1.]], dtype=float32)
+    """
+    return jax.tree.map(
+        lambda x: x.dequantize() if jtree.is_compressed(x) else x,
+        tree,
+        is_leaf=jtree.is_compressed,
+    )
+
+
+def nonfinite(tree: Any) -> jax.Array:
+    """Whether any ``QArray`` (or :class:`Scales`) in ``tree`` came from NaN/Inf weights.
+
+    Eagerly, :func:`quantize` raises on NaN/Inf; inside ``jit`` it cannot, so a block holding them
+    gets a NaN scale (it dequantizes to NaN). This reads that flag: a scalar bool array, usable
+    under ``jit``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jcompress.quantization import QuantSpec
+    >>> q = jax.jit(lambda p: quantize(p, QuantSpec()))({"kernel": jnp.array([[1.0, jnp.nan]])})
+    >>> bool(nonfinite(q))
+    True
+    """
+    flags = [
+        jnp.any(~jnp.isfinite(x.scale))
+        for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QArray | Scales))
+        if isinstance(x, QArray | Scales)
+    ]
+    return jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
