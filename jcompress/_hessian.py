@@ -34,7 +34,10 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -43,16 +46,21 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jcompress.tree import check_finite
+from jcompress import tree as jt
+from jcompress.tree import Role, check_finite, leaves_with_paths, map_with_paths
 
 __all__ = [
     "LayerStats",
+    "LeafMatrices",
     "Prepared",
+    "accumulate",
     "block_rows",
     "check_layer",
+    "check_stats",
     "hessian",
     "prepare",
     "raise_if_failed",
+    "run_layers",
     "sweep",
 ]
 
@@ -281,3 +289,171 @@ def raise_if_failed(path: str, stats: LayerStats, what: str, percdamp: float) ->
             f"(percdamp={percdamp}); it holds NaN/Inf or too few calibration samples for its "
             "size: raise percdamp (e.g. 0.1), calibrate on more data, or check the inputs"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Model level: statistics over batches, leaves as stacks of (in, out) matrices, the layer loop
+# ----------------------------------------------------------------------------------------------
+
+
+def check_stats(paths: list[str], stats: Any, what: str) -> None:
+    """Raise ``ValueError`` naming every selected path that ``stats`` lacks."""
+    if not isinstance(stats, Mapping):
+        raise TypeError(
+            f"{what} needs stats as the {{path: InputStats}} dict from jc.capture, got "
+            f"{type(stats).__name__}"
+        )
+    missing = [p for p in paths if p not in stats]
+    if missing:
+        lines = []
+        for p in missing[:5]:
+            near = difflib.get_close_matches(p, list(stats), n=3, cutoff=0.5)
+            lines.append(f"{p!r}" + (f" (nearest: {near})" if near else ""))
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(
+            f"{what}: no input statistics for the selected leaves {', '.join(lines)}{more}; "
+            "capture them with jc.capture(fn, params, *batch) on the same params (a leaf that "
+            "fn never multiplies has none: exclude it with where=)"
+            + jt._common_prefix_hint(missing, list(stats))
+        )
+
+
+def _arguments(batch: Any) -> tuple:
+    return batch if isinstance(batch, tuple) else (batch,)
+
+
+def accumulate(fn: Callable[..., Any], params: Any, batches: Iterable[Any], what: str) -> dict:
+    """``{path: InputStats}`` with Gram matrices, merged over every batch of ``batches``."""
+    from jcompress.runtime import capture  # calibration imports runtime, never the reverse
+
+    total = None
+    for batch in batches:
+        stats = capture(fn, params, *_arguments(batch), gram=True)
+        total = stats if total is None else {k: total[k].merge(v) for k, v in stats.items()}
+    if total is None:
+        raise ValueError(
+            f"{what}: batches gave no batch; pass a re-iterable of argument tuples (a list, "
+            "not a generator: sequential calibration walks it once per layer)"
+        )
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafMatrices:
+    """A leaf seen as ``(S, C, O)``: stacked slices of ``(in, out)`` matrices.
+
+    ``S``: the stacked axes' sizes multiplied; ``C``: the contracting axes, in leaf order,
+    flattened (the channel order of ``InputStats``); ``O``: the output axes flattened.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    stacked: tuple[int, ...]
+    contracting: tuple[int, ...]
+    output: tuple[int, ...]
+
+    @classmethod
+    def of(cls, path: str, shape: Sequence[int], role: Role) -> LeafMatrices:
+        shape = tuple(int(d) for d in shape)
+        axes = (*role.stacked, *sorted(role.contracting), *sorted(role.output))
+        if role.kind not in ("matmul", "conv") or sorted(axes) != list(range(len(shape))):
+            raise ValueError(
+                f"{path}: calibrated compression needs a matmul/conv leaf whose every axis is "
+                f"stacked, contracting or output; got role {role} for shape {shape}; pass "
+                "roles= (jc.roles) or exclude it with where="
+            )
+        if role.contracting and max(role.contracting) != role.group_axis:
+            raise ValueError(
+                f"{path}: the last contracting axis (groups, N:M) must be the highest contracting "
+                f"axis, got role {role}; pass roles= with contracting axes in leaf order"
+            )
+        return cls(
+            path,
+            shape,
+            tuple(role.stacked),
+            tuple(sorted(role.contracting)),
+            tuple(sorted(role.output)),
+        )
+
+    @property
+    def perm(self) -> tuple[int, ...]:
+        return (*self.stacked, *self.contracting, *self.output)
+
+    def sizes(self, axes: tuple[int, ...]) -> list[int]:
+        return [self.shape[a] for a in axes]
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        return tuple(
+            math.prod(self.sizes(a)) for a in (self.stacked, self.contracting, self.output)
+        )
+
+    def to_matrices(self, x: ArrayLike) -> jax.Array:
+        """``x`` of the leaf's shape as ``(S, C, O)``."""
+        return jnp.transpose(jnp.asarray(x), self.perm).reshape(self.dims)
+
+    def from_matrices(self, m: jax.Array, group: int | None = None) -> jax.Array:
+        """Back to the leaf's axes. ``m`` is ``(S, C, O)``, or blocks ``(S, C', 1 | O)``
+        (scales): ``C' == C / group`` (``PerGroup``: groups of ``group`` consecutive entries of
+        the last contracting axis) or ``C' == 1`` (every contracting axis shared)."""
+        c = self.sizes(self.contracting)
+        o = self.sizes(self.output)
+        if m.shape[1] != math.prod(c):
+            if group is not None and m.shape[1] * group == math.prod(c):
+                c[-1] //= group
+            else:
+                c = [1] * len(c)
+        if m.shape[2] != math.prod(o):
+            o = [1] * len(o)
+        y = m.reshape(*self.sizes(self.stacked), *c, *o)
+        return jnp.transpose(y, tuple(np.argsort(self.perm)))
+
+    def hessians(self, stats: Any) -> jax.Array:
+        """``(S, C, C)`` Hessians ``2 XᵀX / n`` from ``InputStats`` of this leaf."""
+        s, c, _ = self.dims
+        gram = getattr(stats, "gram", None)
+        if gram is None or math.prod(np.shape(gram)) != s * c * c:
+            raise ValueError(
+                f"{self.path}: the input statistics hold no Gram matrix of {s} x ({c}, {c}) "
+                f"(got {None if gram is None else np.shape(gram)}); capture them with "
+                "jc.capture(fn, params, *batch, gram=True) from the same fn and params"
+            )
+        count = jnp.broadcast_to(jnp.asarray(stats.count), np.shape(gram)[:-2]).reshape(s)
+        return jax.vmap(hessian)(jnp.reshape(gram, (s, c, c)), count)
+
+
+def run_layers(
+    fn: Callable[..., Any],
+    params: Any,
+    batches: Iterable[Any],
+    paths: Sequence[str],
+    compress: Callable[[str, Any, Any], tuple[Any, jax.Array]],
+    *,
+    sequential: bool,
+    quiet: bool,
+    what: str,
+) -> dict[str, Any]:
+    """Calibrate and compress the leaves at ``paths``; ``{path: result}``.
+
+    ``compress(path, leaf, stats) -> (result, float_value)``. One-pass mode: statistics of
+    every layer from one walk over ``batches`` (the Gram matrices of all selected layers are held
+    at once). Sequential mode: the layers in the order ``fn`` consumes them, each calibrated on
+    the outputs of the already-compressed earlier layers (``float_value`` replaces the leaf),
+    one walk over ``batches`` per layer.
+    """
+    from rich.progress import track
+
+    leaves = dict(leaves_with_paths(params))
+    stats = accumulate(fn, params, batches, what)
+    check_stats(list(paths), stats, what)
+    chosen = set(paths)
+    order = [p for p in stats if p in chosen]
+    results: dict[str, Any] = {}
+    current = params
+    for i, path in enumerate(track(order, description=what, disable=quiet, transient=True)):
+        if sequential and i:
+            stats = accumulate(fn, current, batches, what)
+        results[path], value = compress(path, leaves[path], stats[path])
+        if sequential:
+            current = map_with_paths(lambda p, x, v=value, q=path: v if p == q else x, current)
+    return results

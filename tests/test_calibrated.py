@@ -16,7 +16,7 @@ from jcompress import _hessian
 from jcompress.pruning import NM
 from jcompress.pruning._sparsegpt import sparsegpt_layer
 from jcompress.pruning._wanda import wanda_masks
-from jcompress.quantization import MSE, PerGroup, PerTensor, QuantSpec, quantize
+from jcompress.quantization import MSE, PerGroup, PerTensor, QuantSpec, dequantize, quantize
 from jcompress.quantization._gptq import gptq_layer
 from jcompress.runtime import InputStats
 
@@ -482,3 +482,162 @@ def test_hessian_helper():
     np.testing.assert_allclose(
         np.asarray(_hessian.hessian(x.T @ x, 10)), 2 * x.T @ x / 10, rtol=1e-6
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Model level: gptq / sparsegpt over parameter trees
+# ----------------------------------------------------------------------------------------------
+
+
+def mlp(p, x):
+    h = jnp.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+    return h @ p["Dense_1"]["kernel"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A linen-layout MLP 64 -> 16 -> 8 (the first layer has the layer tests' shape) and
+    correlated calibration batches."""
+    rng = np.random.default_rng(12)
+    params = {
+        "Dense_0": {"kernel": jnp.asarray(layer(12)[1]), "bias": jnp.zeros(16)},
+        "Dense_1": {"kernel": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)},
+    }
+    x = layer(12, samples=256)[0].astype(np.float32)
+    batches = [(jnp.asarray(x[:128]),), (jnp.asarray(x[128:]),)]
+    return params, batches, x
+
+
+def test_gptq_model_equals_layer_level_and_beats_rtn(model):
+    from jcompress.quantization._gptq import gptq
+
+    params, batches, x = model
+    q = gptq(mlp, params, batches, SPECS[0], block_size=BLOCK, quiet=True)
+    assert q["Dense_0"]["bias"] is params["Dense_0"]["bias"]
+    h = _hessian.hessian(x.T.astype(np.float64) @ x, len(x))
+    ref, _ = gptq_layer(params["Dense_0"]["kernel"], h, SPECS[0], block_size=BLOCK)
+    got = q["Dense_0"]["kernel"]
+    assert got.scale.shape == rtn(params["Dense_0"]["kernel"], SPECS[0]).scale.shape
+    assert np.sum(np.asarray(got.values, np.int32) != np.asarray(ref.values, np.int32)) <= 2
+    deq = dequantize(q)
+    base = dequantize(quantize(params, SPECS[0]))
+    exact = mlp(params, x)
+    assert np.linalg.norm(mlp(deq, x) - exact) < np.linalg.norm(mlp(base, x) - exact)
+
+
+def test_gptq_sequential_calibrates_on_quantized_outputs(model):
+    from jcompress.quantization._gptq import gptq
+
+    params, batches, x = model
+    one = gptq(mlp, params, batches, SPECS[0], block_size=BLOCK, quiet=True)
+    seq = gptq(mlp, params, batches, SPECS[0], block_size=BLOCK, quiet=True, sequential=True)
+    first = np.asarray(one["Dense_0"]["kernel"].values, np.int32)
+    np.testing.assert_array_equal(first, np.asarray(seq["Dense_0"]["kernel"].values, np.int32))
+    # layer 2 sees the outputs of the quantized layer 1
+    hidden = np.tanh(x @ np.asarray(seq["Dense_0"]["kernel"].dequantize()))
+    h = _hessian.hessian(hidden.T @ hidden, len(x))
+    ref, _ = gptq_layer(params["Dense_1"]["kernel"], h, SPECS[0], block_size=BLOCK)
+    got = np.asarray(seq["Dense_1"]["kernel"].values, np.int32)
+    assert np.sum(got != np.asarray(ref.values, np.int32)) <= 2
+
+
+def test_sparsegpt_model_masks_and_error(model):
+    from jcompress.pruning._sparsegpt import sparsegpt
+
+    params, batches, x = model
+    for structure, s in ((None, 0.5), (NM(2, 4), None)):
+        pruned, masks = sparsegpt(
+            mlp, params, batches, s, structure=structure, block_size=SBLOCK, quiet=True
+        )
+        assert masks["Dense_0"]["bias"] is True
+        for name, n_in in (("Dense_0", 64), ("Dense_1", 16)):
+            keep = np.asarray(masks[name]["kernel"])
+            assert (np.asarray(pruned[name]["kernel"])[~keep] == 0).all()
+            if structure is None:
+                assert (np.sum(~keep, 0) == n_in // 2).all()
+            else:
+                assert (keep.reshape(n_in // 4, 4, -1).sum(1) == 2).all()
+        mag = {
+            "Dense_0": {
+                "kernel": np_magnitude(np.asarray(params["Dense_0"]["kernel"]), s or NM(2, 4))
+            },
+            "Dense_1": {
+                "kernel": np_magnitude(np.asarray(params["Dense_1"]["kernel"]), s or NM(2, 4))
+            },
+        }
+        magnitude = jax.tree.map(
+            lambda p, m: np.where(m, p, 0),
+            params,
+            {**mag, "Dense_0": {**mag["Dense_0"], "bias": True}},
+        )
+        exact = mlp(params, x)
+        assert np.linalg.norm(mlp(pruned, x) - exact) < np.linalg.norm(mlp(magnitude, x) - exact)
+
+
+def test_gptq_with_masks_keeps_pruned_zeros(model):
+    from jcompress.pruning._sparsegpt import sparsegpt
+    from jcompress.quantization._gptq import gptq
+
+    params, batches, _ = model
+    pruned, masks = sparsegpt(mlp, params, batches, 0.5, block_size=SBLOCK, quiet=True)
+    q = gptq(mlp, pruned, batches, SPECS[5], masks=masks, block_size=BLOCK, quiet=True)
+    for name in ("Dense_0", "Dense_1"):
+        deq = np.asarray(q[name]["kernel"].dequantize())
+        assert (deq[~np.asarray(masks[name]["kernel"])] == 0).all()
+
+
+def test_conv_stacked_and_equinox_layouts():
+    from jax import lax
+
+    from jcompress.quantization._gptq import gptq
+    from jcompress.tree import Role
+
+    rng = np.random.default_rng(13)
+    params = {
+        "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)},
+        "stack": jnp.asarray(rng.normal(size=(2, 8, 8)), jnp.float32),  # nn.scan-like
+        "weight": jnp.asarray(rng.normal(size=(6, 8)), jnp.float32),  # Equinox (out, in)
+    }
+    roles = {
+        "conv/kernel": Role("conv", (0, 1, 2), (3,)),
+        "stack": Role("matmul", (1,), (2,), stacked=(0,)),
+        "weight": Role("matmul", (1,), (0,)),
+    }
+
+    def fn(p, x):
+        y = lax.conv_general_dilated(
+            x, p["conv"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        y = jnp.tanh(y.mean((1, 2)))
+        y, _ = lax.scan(lambda c, w: (jnp.tanh(c @ w), None), y, p["stack"])
+        return y @ p["weight"].T
+
+    x = jnp.asarray(rng.normal(size=(32, 6, 6, 4)), jnp.float32)
+    spec = QuantSpec(bits=4, granularity=PerGroup(2))
+    where = lambda path, leaf: True
+    q = gptq(fn, params, [(x,)], spec, where=where, roles=roles, quiet=True)
+    ref = quantize(params, spec, where=where, roles=roles)
+    for path in ("conv", "stack", "weight"):
+        got = q[path]["kernel"] if path == "conv" else q[path]
+        want = ref[path]["kernel"] if path == "conv" else ref[path]
+        assert got.shape == want.shape and got.scale.shape == want.scale.shape
+        assert got.dequantize().shape == want.dequantize().shape
+    deq, rtn_deq = dequantize(q), dequantize(ref)
+    exact = fn(params, x)
+    assert np.linalg.norm(fn(deq, x) - exact) < np.linalg.norm(fn(rtn_deq, x) - exact)
+
+
+def test_model_level_errors(model):
+    from jcompress.pruning._sparsegpt import sparsegpt
+    from jcompress.quantization._gptq import gptq
+
+    params, batches, _ = model
+    unused = {**params, "Dense_2": {"kernel": jnp.ones((8, 4))}}
+    with pytest.raises(ValueError, match="Dense_2/kernel"):
+        gptq(mlp, unused, batches, SPECS[0], quiet=True)
+    with pytest.raises(ValueError, match="Dense_2/kernel"):
+        sparsegpt(mlp, unused, batches, 0.5, quiet=True)
+    with pytest.raises(ValueError, match="no batch"):
+        gptq(mlp, params, [], SPECS[0], quiet=True)
+    with pytest.raises(ValueError, match="no batch"):
+        gptq(mlp, params, iter(batches), SPECS[0], quiet=True, sequential=True)

@@ -22,20 +22,24 @@ Pruned in One-Shot", arXiv:2301.00774, Algorithm 1.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
 from jcompress import _hessian
-from jcompress import tree as jtree
-from jcompress.pruning._structures import NM, Unstructured
+from jcompress import tree as jt
+from jcompress.pruning._masks import _matched, _unwrapped_structure, plan
+from jcompress.pruning._structures import NM, Channels, Structure, Unstructured
 from jcompress.pruning._threshold import exact_count
 from jcompress.pruning._wanda import keep_largest
+from jcompress.tree import Params, Role, Where
 
-__all__ = ["SparseGPTLayer", "sparsegpt_layer"]
+__all__ = ["SparseGPTLayer", "sparsegpt", "sparsegpt_layer"]
 
 
 class SparseGPTLayer(NamedTuple):
@@ -103,7 +107,7 @@ def _structure_and_sparsity(path: str, sparsity: Any, n: int) -> tuple[Any, Any]
         return sparsity, jnp.float32(sparsity.sparsity)
     if isinstance(sparsity, Unstructured):
         raise TypeError(f"{path}: pass the sparsity as a float (Unstructured is the default)")
-    if jtree.is_concrete(sparsity):
+    if jt.is_concrete(sparsity):
         value = float(sparsity)
         if not 0.0 <= value < 1.0:
             raise ValueError(
@@ -158,3 +162,102 @@ def sparsegpt_layer(
     )
     _hessian.raise_if_failed(path, result.stats, what, percdamp)
     return result
+
+
+def sparsegpt(
+    fn: Callable[..., Any],
+    params: Params,
+    batches: Iterable[Any],
+    sparsity: jax.typing.ArrayLike | None,
+    *,
+    structure: Structure | None = None,
+    where: Where = None,
+    roles: Mapping[str, Role] | None = None,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    sequential: bool = False,
+    quiet: bool = False,
+) -> tuple[Params, Any]:
+    """Prune a model with SparseGPT (Frantar & Alistarh, 2023): masks and reconstructed weights.
+
+    The inputs of every selected matmul/conv leaf are captured on ``batches`` (``jc.capture``
+    with Gram matrices) and each leaf (each stacked slice on its own, contracting axes
+    flattened in leaf order) is pruned by :func:`sparsegpt_layer`.
+
+    Args:
+      fn: ``fn(params, *args)`` (linen: ``lambda p, x: model.apply({"params": p}, x)``).
+      params: the parameter tree.
+      batches: a re-iterable (a list) of argument tuples (a bare array is one argument).
+      sparsity: fraction removed in ``[0, 1)``: every output channel of ``C`` contracting weights
+        loses exactly ``round(float32(s) · C)``; ``None`` (or ``n/m``) with ``NM``.
+      structure: ``Unstructured()`` (default) or ``NM(n, m)`` along the last contracting axis.
+      where: selection (default: matmul/conv leaves).
+      roles: ``{path: Role}``; default: Flax layouts.
+      block_size, percdamp: as in :func:`sparsegpt_layer`.
+      sequential: calibrate each layer on the outputs of the already-pruned earlier layers
+        (one walk over ``batches`` per layer); default: one walk for all layers.
+      quiet: no ``rich`` progress bar.
+
+    Returns:
+      ``(params, masks)``: the pruned tree (dtypes and nnx ``Variable`` s kept; pruned weights
+      exactly zero, kept weights updated) and masks with the params' paths (plain bool arrays
+      for selected leaves, ``True`` elsewhere) for ``jc.pruning.prune(masks=...)`` fine-tuning.
+
+    Raises:
+      ValueError: as ``magnitude_masks`` (selection, sparsity, N:M divisibility, NaN/Inf),
+        ``Channels`` structure (not supported), a selected leaf without statistics (named),
+        a Hessian not positive definite after dampening.
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (8, 4))}}
+    >>> xs = [(jax.random.normal(jax.random.key(i), (16, 8)),) for i in range(2)]
+    >>> pruned, masks = sparsegpt(lambda p, x: x @ p["Dense_0"]["kernel"], params, xs, 0.5,
+    ...                           quiet=True)
+    >>> (~masks["Dense_0"]["kernel"]).sum(axis=0).tolist()
+    [4, 4, 4, 4]
+    """
+    what = "SparseGPT"
+    if isinstance(structure, Channels):
+        raise ValueError(
+            f"{what} prunes single weights or N:M groups, not channels; use "
+            "jc.pruning.structured_masks for Channels"
+        )
+    if where is None:
+        where = jt.select(params, None, roles=roles, kinds=("matmul", "conv"), what=what)
+    p = plan(params, structure=structure, where=where, roles=roles, sparsity=sparsity, what=what)
+    if sparsity is None and not isinstance(p.structure, NM):
+        raise ValueError(f"{what} needs a sparsity in [0, 1), got None")
+    layer_sparsity = p.structure if isinstance(p.structure, NM) else sparsity
+    pairs = jt.leaves_with_paths(params)
+    selected = [bool(s) for s in _matched(params, p.selection, "selection")]
+    paths = [path for (path, _), s in zip(pairs, selected) if s]
+    leaves = dict(pairs)
+    for path in paths:
+        jt.check_finite(path, leaves[path], what=what)
+        _hessian.LeafMatrices.of(path, np.shape(leaves[path]), p.roles[path])
+    options = {"block_size": block_size, "percdamp": percdamp}
+
+    def compress(path, leaf, stats):
+        leaf = jnp.asarray(leaf)
+        lay = _hessian.LeafMatrices.of(path, leaf.shape, p.roles[path])
+        w3, h3 = lay.to_matrices(leaf), lay.hessians(stats)
+        outs = [
+            sparsegpt_layer(
+                w3[s],
+                h3[s],
+                layer_sparsity,
+                path=path if len(w3) == 1 else f"{path}[{s}]",
+                **options,
+            )
+            for s in range(len(w3))
+        ]
+        weights = lay.from_matrices(jnp.stack([o.weights for o in outs]))
+        mask = lay.from_matrices(jnp.stack([o.mask for o in outs]))
+        return (weights, mask), weights
+
+    results = _hessian.run_layers(
+        fn, params, batches, paths, compress, sequential=sequential, quiet=quiet, what=what
+    )
+    pruned = jt.map_with_paths(lambda path, x: results[path][0] if path in results else x, params)
+    masks = [results[path][1] if path in results else True for path, _ in pairs]
+    return pruned, jax.tree_util.tree_unflatten(_unwrapped_structure(params, len(pairs)), masks)

@@ -11,7 +11,6 @@ Language Models", arXiv:2306.11695.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import math
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress import tree as jt
+from jcompress._hessian import check_stats
 from jcompress.pruning._masks import _matched, _unwrapped_structure, plan
 from jcompress.pruning._structures import NM, Structure
 from jcompress.pruning._threshold import exact_count
@@ -106,28 +106,6 @@ def _stats_for(path: str, leaf: Any, role: Role, stats: Mapping[str, Any]) -> ja
             "flattened contracting axes); capture the statistics with the same fn and params"
         )
     return sumsq
-
-
-def check_stats(paths: list[str], stats: Any, what: str) -> None:
-    """Raise ``ValueError`` naming every selected path that ``stats`` lacks."""
-    if not isinstance(stats, Mapping):
-        raise TypeError(
-            f"{what} needs stats as the {{path: InputStats}} dict from jc.capture, got "
-            f"{type(stats).__name__}"
-        )
-    missing = [p for p in paths if p not in stats]
-    if missing:
-        lines = []
-        for p in missing[:5]:
-            near = difflib.get_close_matches(p, list(stats), n=3, cutoff=0.5)
-            lines.append(f"{p!r}" + (f" (nearest: {near})" if near else ""))
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(
-            f"{what}: no input statistics for the selected leaves {', '.join(lines)}{more}; "
-            "capture them with jc.capture(fn, params, *batch) on the same params (a leaf that "
-            "fn never multiplies has none: exclude it with where=)"
-            + jt._common_prefix_hint(missing, list(stats))
-        )
 
 
 def wanda_masks(

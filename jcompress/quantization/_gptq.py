@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -36,9 +39,9 @@ from jcompress import _hessian
 from jcompress import tree as jtree
 from jcompress.quantization._calibration import Scales, compute_scales, layout, to_int
 from jcompress.quantization._qarray import QArray, dequantize_blocks, storage_dtype
-from jcompress.quantization._spec import PerChannel, PerGroup, QuantSpec
+from jcompress.quantization._spec import PerChannel, PerGroup, QuantSpec, SpecOrRules, resolve_specs
 
-__all__ = ["gptq_layer"]
+__all__ = ["gptq", "gptq_layer"]
 
 _DENSE = jtree.Role("matmul", contracting=(0,), output=(1,))
 
@@ -197,3 +200,111 @@ def gptq_layer(
     )
     _hessian.raise_if_failed(path, stats, what, percdamp)
     return qa, stats
+
+
+def _gptq_leaf(path, leaf, stats, spec, role, mask, options) -> QArray:
+    """GPTQ on every stacked slice of one leaf, reassembled into the leaf's ``QArray``."""
+    lay = _hessian.LeafMatrices.of(path, leaf.shape, role)
+    n_slices = lay.dims[0]
+    w3 = lay.to_matrices(leaf)
+    h3 = lay.hessians(stats)
+    m3 = None if mask is None else lay.to_matrices(jnp.broadcast_to(mask, leaf.shape))
+    group = spec.granularity.size if isinstance(spec.granularity, PerGroup) else None
+    values, scales, zps = [], [], []
+    for s in range(n_slices):
+        name = path if n_slices == 1 else f"{path}[slice {s}]"
+        m = None if m3 is None else m3[s]
+        qa, _ = gptq_layer(w3[s], h3[s], spec, mask=m, path=name, **options)
+        values.append(qa.values.astype(jnp.int8))
+        scales.append(qa.scale)
+        zps.append(qa.zero_point)
+    store = storage_dtype(spec.bits)
+    zero_point = None
+    if zps[0] is not None:
+        zero_point = lay.from_matrices(jnp.stack([z.astype(jnp.int8) for z in zps]), group)
+        zero_point = zero_point.astype(store)
+    values = lay.from_matrices(jnp.stack(values)).astype(store)
+    scale = lay.from_matrices(jnp.stack(scales), group)
+    return QArray(values, scale, zero_point, bits=spec.bits, dtype=leaf.dtype)
+
+
+def gptq(
+    fn: Callable[..., Any],
+    params: jtree.Params,
+    batches: Iterable[Any],
+    spec_or_rules: SpecOrRules,
+    *,
+    where: jtree.Where = None,
+    masks: Any = None,
+    roles: Mapping[str, jtree.Role] | None = None,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    sequential: bool = False,
+    quiet: bool = False,
+) -> jtree.Params:
+    """Calibrated post-training quantization with GPTQ (Frantar et al., 2022) over a model.
+
+    The inputs of every selected matmul/conv leaf are captured on ``batches`` (``jc.capture``
+    with Gram matrices), each leaf (each stacked slice on its own) is quantized by
+    :func:`gptq_layer` with its spec, and comes back as a :class:`QArray` with exactly the
+    layout ``quantize`` gives for the same spec and role.
+
+    Args:
+      fn: ``fn(params, *args)`` (linen: ``lambda p, x: model.apply({"params": p}, x)``).
+      params: the parameter tree.
+      batches: a re-iterable (a list) of argument tuples (a bare array is one argument).
+      spec_or_rules: a :class:`QuantSpec` or ordered ``[(regex, QuantSpec | None), ...]`` rules.
+      where: selection (default: matmul/conv leaves; gathered embeddings have no inputs).
+      masks: pruning masks with the params' paths: pruned weights stay exactly zero and the
+        kept ones compensate for them (apply :func:`jcompress.pruning.apply_masks` first or not:
+        the result is the same).
+      roles: ``{path: Role}``; default: Flax layouts.
+      block_size, percdamp, act_order: as in :func:`gptq_layer`.
+      sequential: calibrate each layer on the outputs of the already-quantized earlier layers
+        (one walk over ``batches`` per layer); default: one walk for all layers.
+      quiet: no ``rich`` progress bar.
+
+    Returns:
+      The tree with :class:`QArray` leaves for the selected leaves, others unchanged.
+
+    Raises:
+      ValueError: as :func:`quantize` (rules, selection, ``PerGroup`` divisibility, NaN/Inf),
+        a selected leaf that ``fn`` never multiplies (no statistics; all such paths named), a
+        Hessian not positive definite after dampening.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jcompress.quantization import QuantSpec
+    >>> params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (8, 4))}}
+    >>> xs = [(jax.random.normal(jax.random.key(i), (16, 8)),) for i in range(2)]
+    >>> q = gptq(lambda p, x: x @ p["Dense_0"]["kernel"], params, xs, QuantSpec(bits=4),
+    ...          quiet=True)
+    >>> q["Dense_0"]["kernel"]
+    QArray(shape=(8, 4), bits=4, dtype=float32, scale=(1, 4))
+    """
+    what = "GPTQ"
+    if where is None:
+        where = jtree.select(params, None, roles=roles, kinds=("matmul", "conv"), what=what)
+    resolved = resolve_specs(params, spec_or_rules, where=where, roles=roles, what=what)
+    leaves = dict(jtree.leaves_with_paths(params))
+    mask_of = {}
+    if masks is not None:
+        mask_of = dict(zip(leaves, jtree.match_paths(params, masks, name="masks")))
+    for path, (spec, role) in resolved.items():
+        jtree.check_finite(path, leaves[path], what=what)
+        layout(path, tuple(leaves[path].shape), spec, role)
+        _hessian.LeafMatrices.of(path, leaves[path].shape, role)
+    options = {"block_size": block_size, "percdamp": percdamp, "act_order": act_order}
+
+    def compress(path, leaf, stats):
+        spec, role = resolved[path]
+        mask = mask_of.get(path)
+        if mask is not None and isinstance(mask, bool | np.bool_):
+            mask = None if mask else jnp.zeros(leaf.shape, bool)
+        qa = _gptq_leaf(path, jnp.asarray(leaf), stats, spec, role, mask, options)
+        return qa, qa.dequantize()
+
+    results = _hessian.run_layers(
+        fn, params, batches, list(resolved), compress, sequential=sequential, quiet=quiet, what=what
+    )
+    return jtree.map_with_paths(lambda p, x: results.get(p, x), params)
