@@ -158,3 +158,25 @@ def test_capture_property(rows, n_in, scale, transposed):
         expect = (x * x).sum(0, dtype=np.float32)
     np.testing.assert_allclose(stats.sumsq, expect, rtol=1e-5)
     assert int(stats.count) == rows
+
+
+@given(
+    rows=st.sampled_from([1, 4]),
+    width=st.sampled_from([2, 7]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+)
+def test_tap_property(rows, width, dtype):
+    """The output of one layer is the input of the next, both equal to a NumPy product."""
+    rng = np.random.default_rng(rows * width)
+    params = {
+        "a": jnp.asarray(rng.standard_normal((3, width)), dtype),
+        "b": jnp.asarray(rng.standard_normal((width, 2)), dtype),
+    }
+    x = jnp.asarray(rng.standard_normal((rows, 3)), dtype)
+    tapped = tap(lambda p, x: (x @ p["a"]) @ p["b"], inputs_of=["b"], outputs_of=["a"])
+    with jax.numpy_dtype_promotion("strict"):
+        out, acts = tapped(params, x)
+    np.testing.assert_array_equal(acts["a"], acts["b"])
+    assert acts["a"].dtype == dtype and out.shape == (rows, 2)
+    expect = np.float32(x) @ np.float32(params["a"])
+    np.testing.assert_allclose(np.float32(acts["a"]), expect, rtol=2e-2, atol=2e-2)

@@ -1,6 +1,7 @@
 """compressed / explain / the QArray matmul formulations: equal to the dequantized model."""
 
 import equinox as eqx
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 from jax import lax
-from test_runtime_roles import Attention, Stack
+from test_runtime_roles import Attention, Stack, shard_mapped
 
 from jcompress.demo import CNN, MLP
 from jcompress.quantization import _kernels
@@ -21,6 +22,7 @@ from jcompress.tree import Role, is_compressed, map_with_paths
 
 def _quant(w, role: Role, bits=8, group=None, asym=False):
     """A reference RTN quantizer (NumPy): per output channel, optionally per group."""
+    dtype = getattr(w, "dtype", np.float32)
     w = np.asarray(w, np.float32)
     qmax = 2 ** (bits - 1) - 1
     contracting = role.contracting
@@ -54,7 +56,7 @@ def _quant(w, role: Role, bits=8, group=None, asym=False):
         jnp.asarray(s.reshape(sshape).astype(np.float32)),
         jnp.asarray(zp.reshape(sshape).astype(np.int8)).astype(dt) if asym else None,
         bits=bits,
-        dtype=w.dtype,
+        dtype=dtype,
     )
 
 
@@ -309,13 +311,33 @@ def test_nnx_and_equinox_and_static_args():
 
 
 def test_unsupported_primitive_named():
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
-    spec = jax.sharding.PartitionSpec()
-
-    def fn(p, x):
-        f = jax.shard_map(lambda w, x: x @ w, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
-        return f(p["w"], x)
-
     q = {"w": _quant(np.ones((3, 3)), LAYOUTS["dense"][1])}
     with pytest.raises(ValueError, match="shard_map"):
-        compressed(fn)(q, jnp.ones((1, 3)))
+        compressed(shard_mapped)(q, jnp.ones((1, 3)))
+
+
+class _BatchNormNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+        return nn.Dense(3)(nn.relu(x))
+
+
+def test_linen_apply_with_static_flags_and_bfloat16():
+    """``compressed(model.apply)`` with ``train=``/``mutable=`` flags; bfloat16 weights."""
+    model = _BatchNormNet()
+    x = jax.random.normal(jax.random.key(1), (4, 6))
+    variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), x, train=False)
+    variables = jax.tree.map(lambda a: a.astype(jnp.bfloat16), variables)
+    role_map = roles(lambda v, x: model.apply(v, x, train=False), variables, x)
+    q = _quantize_tree(variables, role_map)
+    assert q["params"]["Dense_0"]["kernel"].dtype == jnp.bfloat16
+    apply = compressed(model.apply, formulation="limbs")
+    out = apply(q, x.astype(jnp.bfloat16), train=False, mutable=False)
+    ref = jax.jit(model.apply, static_argnames=("train", "mutable"))(
+        _dequantize(q), x.astype(jnp.bfloat16), train=False, mutable=False
+    )
+    assert out.dtype == ref.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(out), np.float32(ref), atol=0.05, rtol=0.02)
+    out, updates = apply(q, x, train=True, mutable=["batch_stats"])
+    assert set(updates) == {"batch_stats"} and out.shape == (4, 3)

@@ -155,16 +155,17 @@ def test_inconsistent_roles_name_path_and_both():
         roles(lambda p, x: x @ p["w"] + x @ p["w"].T, {"w": jnp.ones((3, 3))}, jnp.ones((1, 3)))
 
 
-def test_unsupported_higher_order_primitive_named():
+def shard_mapped(p, x):
+    """``x @ p["w"]`` inside ``shard_map``: a higher-order primitive the walker rejects."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
     spec = jax.sharding.PartitionSpec()
+    f = jax.shard_map(lambda w, x: x @ w, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
+    return f(p["w"], x)
 
-    def fn(p, x):
-        f = jax.shard_map(lambda w, x: x @ w, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
-        return f(p["w"], x)
 
+def test_unsupported_higher_order_primitive_named():
     with pytest.raises(ValueError, match="shard_map"):
-        roles(fn, {"w": jnp.ones((3, 3))}, jnp.ones((1, 3)))
+        roles(shard_mapped, {"w": jnp.ones((3, 3))}, jnp.ones((1, 3)))
 
 
 def test_path_mismatch_is_named():
