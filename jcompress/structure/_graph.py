@@ -1,0 +1,589 @@
+"""``dependencies``: which parameter axes must lose the same channels together.
+
+The analysis runs the function's jaxpr forward on the runtime's jaxpr walker
+(:class:`jcompress.runtime._interpret.Interpreter`) with a *channel fact* per variable axis:
+
+* a **layout** (activations): the axis holds the channels of one or more *spaces*, each a run
+  ``offset + c`` (``+ j * stride`` after a channel-last flatten) of the axis;
+* a **claim** (parameter-derived values): the parameter ``(path, axis)`` pairs the axis comes
+  from, not yet tied to a space;
+* ``None``: no channels (batch, spatial and input-feature axes, constants).
+
+A space is born where a parameter axis becomes an activation axis (a Dense/Conv kernel's output
+axis). Elementwise ops, contractions, concatenations and flattens tie facts together: a claim
+meeting a layout makes the parameter axis a :class:`~jcompress.tree.Member` of the layout's spaces
+(bias, norm scale and statistics, the next kernel's contracting rows), two layouts meeting merge
+their spaces (both sides of a residual add; ``q``/``k`` head axes in ``q @ k``). Every space that
+reaches something whose result depends on the width (a reduction over channels as in LayerNorm,
+RMSNorm or softmax, the model output, a slice or reshape that splits channels, an unknown
+primitive) is *blocked* with the reason. A parameter axis that must keep its size for another
+reason (contracted against the model input, indexed by a gather) blocks every group it is in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from jcompress.runtime import _interpret as ip
+from jcompress.runtime._roles import trace_params
+from jcompress.tree import Group, Member, Params, leaves_with_paths
+
+__all__ = ["dependencies"]
+
+ELEMENTWISE = {
+    "abs", "acos", "acosh", "add", "add_any", "and", "asin", "asinh", "atan", "atan2", "atanh",
+    "cbrt", "ceil", "clamp", "convert_element_type", "copy", "copy_p", "cos", "cosh", "digamma",
+    "div", "eq", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt", "imag",
+    "integer_pow", "is_finite", "le", "lgamma", "log", "log1p", "logistic", "lt", "max", "min",
+    "mul", "ne", "neg", "nextafter", "not", "or", "pow", "real", "reduce_precision", "rem",
+    "round", "rsqrt", "select_n", "sign", "sin", "sinh", "sqrt", "square", "sub", "tan", "tanh",
+    "xor", "sharding_constraint", "stop_gradient",
+}  # fmt: skip
+REDUCTIONS = {
+    "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
+    "reduce_xor", "argmax", "argmin",
+}  # fmt: skip
+CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
+WINDOWED = {"reduce_window_sum", "reduce_window_max", "reduce_window_min"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Seg:
+    """Channel ``c`` of ``space`` sits at ``offset + c (+ j * stride)`` along an axis."""
+
+    space: int
+    offset: int = 0
+    stride: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Fact:
+    """Channel facts of a variable: one per axis, and whether it derives only from parameters.
+
+    An axis fact is ``None``, a layout (a tuple of :class:`Seg`) or a claim (a frozenset of
+    ``(path, axis)``).
+    """
+
+    axes: tuple[Any, ...]
+    param: bool
+
+
+def _is_layout(f: Any) -> bool:
+    return isinstance(f, tuple)
+
+
+def _is_claim(f: Any) -> bool:
+    return isinstance(f, frozenset)
+
+
+class Spaces:
+    """Union-find over channel spaces, with members and blocked reasons per space."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.members: list[list[Member]] = []
+        self.reasons: list[list[str]] = []
+        self.fixed: dict[tuple[str, int], str] = {}
+
+    def new(self, size: int) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        self.members.append([])
+        self.reasons.append([])
+        return len(self.parent) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = sorted((self.find(a), self.find(b)))
+        if ra == rb:
+            return
+        self.parent[rb] = ra
+        self.members[ra] += self.members[rb]
+        self.reasons[ra] += self.reasons[rb]
+        self.members[rb], self.reasons[rb] = [], []
+
+    def add(self, seg: Seg, claim: frozenset) -> None:
+        r = self.find(seg.space)
+        self.members[r] += [Member(p, a, seg.offset, seg.stride) for p, a in sorted(claim)]
+
+    def block(self, layout: tuple[Seg, ...], reason: str) -> None:
+        for s in layout:
+            r = self.find(s.space)
+            if reason not in self.reasons[r]:
+                self.reasons[r].append(reason)
+
+    def groups(self, order: dict[str, int]) -> dict[int, Group]:
+        """``{root: Group}`` in creation order, members sorted by tree order, then axis."""
+        out = {}
+        for i in range(len(self.parent)):
+            if self.find(i) != i:
+                continue
+            members = sorted(
+                set(self.members[i]),
+                key=lambda m: (order.get(m.path, len(order)), m.path, m.axis, m.offset),
+            )
+            reasons = list(self.reasons[i])
+            for m in members:
+                why = self.fixed.get((m.path, m.axis))
+                if why is not None and why not in reasons:
+                    reasons.append(why)
+            out[i] = Group(tuple(members), self.size[i], "; ".join(reasons) or None)
+        return out
+
+
+def _at(eqn: Any) -> str:
+    stack = str(eqn.source_info.name_stack)
+    return f"`{eqn.primitive.name}`" + (f" in {stack}" if stack else "")
+
+
+class Dependencies(ip.Interpreter):
+    """The channel-dependency analysis: :meth:`rule` gives an equation's output facts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spaces = Spaces()
+
+    # -- the walker hook ------------------------------------------------------------------------
+
+    def step(self, eqn, invals, infacts):
+        if all(f is None for f in infacts):
+            return ip._bind(eqn, [self.materialize(v) for v in invals]), [None] * len(eqn.outvars)
+        if eqn.primitive.name in ip.INLINED:
+            return self._inline(eqn, invals, infacts)
+        outfacts = self.rule(eqn, infacts)
+        return self.bind(eqn, [self.materialize(v) for v in invals], outfacts), outfacts
+
+    def bind(self, eqn: Any, invals: list[Any], outfacts: list[Fact | None]) -> list[Any]:
+        """Evaluate the equation (the shrinking pass re-emits it with new shapes)."""
+        del outfacts
+        return ip._bind(eqn, invals)
+
+    # -- fact algebra ---------------------------------------------------------------------------
+
+    def drop(self, f: Any, why: str) -> None:
+        """An axis fact that cannot survive: block its spaces, or fix its parameter axes."""
+        if _is_layout(f):
+            self.spaces.block(f, why)
+        elif _is_claim(f):
+            for key in f:
+                self.spaces.fixed.setdefault(key, f"{key[0]} axis {key[1]} {why}")
+
+    def meet(self, a: Any, b: Any, na: int, nb: int, why: str) -> Any:
+        """Two axis facts that must agree index by index (elementwise ops, contractions)."""
+        if na == 1 and nb != 1:
+            self.drop(a, f"is broadcast {why}")
+            return b
+        if nb == 1 and na != 1:
+            self.drop(b, f"is broadcast {why}")
+            return a
+        if a is None or b is None:
+            x = a if b is None else b
+            if x is None:
+                return None
+            self.drop(x, f"meets an axis that cannot lose channels (model input or constant) {why}")
+            return x if _is_layout(x) else None
+        if _is_claim(a) and _is_claim(b):
+            return a | b
+        if _is_claim(a) or _is_claim(b):
+            claim, layout = (a, b) if _is_claim(a) else (b, a)
+            for s in layout:
+                self.spaces.add(s, claim)
+            return layout
+        sa, sb = sorted(a, key=lambda s: s.offset), sorted(b, key=lambda s: s.offset)
+        sizes = self.spaces.size
+        if len(sa) == len(sb) and all(
+            x.offset == y.offset
+            and x.stride == y.stride
+            and sizes[self.spaces.find(x.space)] == sizes[self.spaces.find(y.space)]
+            for x, y in zip(sa, sb)
+        ):
+            for x, y in zip(sa, sb):
+                self.spaces.union(x.space, y.space)
+            return a
+        why = f"meets a differently laid-out channel axis {why}"
+        self.spaces.block(a, why)
+        self.spaces.block(b, why)
+        return a
+
+    def contract(self, a: Any, b: Any, n: int, why: str) -> None:
+        """Two axes summed over together (a ``dot_general`` / ``conv`` contraction)."""
+        if _is_claim(a) and _is_claim(b):  # parameter @ parameter (a factorized weight)
+            seg = Seg(self.spaces.new(n))
+            self.spaces.add(seg, a | b)
+            return
+        self.meet(a, b, n, n, why)
+
+    def born(self, f: Any, n: int) -> Any:
+        """A claimed axis becoming an activation axis: a new space with the claim as members."""
+        if not _is_claim(f):
+            return f
+        seg = Seg(self.spaces.new(n))
+        self.spaces.add(seg, f)
+        return (seg,)
+
+    def flatten(self, f: Any, outer: int, channels: int, why: str) -> Any:
+        """A channel-last flatten: ``outer`` positions of ``channels`` channels each."""
+        if outer == 1:
+            return f
+        if _is_layout(f) and all(s.stride == 0 for s in f):
+            return tuple(Seg(s.space, s.offset, channels) for s in f)
+        self.drop(f, f"is merged with other axes by {why}")
+        return None
+
+    # -- rules ----------------------------------------------------------------------------------
+
+    def rule(self, eqn: Any, infacts: list[Fact | None]) -> list[Fact | None]:
+        """Output facts of a first-order equation some of whose inputs carry facts."""
+        name = eqn.primitive.name
+        shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
+        axes = [f.axes if f is not None else (None,) * len(s) for f, s in zip(infacts, shapes)]
+        param = all(f is None or f.param for f in infacts)
+        why = _at(eqn)
+        method = getattr(self, f"_rule_{name}", None)
+        if name in ELEMENTWISE:
+            out = [self._elementwise(eqn, axes, shapes, why)]
+        elif name in REDUCTIONS:
+            kept = [d for d in range(len(shapes[0])) if d not in eqn.params["axes"]]
+            for d in eqn.params["axes"]:
+                self.drop(
+                    axes[0][d],
+                    f"is reduced over by {why} (a norm, softmax or sum over channels depends on "
+                    "the width)",
+                )
+            out = [tuple(axes[0][d] for d in kept)]
+        elif name in CUMULATIVE:
+            d = eqn.params["axis"]
+            self.drop(axes[0][d], f"is accumulated along by {why}")
+            out = [tuple(None if k == d else f for k, f in enumerate(axes[0]))]
+        elif name in WINDOWED:
+            out = [self._windowed(eqn, axes[0], why)]
+        elif method is not None:
+            out = method(eqn, axes, shapes, why)
+        else:
+            for a in axes:
+                for f in a:
+                    self.drop(
+                        f, f"passes through {why}, which the dependency analysis does not know"
+                    )
+            out = [(None,) * len(v.aval.shape) for v in eqn.outvars]
+        facts = []
+        for o, v in zip(out, eqn.outvars):
+            if not param:
+                o = tuple(self.born(f, n) for f, n in zip(o, v.aval.shape))
+            facts.append(Fact(tuple(o), param))
+        return facts
+
+    def _elementwise(self, eqn, axes, shapes, why):
+        rank = len(eqn.outvars[0].aval.shape)
+        out = []
+        for d in range(rank):
+            f, n = None, 1
+            first = True
+            for a, s in zip(axes, shapes):
+                if len(s) != rank:
+                    continue  # a scalar operand
+                if first:
+                    f, n, first = a[d], s[d], False
+                else:
+                    f = self.meet(f, a[d], n, s[d], why)
+                    n = max(n, s[d])
+            out.append(f)
+        return tuple(out)
+
+    def _windowed(self, eqn, a, why):
+        p = eqn.params
+        out = []
+        for d, f in enumerate(a):
+            trivial = (
+                p["window_dimensions"][d] == 1
+                and p["window_strides"][d] == 1
+                and tuple(p["padding"][d]) == (0, 0)
+                and p["base_dilation"][d] == 1
+                and p["window_dilation"][d] == 1
+            )
+            if not trivial:
+                self.drop(f, f"is pooled over by {why}")
+            out.append(f if trivial else None)
+        return tuple(out)
+
+    def _rule_dot_general(self, eqn, axes, shapes, why):
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        la, ra = axes
+        ls, rs = shapes
+        for i, j in zip(lc, rc):
+            self.contract(la[i], ra[j], ls[i], f"contracted by {why}")
+        batch = [self.meet(la[i], ra[j], ls[i], rs[j], why) for i, j in zip(lb, rb)]
+        lfree = [la[d] for d in range(len(ls)) if d not in lc and d not in lb]
+        rfree = [ra[d] for d in range(len(rs)) if d not in rc and d not in rb]
+        return [tuple(batch + lfree + rfree)]
+
+    def _rule_conv_general_dilated(self, eqn, axes, shapes, why):
+        p = eqn.params
+        lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+        la, ra = axes
+        ls, rs = shapes
+        out: list[Any] = [None] * len(eqn.outvars[0].aval.shape)
+        for s in lhs_spec[2:]:
+            self.drop(la[s], f"is a spatial axis of {why}")
+        groups, lf, rin, rout = p["feature_group_count"], lhs_spec[1], rhs_spec[1], rhs_spec[0]
+        if p["batch_group_count"] != 1:
+            for f in (*la, *ra):
+                self.drop(f, f"feeds {why} with batch_group_count={p['batch_group_count']}")
+            return [tuple(out)]
+        out[out_spec[0]] = la[lhs_spec[0]]
+        if groups == 1:
+            self.contract(la[lf], ra[rin], ls[lf], f"contracted by {why}")
+            out[out_spec[1]] = ra[rout]
+        elif rs[rin] == 1 and rs[rout] == ls[lf] == groups:  # depthwise, multiplier 1
+            out[out_spec[1]] = self.meet(la[lf], ra[rout], groups, groups, why)
+        else:
+            reason = f"feeds a grouped convolution {why} (feature_group_count={groups})"
+            self.drop(la[lf], reason)
+            self.drop(ra[rin], reason)
+            self.drop(ra[rout], reason)
+        return [tuple(out)]
+
+    def _rule_transpose(self, eqn, axes, shapes, why):
+        return [tuple(axes[0][d] for d in eqn.params["permutation"])]
+
+    def _rule_broadcast_in_dim(self, eqn, axes, shapes, why):
+        out_shape = eqn.outvars[0].aval.shape
+        out: list[Any] = [None] * len(out_shape)
+        for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+            if shapes[0][i] == 1 and out_shape[d] != 1:
+                self.drop(axes[0][i], f"is broadcast by {why}")
+            else:
+                out[d] = axes[0][i]
+        return [tuple(out)]
+
+    def _rule_squeeze(self, eqn, axes, shapes, why):
+        drop = {d % len(shapes[0]) for d in eqn.params["dimensions"]}
+        for d in drop:
+            self.drop(axes[0][d], f"is squeezed by {why}")
+        return [tuple(f for d, f in enumerate(axes[0]) if d not in drop)]
+
+    def _rule_reshape(self, eqn, axes, shapes, why):
+        if eqn.params.get("dimensions") is not None:
+            return self._unknown_one(eqn, axes, why)
+        ins, outs, a = shapes[0], tuple(eqn.outvars[0].aval.shape), axes[0]
+        new: list[Any] = []
+        i = j = 0
+        while i < len(ins) or j < len(outs):
+            if i < len(ins) and ins[i] == 1 and (j >= len(outs) or outs[j] != 1):
+                self.drop(a[i], f"is dropped by {why}")
+                i += 1
+                continue
+            if j < len(outs) and outs[j] == 1 and (i >= len(ins) or ins[i] != 1):
+                new.append(None)
+                j += 1
+                continue
+            gi, gj = [i], [j]
+            pi, pj = ins[i], outs[j]
+            i, j = i + 1, j + 1
+            while pi != pj:
+                if pi < pj:
+                    pi *= ins[i]
+                    gi.append(i)
+                    i += 1
+                else:
+                    pj *= outs[j]
+                    gj.append(j)
+                    j += 1
+            live = [k for k in gi if a[k] is not None]
+            if len(gi) == 1 and len(gj) == 1:
+                new.append(a[gi[0]])
+            elif not live:
+                new.extend([None] * len(gj))
+            elif len(gj) == 1 and live == [gi[-1]]:
+                outer = math.prod(ins[k] for k in gi[:-1])
+                new.append(self.flatten(a[gi[-1]], outer, ins[gi[-1]], why))
+            else:
+                for k in live:
+                    self.drop(a[k], f"is split or merged with inner axes by {why}")
+                new.extend([None] * len(gj))
+        return [tuple(new)]
+
+    def _rule_concatenate(self, eqn, axes, shapes, why):
+        dim = eqn.params["dimension"]
+        rank = len(shapes[0])
+        out: list[Any] = []
+        for d in range(rank):
+            if d != dim:
+                f = axes[0][d]
+                for a, s in zip(axes[1:], shapes[1:]):
+                    f = self.meet(f, a[d], shapes[0][d], s[d], why)
+                out.append(f)
+                continue
+            segs: list[Seg] = []
+            offset = 0
+            for k, (a, s) in enumerate(zip(axes, shapes)):
+                f = a[d]
+                if _is_layout(f) and (k == len(axes) - 1 or all(x.stride == 0 for x in f)):
+                    segs += [Seg(x.space, x.offset + offset, x.stride) for x in f]
+                elif f is not None:
+                    self.drop(f, f"is concatenated by {why}")
+                offset += s[d]
+            out.append(tuple(segs) or None)
+        return [tuple(out)]
+
+    def _full_or_drop(self, a, full, why):
+        return tuple(f if ok else self.drop(f, f"is sliced by {why}") for f, ok in zip(a, full))
+
+    def _rule_slice(self, eqn, axes, shapes, why):
+        p = eqn.params
+        strides = p["strides"] or (1,) * len(shapes[0])
+        full = [
+            s == 0 and e == n and st == 1
+            for s, e, st, n in zip(p["start_indices"], p["limit_indices"], strides, shapes[0])
+        ]
+        return [self._full_or_drop(axes[0], full, why)]
+
+    def _rule_dynamic_slice(self, eqn, axes, shapes, why):
+        for a in axes[1:]:
+            for f in a:
+                self.drop(f, f"indexes {why}")
+        full = [s == n for s, n in zip(eqn.params["slice_sizes"], shapes[0])]
+        return [self._full_or_drop(axes[0], full, why)]
+
+    def _rule_pad(self, eqn, axes, shapes, why):
+        full = [tuple(c) == (0, 0, 0) for c in eqn.params["padding_config"]]
+        return [self._full_or_drop(axes[0], full, why)]
+
+    def _rule_rev(self, eqn, axes, shapes, why):
+        full = [d not in eqn.params["dimensions"] for d in range(len(shapes[0]))]
+        return [self._full_or_drop(axes[0], full, why)]
+
+    def _rule_split(self, eqn, axes, shapes, why):
+        d = eqn.params["axis"]
+        self.drop(axes[0][d], f"is split by {why}")
+        kept = tuple(None if k == d else f for k, f in enumerate(axes[0]))
+        return [kept] * len(eqn.outvars)
+
+    def _rule_gather(self, eqn, axes, shapes, why):
+        p = eqn.params
+        dn = p["dimension_numbers"]
+        for f in axes[1]:
+            self.drop(f, f"indexes {why}")
+        if dn.operand_batching_dims:
+            return self._unknown_one(eqn, axes, why)
+        out: list[Any] = [None] * len(eqn.outvars[0].aval.shape)
+        window = [d for d in range(len(shapes[0])) if d not in dn.collapsed_slice_dims]
+        for d in dn.collapsed_slice_dims:
+            self.drop(axes[0][d], f"is indexed by {why}")
+        for d, o in zip(window, dn.offset_dims):
+            if p["slice_sizes"][d] == shapes[0][d]:
+                out[o] = axes[0][d]
+            else:
+                self.drop(axes[0][d], f"is sliced by {why}")
+        return [tuple(out)]
+
+    def _unknown_one(self, eqn, axes, why):
+        for a in axes:
+            for f in a:
+                self.drop(f, f"passes through {why}, which the dependency analysis does not know")
+        return [(None,) * len(v.aval.shape) for v in eqn.outvars]
+
+    # -- driving --------------------------------------------------------------------------------
+
+    def initial(self, traced: ip.Traced) -> list[Fact]:
+        """Facts of the flat inputs: parameters claim their axes, other inputs are activations."""
+        out = []
+        for path, leaf in zip(traced.paths, traced.leaves):
+            ndim = len(leaf.shape)
+            if path is None:
+                out.append(Fact((None,) * ndim, False))
+            else:
+                out.append(Fact(tuple(frozenset({(path, d)}) for d in range(ndim)), True))
+        return out
+
+    def finish(self, outfacts: list[Fact | None]) -> None:
+        """Outputs keep their width: block their spaces."""
+        for k, f in enumerate(outfacts):
+            if f is None:
+                continue
+            for d, a in enumerate(f.axes):
+                self.drop(a, f"reaches the model output (output {k}, axis {d})")
+
+
+def analyze(fn: Callable[..., Any], params: Params, args: tuple) -> tuple[ip.Traced, Dependencies]:
+    """Trace ``fn(params, *args)`` and run the analysis abstractly (no FLOPs)."""
+    traced = trace_params(fn, params, args)
+    deps = Dependencies()
+
+    def run(*leaves):
+        outs, facts = deps.run(traced.jaxpr, list(leaves), deps.initial(traced))
+        deps.finish(facts)
+        return outs
+
+    jax.make_jaxpr(run)(*[ip._stand_in(x) for x in traced.leaves])
+    return traced, deps
+
+
+def dependencies(fn: Callable[..., Any], params: Params, *args: Any) -> list[Group]:
+    """Groups of parameter axes that must lose the same channels together, from ``fn``'s jaxpr.
+
+    ``fn`` is called as ``fn(params, *args)`` and traced once (``args`` may be arrays or
+    ``jax.ShapeDtypeStruct`` s: only shapes matter). Every channel *space* — born at a kernel's
+    output axis (Dense ``(in, out)``: axis 1; Conv ``(kh, kw, in, out)``: axis 3) — collects the
+    parameter axes it meets:
+
+    * the kernel's output axis and its bias (``Member(path, axis)``);
+    * norm parameters applied per channel: BatchNorm ``scale``/``bias`` and the running
+      ``mean``/``var`` in ``batch_stats``. Pass the whole variables dict as ``params`` with
+      ``fn = lambda v, x: model.apply(v, x)`` and the inference-mode model
+      (``use_running_average=True``), so the statistics are inputs rather than outputs;
+    * the next kernel's contracting axis, through elementwise activations, pooling over spatial
+      axes and channel-last flattens (``x.reshape(n, -1)`` after an NHWC conv: channel ``c``
+      occupies rows ``c, c + C, c + 2C, ...`` of the next kernel, ``Member(stride=C)``);
+    * concatenations (``Member(offset=...)`` per concatenated part);
+    * both sides of an elementwise op between activations: a residual add merges the spaces of
+      every layer writing into the stream into one group; ``q @ k`` contracts ``q``'s and ``k``'s
+      head dimensions together and its batch axes tie their heads; a depthwise convolution
+      (``feature_group_count`` = channels, multiplier 1) passes its input's channels through.
+
+    A group is ``blocked`` (with the reason, naming the primitive and the module from JAX's name
+    stack) when a space reaches: the model output; a reduction over the channel axis (LayerNorm,
+    RMSNorm, softmax, a mean over features); a reshape that splits channels or merges them with
+    inner axes (channel-first flatten); a slice, pad, reverse, gather or cumulative op along it;
+    a grouped convolution (``1 < feature_group_count`` that is not depthwise); a primitive the
+    analysis does not know (including ``scan``, ``cond`` and ``while`` bodies: nothing inside them
+    is analysed); or an axis that cannot lose channels (the model input, a constant). Groups
+    whose member axes are also used where they cannot shrink (contracted against the model input,
+    indexed by a gather) are blocked too.
+
+    Args:
+      fn: ``fn(params, *args)``.
+      params: the parameter tree (linen variables dict, ``nnx.State``, nested dicts, ...).
+      *args: example inputs.
+
+    Returns:
+      Every group, in the order spaces were born. Members are sorted by the leaves' tree order,
+      then axis and offset. Pass the list to ``structured_masks(..., groups=...)`` (blocked
+      groups are skipped there) and the masks to :func:`jcompress.structure.shrink`.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"a": {"kernel": jnp.ones((4, 8)), "bias": jnp.ones(8)},
+    ...           "b": {"kernel": jnp.ones((8, 2))}}
+    >>> def fn(p, x):
+    ...     h = jnp.maximum(x @ p["a"]["kernel"] + p["a"]["bias"], 0)
+    ...     return h @ p["b"]["kernel"]
+    >>> hidden, out = dependencies(fn, params, jnp.ones((3, 4)))
+    >>> [(m.path, m.axis) for m in hidden.members], hidden.size, hidden.blocked
+    ([('a/bias', 0), ('a/kernel', 1), ('b/kernel', 0)], 8, None)
+    >>> out.blocked
+    'reaches the model output (output 0, axis 1)'
+    """
+    _, deps = analyze(fn, params, args)
+    order = {p: i for i, (p, _) in enumerate(leaves_with_paths(params))}
+    return list(deps.spaces.groups(order).values())
