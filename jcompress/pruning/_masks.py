@@ -17,6 +17,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 from collections.abc import Mapping
@@ -284,43 +285,66 @@ def _and_previous(mask: jax.Array, previous: Any) -> jax.Array:
     return mask if previous is None else mask & jnp.asarray(previous, bool)
 
 
+@functools.partial(jax.jit, static_argnames=("pruned",))
+def _lowest(keys: list[jax.Array], sparsity: jax.Array, pruned: bool) -> list[jax.Array]:
+    """Keep masks of ``(B, N_i)`` keys pooled per row, ``round(s * sum N_i)`` removed per row."""
+    total = sum(k.shape[1] for k in keys)
+    return prune_lowest(keys, exact_count(sparsity, total), maybe_pruned=pruned)
+
+
+# Per-leaf pieces are jitted (static layout arguments), so eager calls compile once per shape
+# and run fused, and a caller's jit simply inlines them.
+
+
+@functools.partial(jax.jit, static_argnames=("stacked",))
+def _unstructured_leaf(score, prev, sparsity, stacked):
+    rows, layout = _to_rows(_with_previous(keys_of(score), prev), stacked)
+    [keep] = _lowest([rows], sparsity, prev is not None)
+    return _from_rows(keep, layout)
+
+
+@jax.jit
+def _unstructured_pool(scores, prevs, sparsity):
+    keys = [_with_previous(keys_of(s), p).reshape(1, -1) for s, p in zip(scores, prevs)]
+    keeps = _lowest(keys, sparsity, any(p is not None for p in prevs))
+    return [keep.reshape(s.shape) for s, keep in zip(scores, keeps)]
+
+
 def _unstructured(entries, sparsity, scope):
     """``entries``: ``[(index, score, role, previous)]`` → ``{index: mask}``."""
-    out = {}
     if scope == "layer":
-        for i, score, role, prev in entries:
-            rows, layout = _to_rows(_with_previous(keys_of(score), prev), role.stacked)
-            [keep] = prune_lowest([rows], exact_count(sparsity, rows.shape[1]))
-            out[i] = _from_rows(keep, layout)
-        return out
-    keys = [_with_previous(keys_of(s), p).reshape(1, -1) for _, s, _, p in entries]
-    total = sum(k.shape[1] for k in keys)
-    keeps = prune_lowest(keys, exact_count(sparsity, total))
-    for (i, score, _, _), keep in zip(entries, keeps):
-        out[i] = keep.reshape(score.shape)
-    return out
+        return {
+            i: _unstructured_leaf(score, prev, sparsity, role.stacked)
+            for i, score, role, prev in entries
+        }
+    keeps = _unstructured_pool([e[1] for e in entries], [e[3] for e in entries], sparsity)
+    return {e[0]: keep for e, keep in zip(entries, keeps)}
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "n", "m"))
+def _nm_leaf(score, prev, axis, n, m):
+    keys = _with_previous(keys_of(score), prev)
+    y = jnp.moveaxis(keys, axis, -1)
+    grouped = y.reshape(*y.shape[:-1], y.shape[-1] // m, m)
+    if m <= _PAIRWISE_MAX_M:
+        # rank = how many in the group are kept before me: larger keys, or equal keys at a
+        # higher position (equal keys: the lowest positions are pruned first).
+        other, me = grouped[..., None, :], grouped[..., :, None]
+        later = np.arange(m)[None, :] > np.arange(m)[:, None]
+        rank = jnp.sum((other > me) | ((other == me) & later), axis=-1)
+        keep = rank < n
+    else:
+        order = jnp.argsort(grouped, axis=-1, stable=True)  # ascending, ties by position
+        position = jnp.argsort(order, axis=-1, stable=True)
+        keep = position >= m - n
+    keep = keep.reshape(y.shape) & (y != PRUNED_KEY)  # pruned before: stays pruned
+    return jnp.moveaxis(keep, -1, axis)
 
 
 def _nm(entries, nm: NM):
-    out = {}
-    for i, score, role, prev in entries:
-        keys = _with_previous(keys_of(score), prev)
-        axis = role.group_axis
-        y = jnp.moveaxis(keys, axis, -1)
-        grouped = y.reshape(*y.shape[:-1], y.shape[-1] // nm.m, nm.m)
-        if nm.m <= _PAIRWISE_MAX_M:
-            # rank = how many in the group are kept before me: larger keys, or equal keys at a
-            # higher position (equal keys: the lowest positions are pruned first).
-            other, me = grouped[..., None, :], grouped[..., :, None]
-            later = np.arange(nm.m)[None, :] > np.arange(nm.m)[:, None]
-            rank = jnp.sum((other > me) | ((other == me) & later), axis=-1)
-            keep = rank < nm.n
-        else:
-            order = jnp.argsort(grouped, axis=-1, stable=True)  # ascending, ties by position
-            position = jnp.argsort(order, axis=-1, stable=True)
-            keep = position >= nm.m - nm.n
-        out[i] = jnp.moveaxis(keep.reshape(y.shape), -1, axis)
-    return out
+    return {
+        i: _nm_leaf(score, prev, role.group_axis, nm.n, nm.m) for i, score, role, prev in entries
+    }
 
 
 def _norm(x: jax.Array, axes: tuple[int, ...], norm: str) -> jax.Array:
@@ -341,39 +365,43 @@ def _normalised(norms: jax.Array, axes: tuple[int, ...] | None) -> jax.Array:
     return jnp.where(mean > 0, norms / jnp.where(mean > 0, mean, 1), 0)
 
 
+@functools.partial(jax.jit, static_argnames=("role", "norm", "normalise"))
+def _channel_keys(score, prev, role, norm, normalise):
+    """Channel keys of one leaf, ``(B, C)``: norms over the non-output, non-stacked axes."""
+    x = jnp.abs(score.astype(jnp.float32))
+    inner = tuple(a for a in range(x.ndim) if a not in role.output and a not in role.stacked)
+    if prev is not None:
+        prev = jnp.broadcast_to(jnp.asarray(prev, bool), x.shape)
+        x = jnp.where(prev, x, 0)
+    per_layer = tuple(a for a in range(x.ndim) if a not in role.stacked)
+    norms = _norm(_scaled(x, per_layer), inner, norm)
+    if normalise:
+        norms = _normalised(norms, tuple(role.output))
+    keys = keys_of(norms)
+    if prev is not None:
+        keys = jnp.where(jnp.any(prev, axis=inner, keepdims=True), keys, PRUNED_KEY)
+    return _to_rows(keys, role.stacked)[0]
+
+
 def _channels(entries, sparsity, scope, channels: Channels):
     """Channels of each leaf on their own (no groups)."""
-    keys, layouts = [], []
+    pruned = any(e[3] is not None for e in entries)
+    keys, shapes = [], []
     for _, score, role, prev in entries:
-        x = jnp.abs(score.astype(jnp.float32))
-        ndim = x.ndim
-        inner = tuple(a for a in range(ndim) if a not in role.output and a not in role.stacked)
-        alive = None
-        if prev is not None:
-            prev_full = jnp.broadcast_to(jnp.asarray(prev, bool), x.shape)
-            x = jnp.where(prev_full, x, 0)
-            alive = jnp.any(prev_full, axis=inner, keepdims=True)
-        norms = _norm(
-            _scaled(x, tuple(a for a in range(ndim) if a not in role.stacked)), inner, channels.norm
+        keys.append(_channel_keys(score, prev, role, channels.norm, scope == "global"))
+        kept_shape = tuple(
+            d if a in role.output or a in role.stacked else 1 for a, d in enumerate(score.shape)
         )
-        if scope == "global":
-            norms = _normalised(norms, tuple(role.output))
-        k = keys_of(norms)
-        if alive is not None:
-            k = jnp.where(alive, k, PRUNED_KEY)
-        rows, layout = _to_rows(k, role.stacked)
-        keys.append(rows)
-        layouts.append(layout)
-    out = {}
+        shapes.append((role.stacked, kept_shape))
     if scope == "layer":
-        for (i, _, _, prev), rows, layout in zip(entries, keys, layouts):
-            [keep] = prune_lowest([rows], exact_count(sparsity, rows.shape[1]))
-            out[i] = _and_previous(_from_rows(keep, layout), prev)
-        return out
-    flat = [r.reshape(1, -1) for r in keys]
-    keeps = prune_lowest(flat, exact_count(sparsity, sum(r.shape[1] for r in flat)))
-    for (i, _, _, prev), keep, rows, layout in zip(entries, keeps, keys, layouts):
-        out[i] = _and_previous(_from_rows(keep.reshape(rows.shape), layout), prev)
+        keeps = [_lowest([k], sparsity, pruned)[0] for k in keys]
+    else:
+        flat = [k.reshape(1, -1) for k in keys]
+        keeps = [m.reshape(k.shape) for m, k in zip(_lowest(flat, sparsity, pruned), keys)]
+    out = {}
+    for (i, _, _, prev), keep, (stacked, kept_shape) in zip(entries, keeps, shapes):
+        layout = _to_rows(jnp.zeros(kept_shape, bool), stacked)[1]
+        out[i] = _and_previous(_from_rows(keep, layout), prev)
     return out
 
 
@@ -389,6 +417,7 @@ def _channel_groups(pairs, scores, previous, selected, sparsity, plan_: Plan):
     structure = plan_.structure
     layouts = _group_layouts(pairs, selected, structure, plan_.roles)
     keys = []
+    pruned = any(p is not None for p in previous)
     for _, members in layouts:
         chosen = [m for m in members if selected[m.leaf]]
         values = {}
@@ -419,9 +448,9 @@ def _channel_groups(pairs, scores, previous, selected, sparsity, plan_: Plan):
             key = jnp.where(alive, key, PRUNED_KEY)
         keys.append(key[None, :])
     if plan_.scope == "layer":
-        keeps = [prune_lowest([k], exact_count(sparsity, k.shape[1]))[0] for k in keys]
+        keeps = [_lowest([k], sparsity, pruned)[0] for k in keys]
     else:
-        keeps = prune_lowest(keys, exact_count(sparsity, sum(k.shape[1] for k in keys)))
+        keeps = _lowest(keys, sparsity, pruned)
     out = {}
     for (_, members), keep in zip(layouts, keeps):
         keep = keep[0]

@@ -98,7 +98,17 @@ def exact_count(sparsity: jax.typing.ArrayLike, size: int) -> jax.Array:
     return jnp.where(jnp.isnan(s) | (s <= 0.0), 0, k).astype(jnp.int32)
 
 
-def prune_lowest(keys: Sequence[jax.Array], k: jax.typing.ArrayLike) -> list[jax.Array]:
+def _block_width(n: int, widest: int = 4096) -> int:
+    """The largest divisor of ``n`` not above ``widest``: rows of blocks for tie-breaking."""
+    for width in range(min(n, widest), 0, -1):
+        if n % width == 0:
+            return width
+    return 1
+
+
+def prune_lowest(
+    keys: Sequence[jax.Array], k: jax.typing.ArrayLike, *, maybe_pruned: bool = True
+) -> list[jax.Array]:
     """Keep masks removing exactly ``k`` entries per row with the lowest keys, over all arrays.
 
     Args:
@@ -106,6 +116,7 @@ def prune_lowest(keys: Sequence[jax.Array], k: jax.typing.ArrayLike) -> list[jax
         by every array; the arrays of one row form one pool (global scope). Keys are
         :func:`keys_of` values or :data:`PRUNED_KEY`.
       k: int32 of shape ``()`` or ``(B,)``: entries to remove per row, ``0 <= k <= sum_i N_i``.
+      maybe_pruned: whether any key may be :data:`PRUNED_KEY` (``False`` saves a pass).
 
     Returns:
       Bool arrays of the shapes of ``keys``, ``True`` where kept. Per row exactly
@@ -114,6 +125,9 @@ def prune_lowest(keys: Sequence[jax.Array], k: jax.typing.ArrayLike) -> list[jax
       keys; among keys equal to the threshold the lowest positions are removed first, in the
       order: arrays in sequence order, then row-major position inside the array.
 
+    Cost: two histogram passes (scatter-add), one pass counting the threshold's ties per block
+    of at most 4096 entries, and the final comparison pass; no sort, no full prefix sum.
+
     >>> [m] = prune_lowest([jnp.array([[3, 1, 2, 1]], jnp.int32)], 2)
     >>> m.tolist()
     [[True, False, True, False]]
@@ -121,12 +135,13 @@ def prune_lowest(keys: Sequence[jax.Array], k: jax.typing.ArrayLike) -> list[jax
     keys = [jnp.asarray(x, jnp.int32) for x in keys]
     rows = keys[0].shape[0]
     if any(x.ndim != 2 or x.shape[0] != rows for x in keys):
-        raise ValueError(
-            f"prune_lowest: keys must be (B, N_i) with one B, got {[x.shape for x in keys]}"
-        )
+        shapes = [x.shape for x in keys]
+        raise ValueError(f"prune_lowest: keys must be (B, N_i) with one B, got {shapes}")
     k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (rows,))
-    pruned = sum(jnp.sum(x < 0, axis=1, dtype=jnp.int32) for x in keys)
-    rank = jnp.maximum(k - pruned, 0)  # entries still to remove among non-negative keys
+    if maybe_pruned:
+        pruned = sum(jnp.sum(x < 0, axis=1, dtype=jnp.int32) for x in keys)
+        k = jnp.maximum(k - pruned, 0)  # entries still to remove among non-negative keys
+    rank = k
     prefix = jnp.zeros((rows,), jnp.int32)  # the bits of the threshold found so far
     row_base = jnp.arange(rows, dtype=jnp.int32)[:, None]
     for shift, nbits in _LEVELS:
@@ -134,31 +149,38 @@ def prune_lowest(keys: Sequence[jax.Array], k: jax.typing.ArrayLike) -> list[jax
         hist = jnp.zeros((rows * buckets,), jnp.int32)
         for x in keys:
             inside = (x >= 0) & ((x >> (shift + nbits)) == prefix[:, None])
-            index = jnp.where(
-                inside, row_base * buckets + ((x >> shift) & (buckets - 1)), rows * buckets
-            )
+            bucket = row_base * buckets + ((x >> shift) & (buckets - 1))
+            index = jnp.where(inside, bucket, rows * buckets)  # out of range: dropped
             hist = hist.at[index.reshape(-1)].add(1, mode="drop")
         cum = jnp.cumsum(hist.reshape(rows, buckets), axis=1)
         bucket = jnp.sum(cum < rank[:, None], axis=1, dtype=jnp.int32)
-        before = jnp.where(
-            bucket > 0, jnp.take_along_axis(cum, jnp.maximum(bucket - 1, 0)[:, None], 1)[:, 0], 0
-        )
-        rank = rank - before
+        before = jnp.take_along_axis(cum, jnp.maximum(bucket - 1, 0)[:, None], 1)[:, 0]
+        rank = rank - jnp.where(bucket > 0, before, 0)
         prefix = (prefix << nbits) | bucket
-    threshold, need = prefix[:, None], rank[:, None]  # remove `need` of the keys == threshold
-    equal = sum(jnp.sum(x == threshold, axis=1, dtype=jnp.int32) for x in keys)
-
-    def all_or_none(_):
-        return [(x > threshold) | ((x == threshold) & (need == 0)) for x in keys]
-
-    def lowest_positions(_):
-        out, offset = [], jnp.zeros((rows, 1), jnp.int32)
-        for x in keys:
-            eq = (x == threshold).astype(jnp.int32)
-            before_me = jnp.cumsum(eq, axis=1) - eq + offset
-            out.append((x > threshold) | ((eq == 1) & (before_me >= need)))
-            offset = offset + jnp.sum(eq, axis=1, keepdims=True)
-        return out
-
-    partial_tie = jnp.any((need[:, 0] > 0) & (need[:, 0] < equal))
-    return lax.cond(partial_tie, lowest_positions, all_or_none, None)
+    # Remove `rank` of the keys equal to `threshold`, lowest positions first: count the ties
+    # per block of `width` entries, find the block where the count reaches `rank`, and rank the
+    # ties inside that one block only.
+    threshold = prefix[:, None, None]
+    blocked = [x.reshape(rows, -1, _block_width(x.shape[1])) for x in keys]
+    ties = jnp.concatenate(
+        [jnp.sum(b == threshold, axis=2, dtype=jnp.int32) for b in blocked], axis=1
+    )
+    cum = jnp.cumsum(ties, axis=1)
+    critical = jnp.sum(cum < rank[:, None], axis=1, dtype=jnp.int32)  # (B,)
+    before = jnp.take_along_axis(cum, jnp.maximum(critical - 1, 0)[:, None], 1)[:, 0]
+    left = (rank - jnp.where(critical > 0, before, 0))[:, None, None]  # to remove in it
+    out, offset = [], 0
+    for x, b in zip(keys, blocked):
+        nblocks = b.shape[1]
+        local = critical - offset
+        block = jnp.take_along_axis(b, jnp.clip(local, 0, nblocks - 1)[:, None, None], axis=1)
+        tie = (block == threshold).astype(jnp.int32)
+        inside = ((local >= 0) & (local < nblocks))[:, None, None]
+        first = inside & (tie == 1) & (jnp.cumsum(tie, axis=2) - tie < left)  # (B, 1, width)
+        position = offset + jnp.arange(nblocks, dtype=jnp.int32)[None, :, None]
+        removed_tie = (b == threshold) & (
+            (position < critical[:, None, None]) | ((position == critical[:, None, None]) & first)
+        )
+        out.append(((b > threshold) | ((b == threshold) & ~removed_tie)).reshape(x.shape))
+        offset += nblocks
+    return out
