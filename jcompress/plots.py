@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from jcompress.report import Summary
+from jcompress.report import Summary, format_bytes
 
 __all__ = ["layers", "tradeoff"]
 
@@ -50,6 +50,13 @@ def tradeoff(
         ax.scatter([size], [acc], s=40)
         ax.annotate(label, (size, acc), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")
+    if xlabel.startswith("bytes"):
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_bytes(v)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        sizes = [p[1] for p in points]
+        ax.set_xlim(min(sizes) / 1.5, max(sizes) * 1.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)

@@ -2,5 +2,6 @@
 
 from jcompress.demo._data import Digits, batches, load_digits
 from jcompress.demo._models import CNN, MLP, accuracy
+from jcompress.demo._pipeline import DigitsTask, fit, run
 
-__all__ = ["CNN", "MLP", "Digits", "accuracy", "batches", "load_digits"]
+__all__ = ["CNN", "MLP", "Digits", "DigitsTask", "accuracy", "batches", "fit", "load_digits", "run"]

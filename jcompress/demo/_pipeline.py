@@ -32,10 +32,10 @@ import optax
 
 from jcompress import checkpoint, report
 from jcompress import tree as jtree
-from jcompress.demo._data import batches, load_digits
+from jcompress.demo._data import Digits, batches, load_digits
 from jcompress.demo._models import MLP
 
-__all__ = ["Variant", "run"]
+__all__ = ["DigitsTask", "Variant", "fit", "run"]
 
 
 @dataclasses.dataclass
@@ -90,26 +90,75 @@ def _progress(console):
     )
 
 
-def _fit(step, params, opt_state, data, *, epochs, seed, progress, description):
-    steps = epochs * (len(data.x_train) // 64)
-    task = progress.add_task(description, total=steps, info="")
-    loss = None
-    for i, (xb, yb) in enumerate(batches(data.x_train, data.y_train, 64, seed=seed, epochs=epochs)):
-        params, opt_state, loss = step(params, opt_state, xb, yb)
-        if i % 20 == 0 or i == steps - 1:
-            progress.update(task, completed=i + 1, info=f"loss {float(loss):.3f}")
-    progress.update(task, completed=steps)
-    return params, opt_state
+@dataclasses.dataclass(frozen=True)
+class DigitsTask:
+    """LeNet-300-100 (``MLP((300, 100, 10))``) on a seeded digits split.
+
+    ``apply(params, x) -> logits (n, 10)``, ``loss(params, x, y)`` (mean cross-entropy) and
+    ``accuracy(params)`` on the test split are plain functions of the ``params`` dict, ready for
+    ``jax.jit``, ``jc.runtime.compressed`` and ``jc.distillation.distillation_loss``.
+
+    >>> task = DigitsTask(load_digits(seed=0), MLP((300, 100, 10)))
+    >>> task.data.x_test.shape, task.model.features
+    ((539, 64), (300, 100, 10))
+    """
+
+    data: Digits
+    model: MLP
+
+    @classmethod
+    def load(cls, *, seed: int) -> DigitsTask:
+        return cls(load_digits(seed=seed), MLP((300, 100, 10)))
+
+    def init(self, seed: int) -> Any:
+        return jax.jit(self.model.init)(jax.random.key(seed), self.data.x_test[:1])["params"]
+
+    def apply(self, params: Any, x: jax.Array) -> jax.Array:
+        return self.model.apply({"params": params}, x)
+
+    def loss(self, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        return optax.softmax_cross_entropy_with_integer_labels(self.apply(params, x), y).mean()
+
+    def accuracy(self, params: Any, apply: Callable | None = None) -> float:
+        logits = (apply or jax.jit(self.apply))(params, self.data.x_test)
+        return float(jnp.mean(jnp.argmax(logits, -1) == self.data.y_test))
 
 
-def _make_step(loss_fn: Callable, tx: optax.GradientTransformation):
+def fit(
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    params: Any,
+    data: Digits,
+    *,
+    epochs: int,
+    seed: int,
+    progress: Any = None,
+    description: str = "train",
+) -> tuple[Any, Any]:
+    """Minimize ``loss_fn(params, x, y)`` with ``tx`` over shuffled batches of 64.
+
+    One jitted step (compiled once); a rich ``progress`` bar shows the loss when given.
+
+    Returns:
+      ``(params, opt_state)``.
+    """
+
     @jax.jit
-    def step(params, opt_state, *batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return step
+    opt_state = tx.init(params)
+    steps = epochs * (len(data.x_train) // 64)
+    task = progress.add_task(description, total=steps, info="") if progress else None
+    for i, (xb, yb) in enumerate(batches(data.x_train, data.y_train, 64, seed=seed, epochs=epochs)):
+        params, opt_state, loss = step(params, opt_state, xb, yb)
+        if task is not None and (i % 20 == 0 or i == steps - 1):
+            progress.update(task, completed=i + 1, info=f"loss {float(loss):.3f}")
+    if task is not None:
+        progress.update(task, completed=steps)
+    return params, opt_state
 
 
 def _quantize_per_layer(params, spec, quantize, progress, description):
@@ -164,26 +213,18 @@ def run(
     stages: dict[str, str] = {}
     epochs_teacher, epochs_student, repeats = (10, 8, 3) if quick else (40, 30, 30)
 
-    data = load_digits(seed=seed)
-    model = MLP((300, 100, 10))
-
-    def apply(p, x):
-        return model.apply({"params": p}, x)
-
-    def ce(p, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
-
+    task = DigitsTask.load(seed=seed)
+    data, apply, ce = task.data, task.apply, task.loss
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
-    teacher = jax.jit(model.init)(jax.random.key(seed), x_test[:1])["params"]
+    teacher = task.init(seed)
     console.rule("[bold]jcompress demo: LeNet-300-100 on digits")
     variants: list[Variant] = []
 
     with _progress(console) as progress:
-        tx = optax.adam(1e-3)
-        teacher, _ = _fit(
-            _make_step(ce, tx),
+        teacher, _ = fit(
+            ce,
+            optax.adam(1e-3),
             teacher,
-            tx.init(teacher),
             data,
             epochs=epochs_teacher,
             seed=seed,
@@ -214,10 +255,10 @@ def run(
                 student_loss = ce
                 how = "GMP to 90% (one global threshold) + cross-entropy (no jc.distillation)"
                 stages["distill"] = "skipped: jcompress.distillation.distillation_loss missing"
-            student, _ = _fit(
-                _make_step(student_loss, tx),
+            student, _ = fit(
+                student_loss,
+                tx,
                 teacher,
-                tx.init(teacher),
                 data,
                 epochs=epochs_student,
                 seed=seed + 1,
