@@ -228,7 +228,7 @@ def run_seed(seed: int, args, tmp: Path) -> dict:
     e = args.epochs
     dense, _ = fit(ce, optax.adam(1e-3), task.init(seed), data, epochs=e, seed=seed)
 
-    ep = args.prune_epochs or e
+    ep = args.prune_epochs or round(1.5 * e)
     steps = ep * (len(data.x_train) // 64)
     schedule = polynomial_schedule(
         args.sparsity, begin_step=0, end_step=int(0.6 * steps), update_every=max(1, steps // 40)
@@ -285,7 +285,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--sparsity", type=float, default=0.95)
     parser.add_argument("--bits", type=int, default=4, choices=(4, 5, 6))
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--prune-epochs", type=int, default=None, help="default: --epochs")
+    parser.add_argument(
+        "--prune-epochs",
+        type=int,
+        default=None,
+        help="pruning + distillation epochs (1.5 x --epochs)",
+    )
     parser.add_argument(
         "--per-channel", action="store_true", help="per-channel kernel scales (default: per tensor)"
     )
