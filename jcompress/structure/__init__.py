@@ -10,6 +10,9 @@ from jcompress.structure._lowrank import LowRank as LowRank
 from jcompress.structure._lowrank import LowRankReport as LowRankReport
 from jcompress.structure._lowrank import low_rank as low_rank
 from jcompress.structure._lowrank import low_rank_report as low_rank_report
+from jcompress.structure._shrink import shrink as shrink
+from jcompress.structure._shrink import shrink_linen as shrink_linen
+from jcompress.structure._shrink import shrink_nnx as shrink_nnx
 
 __all__ = [
     "LayerSavings",
@@ -18,4 +21,7 @@ __all__ = [
     "dependencies",
     "low_rank",
     "low_rank_report",
+    "shrink",
+    "shrink_linen",
+    "shrink_nnx",
 ]
