@@ -22,7 +22,7 @@ from jcompress.tree import Role, is_compressed, map_with_paths
 
 def _quant(w, role: Role, bits=8, group=None, asym=False):
     """A reference RTN quantizer (NumPy): per output channel, optionally per group."""
-    dtype = getattr(w, "dtype", np.float32)
+    dtype = w.dtype if isinstance(w, jax.Array) else np.float32
     w = np.asarray(w, np.float32)
     qmax = 2 ** (bits - 1) - 1
     contracting = role.contracting

@@ -48,6 +48,7 @@ __all__ = [
     "View",
     "identity_view",
     "leaf_names",
+    "reshape_groups",
     "trace",
 ]
 
@@ -169,18 +170,27 @@ def _view_rule(eqn: Any, fact: View) -> View:
     return fact  # dtype casts, copies, sharding constraints
 
 
-def _reshape_rule(fact: View, in_shape: Sequence[int], out_shape: Sequence[int]) -> View:
-    """Map axes through a reshape by grouping runs of dimensions with equal products."""
-    new: list[tuple[int, ...]] = []
-    exact = fact.exact
+def reshape_groups(
+    in_shape: Sequence[int], out_shape: Sequence[int]
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """How a reshape maps axes: ``[(input axes, output axes), ...]`` runs of equal products.
+
+    A size-1 axis dropped is ``((i,), ())``, one added ``((), (j,))``; a merge is
+    ``((i, i + 1), (j,))`` and a split ``((i,), (j, j + 1))``.
+
+    >>> reshape_groups((2, 3, 4), (6, 1, 4))
+    [((0, 1), (0,)), ((), (1,)), ((2,), (2,))]
+    """
+    groups: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     i = j = 0
     n_in, n_out = len(in_shape), len(out_shape)
     while i < n_in or j < n_out:
         if i < n_in and in_shape[i] == 1 and (j >= n_out or out_shape[j] != 1):
-            i += 1  # a size-1 axis dropped
+            groups.append(((i,), ()))
+            i += 1
             continue
         if j < n_out and out_shape[j] == 1 and (i >= n_in or in_shape[i] != 1):
-            new.append(())  # a size-1 axis added
+            groups.append(((), (j,)))
             j += 1
             continue
         gi, gj = [i], [j]
@@ -195,9 +205,17 @@ def _reshape_rule(fact: View, in_shape: Sequence[int], out_shape: Sequence[int])
                 pj *= out_shape[j]
                 gj.append(j)
                 j += 1
+        groups.append((tuple(gi), tuple(gj)))
+    return groups
+
+
+def _reshape_rule(fact: View, in_shape: Sequence[int], out_shape: Sequence[int]) -> View:
+    """Map axes through a reshape; a split leaves every piece spanning the whole source."""
+    new: list[tuple[int, ...]] = []
+    exact = fact.exact
+    for gi, gj in reshape_groups(in_shape, out_shape):
         src = tuple(sorted({a for k in gi for a in fact.axes[k]}))
-        if len(gj) > 1:
-            exact = False  # a split: every piece spans the whole source group
+        exact = exact and len(gj) <= 1
         new.extend([src] * len(gj))
     return dataclasses.replace(fact, axes=tuple(new), exact=exact)
 
