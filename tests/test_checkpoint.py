@@ -367,6 +367,8 @@ class _Unregistered(Compressed):
         (OrderedDict(x=1), "a/b: cannot save a collections.OrderedDict"),
         (namedtuple("P", "x")(1), "a/b: cannot save a"),
         ({1, 2}, "a/b: cannot save a builtins.set"),
+        (np.array(["text"]), "a/b: cannot save an array of dtype <U4"),
+        (np.array([object()]), "a/b: cannot save an array of dtype object"),
         ({(1, 2): 3}, "a/b: cannot save the dict key"),
         (_Unregistered(), "a/b: cannot save .*register_compressed"),
     ],

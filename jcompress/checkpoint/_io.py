@@ -178,9 +178,9 @@ def _annotate_leaves(node: Any, entries: list[dict], refs: list[_schema.ArrayRef
             _annotate_leaves(v, entries, refs)
 
 
-def write(directory: Path, tree: Any) -> None:
+def write(directory: Path, tree: Any, walked: tuple | None = None) -> None:
     """Write a checkpoint into ``directory`` (created; not atomic: see :func:`save`)."""
-    node, refs = _schema.to_node(tree)
+    node, refs = walked if walked is not None else _schema.to_node(tree)
     entries, stored, blob = plan(refs)
     _annotate_leaves(node, entries, refs)
     directory.mkdir(parents=True, exist_ok=True)
@@ -242,14 +242,14 @@ def save(directory: str | os.PathLike, tree: Any) -> None:
     7
     """
     directory = Path(os.fspath(directory)).absolute()
-    _schema.to_node(tree)  # fail on unsupported objects before touching the disk
+    walked = _schema.to_node(tree)  # fail on unsupported objects before touching the disk
     _check_target(directory)
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = parent / f".{directory.name}.tmp-{tag}"
     try:
-        write(tmp, tree)
+        write(tmp, tree, walked)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

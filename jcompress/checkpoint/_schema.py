@@ -124,6 +124,13 @@ def to_node(tree: Any) -> tuple[Any, list[ArrayRef]]:
                 f"{path}: cannot save a traced value (inside jit/grad/vmap); save concrete "
                 "arrays outside the transformation"
             )
+        if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) and (
+            np.dtype(x.dtype).kind in "OUSMm" or np.dtype(x.dtype).fields is not None
+        ):
+            raise TypeError(
+                f"{path}: cannot save an array of dtype {x.dtype}; checkpoints hold numeric, "
+                "bool and PRNG-key arrays (store strings as Python str leaves)"
+            )
         refs.append(ArrayRef(path, x))
         return {"t": "array", "a": len(refs) - 1}
 
