@@ -118,6 +118,8 @@ def plan(refs: list[_schema.ArrayRef]) -> tuple[list[dict], dict[str, Any], np.n
         if kind == "numpy" and isinstance(x, np.generic):
             kind = "numpy_scalar"
         entry: dict[str, Any] = {"path": ref.path, "kind": kind}
+        if ref.leaf is not None:  # a compressed leaf's child: for shardings={leaf: ...}
+            entry.update(leaf=ref.leaf, leaf_shape=ref.leaf_shape)
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             entry["impl"] = str(jax.random.key_impl(x))
             x = jax.random.key_data(x)
@@ -156,33 +158,10 @@ def plan(refs: list[_schema.ArrayRef]) -> tuple[list[dict], dict[str, Any], np.n
     return entries, stored, blob
 
 
-def _annotate_leaves(node: Any, entries: list[dict], refs: list[_schema.ArrayRef]) -> None:
-    """Give compressed children their leaf's path and shape (for ``shardings`` lookups)."""
-    if isinstance(node, dict):
-        if node.get("t") == "compressed":
-            values = node["arrays"].get("values") or next(
-                (v for v in node["arrays"].values() if v is not None), None
-            )
-            if values is not None:
-                leaf_shape = entries[values["a"]]["shape"]
-                leaf = refs[values["a"]].path.rsplit("/", 1)[0]
-                for child in node["arrays"].values():
-                    if child is not None:
-                        entries[child["a"]]["leaf"] = leaf
-                        entries[child["a"]]["leaf_shape"] = leaf_shape
-            return
-        for v in node.values():
-            _annotate_leaves(v, entries, refs)
-    elif isinstance(node, list):
-        for v in node:
-            _annotate_leaves(v, entries, refs)
-
-
 def write(directory: Path, tree: Any, walked: tuple | None = None) -> None:
     """Write a checkpoint into ``directory`` (created; not atomic: see :func:`save`)."""
     node, refs = walked if walked is not None else _schema.to_node(tree)
     entries, stored, blob = plan(refs)
-    _annotate_leaves(node, entries, refs)
     directory.mkdir(parents=True, exist_ok=True)
     if blob.size:
         stored["blob"] = blob

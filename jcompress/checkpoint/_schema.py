@@ -31,12 +31,13 @@ _SCALARS = (bool, int, float, str)
 
 
 class ArrayRef:
-    """An array found while walking: its path and value."""
+    """An array found while walking: its path and value; for a compressed leaf's child, the
+    leaf's path and (float) shape too."""
 
-    __slots__ = ("path", "value")
+    __slots__ = ("leaf", "leaf_shape", "path", "value")
 
-    def __init__(self, path: str, value: Any):
-        self.path, self.value = path, value
+    def __init__(self, path: str, value: Any, leaf: str | None = None, leaf_shape=None):
+        self.path, self.value, self.leaf, self.leaf_shape = path, value, leaf, leaf_shape
 
 
 def _unsupported(path: str, x: Any, why: str = "") -> TypeError:
@@ -117,8 +118,10 @@ def to_node(tree: Any) -> tuple[Any, list[ArrayRef]]:
     frozen = _frozendict_type()
     variable_types = _variable_types() if nnx is not None else {}
 
-    def array(keys: list, x: Any, suffix: str = "") -> dict:
-        path = path_str(keys) + suffix
+    def array(keys: list, x: Any, field: str | None = None, owner: Any = None) -> dict:
+        """``x`` at ``keys``, or the array child ``field`` of the compressed leaf ``owner``."""
+        leaf = path_str(keys)
+        path = leaf if field is None else f"{leaf}/{field}"
         if isinstance(x, jax.core.Tracer):
             raise TypeError(
                 f"{path}: cannot save a traced value (inside jit/grad/vmap); save concrete "
@@ -131,7 +134,10 @@ def to_node(tree: Any) -> tuple[Any, list[ArrayRef]]:
                 f"{path}: cannot save an array of dtype {x.dtype}; checkpoints hold numeric, "
                 "bool and PRNG-key arrays (store strings as Python str leaves)"
             )
-        refs.append(ArrayRef(path, x))
+        if owner is None:
+            refs.append(ArrayRef(path, x))
+        else:
+            refs.append(ArrayRef(path, x, leaf, [int(d) for d in owner.shape]))
         return {"t": "array", "a": len(refs) - 1}
 
     def items(keys: list, mapping: Any, kind: str) -> dict:
@@ -162,7 +168,7 @@ def to_node(tree: Any) -> tuple[Any, list[ArrayRef]]:
                 if v is None:
                     arrays[a] = None
                 elif _is_array(v):
-                    arrays[a] = array(keys, v, f"/{a}")
+                    arrays[a] = array(keys, v, a, owner=x)
                 else:
                     raise _unsupported(f"{path}/{a}", v)
             static = {s: encode_static(path, s, getattr(x, s)) for s in kind.static}
