@@ -548,7 +548,7 @@ def test_take_dequantizes_only_gathered_rows(granularity):
 def mlp_params():
     from jcompress.demo import MLP
 
-    return MLP((32, 16, 10)).init(jax.random.key(0), jnp.ones((1, 64)))
+    return jax.jit(MLP((32, 16, 10)).init)(jax.random.key(0), jnp.ones((1, 64)))
 
 
 def test_only_selected_leaves_change(mlp_params, strict):
@@ -689,7 +689,7 @@ class _Tiny(nn.Module):
 def tiny():
     model = _Tiny()
     ids = jnp.arange(10).reshape(2, 5)
-    params = model.init(jax.random.key(0), ids)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
     attn_in = Role("matmul", contracting=(0,), output=(1, 2))
     roles = {
         "Embed_0/embedding": Role("gather", contracting=(1,), output=(0,)),
@@ -802,15 +802,19 @@ def test_equinox_out_in_layout_with_roles(strict):
 
 def test_calibrate_then_quantize_equals_quantize(mlp_params):
     spec = QuantSpec(bits=4, granularity=PerGroup(16), calibration=MSE(grid=10), symmetric=False)
-    scales = jq.calibrate(mlp_params, spec)
-    assert list(scales) == [f"params/Dense_{i}/kernel" for i in range(3)]
-    direct = jq.quantize(mlp_params, spec)
-    reused = jq.quantize(mlp_params, spec, scales=scales)
+    where = r".*Dense_1/kernel"
+    scales = jq.calibrate(mlp_params, spec, where=where)
+    assert list(scales) == ["params/Dense_1/kernel"]
+    assert list(jq.calibrate(mlp_params, QuantSpec())) == [
+        f"params/Dense_{i}/kernel" for i in range(3)
+    ]
+    direct = jq.quantize(mlp_params, spec, where=where)
+    reused = jq.quantize(mlp_params, spec, where=where, scales=scales)
     for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(reused)):
         np.testing.assert_array_equal(
             np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
         )
-    jitted = jax.jit(lambda p: jq.calibrate(p, spec))(mlp_params)
+    jitted = jax.jit(lambda p: jq.calibrate(p, spec, where=where))(mlp_params)
     for k in scales:
         np.testing.assert_array_equal(np.asarray(scales[k].scale), np.asarray(jitted[k].scale))
 

@@ -126,7 +126,7 @@ def _range(w: jax.Array, axes: tuple[int, ...], spec: QuantSpec):
 
 
 def _scale_zero_point(lo, hi, ratio, bad, spec: QuantSpec):
-    """Scale and zero point (``float32``; ``None`` if symmetric) clipping at ``ratio * [lo, hi]``."""
+    """Scale and zero point (float32; ``None`` if symmetric) clipping at ``ratio * [lo, hi]``."""
     qmin, qmax = spec.levels
     hi = hi * ratio
     lo = lo * ratio
@@ -193,11 +193,19 @@ def compute_scales(w: jax.Array, *, spec: QuantSpec, lay: Layout) -> Scales:
     dtype)."""
     w = w.astype(jnp.float32).reshape(lay.split_shape)
     axes = lay.reduce_axes
-    bad = jnp.logical_not(jnp.all(jnp.isfinite(w), axis=axes, keepdims=True))
-    safe = jnp.where(jnp.isfinite(w), w, jnp.zeros((), jnp.float32))
-    lo, hi = _range(safe, axes, spec)
+    if isinstance(spec.calibration, Percentile) and spec.calibration.q < 100:
+        # Sorting ignores the NaN-propagation the max/min below rely on: check explicitly.
+        bad = jnp.logical_not(jnp.all(jnp.isfinite(w), axis=axes, keepdims=True))
+        lo, hi = _range(jnp.where(jnp.isfinite(w), w, jnp.zeros((), jnp.float32)), axes, spec)
+    else:
+        # max/min propagate NaN and keep Inf: a non-finite block has a non-finite extreme, so
+        # one reduction pass finds both the range and the flag.
+        lo, hi = _range(w, axes, spec)
+        bad = jnp.logical_not(jnp.isfinite(lo) & jnp.isfinite(hi))
+        lo = jnp.where(bad, jnp.zeros((), jnp.float32), lo)
+        hi = jnp.where(bad, jnp.zeros((), jnp.float32), hi)
     if isinstance(spec.calibration, MSE):
-        ratio = _mse_ratio(safe, lo, hi, bad, axes, spec)
+        ratio = _mse_ratio(w, lo, hi, bad, axes, spec)
     else:
         ratio = jnp.ones((), jnp.float32)
     scale, zp = _scale_zero_point(lo, hi, ratio, bad, spec)
