@@ -163,7 +163,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     console = _console()
     console.print(s.table(title=str(args.dir)))
     console.print(
-        f"{len(s.leaves)} arrays, {s.size:,} values, {report.format_bytes(s.memory_bytes)} in "
+        f"{len(s.leaves)} leaves, {s.size:,} values, {report.format_bytes(s.memory_bytes)} in "
         f"memory, {report.format_bytes(s.encoded_bytes)} encoded, "
         f"{report.format_bytes(disk)} on disk"
     )
