@@ -83,7 +83,10 @@ def nonzero_mask(flat: np.ndarray) -> np.ndarray:
     bits = element_bits(flat.dtype)
     if bits < 8:
         return (flat.view(np.uint8) & np.uint8((1 << bits) - 1)) != 0
-    return flat.view(np.uint8).reshape(flat.size, flat.dtype.itemsize).any(axis=1)
+    size = flat.dtype.itemsize
+    if size in (1, 2, 4, 8):
+        return flat.view(f"<u{size}") != 0
+    return flat.view(np.uint8).reshape(flat.size, size).any(axis=1)
 
 
 class Encoded(NamedTuple):
