@@ -24,6 +24,16 @@ traceable.
   at each segment start on the *current* (updated) rows of the segment: that is where GPTQ
   computes a group's scales and SparseGPT selects a mask adaptively.
 
+Model level (used by ``jc.quantization.gptq`` and ``jc.pruning.sparsegpt``):
+
+* :func:`accumulate`: ``jc.capture(fn, params, *batch, gram=True)`` merged over the batches.
+* :class:`LeafMatrices`: any matmul/conv leaf as ``(S, C, O)`` stacked ``(in, out)`` matrices
+  (stacked slices, contracting axes flattened in leaf order as ``InputStats`` orders its
+  channels, output axes flattened) and back, and its per-slice Hessians.
+* :func:`run_layers`: the loop over layers with a ``rich`` progress bar. One-pass mode walks
+  the batches once and holds every selected layer's Gram matrix (``C²`` floats per slice);
+  sequential mode walks them once per layer, with earlier layers already compressed.
+
 References:
   Frantar, Ashkboos, Hoefler, Alistarh, 2022, "GPTQ: Accurate Post-Training Quantization for
   Generative Pre-trained Transformers", arXiv:2210.17323 (Algorithm 1).
@@ -77,11 +87,14 @@ class LayerStats(NamedTuple):
         ``H = 2 XᵀX / n`` it is the mean squared layer-output error ``||X ΔW||² / n``.
       ok: ``False`` if ``H`` was not positive definite after dampening (the result is then not
         usable; eagerly this is an error, inside ``jit`` read this flag).
+      fallback: ``True`` where the method's plain baseline (GPTQ: round to nearest) had the
+        lower ``output_error`` and was returned instead; ``False`` for SparseGPT.
     """
 
     loss: jax.Array
     output_error: jax.Array
     ok: jax.Array
+    fallback: jax.Array = np.False_
 
 
 class Prepared(NamedTuple):
@@ -444,7 +457,7 @@ def run_layers(
     from rich.progress import track
 
     leaves = dict(leaves_with_paths(params))
-    stats = accumulate(fn, params, batches, what)
+    stats = dict(accumulate(fn, params, batches, what))
     check_stats(list(paths), stats, what)
     chosen = set(paths)
     order = [p for p in stats if p in chosen]
@@ -452,8 +465,8 @@ def run_layers(
     current = params
     for i, path in enumerate(track(order, description=what, disable=quiet, transient=True)):
         if sequential and i:
-            stats = accumulate(fn, current, batches, what)
-        results[path], value = compress(path, leaves[path], stats[path])
+            stats = dict(accumulate(fn, current, batches, what))
+        results[path], value = compress(path, leaves[path], stats.pop(path))  # frees its Gram
         if sequential:
             current = map_with_paths(lambda p, x, v=value, q=path: v if p == q else x, current)
     return results

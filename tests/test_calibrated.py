@@ -221,6 +221,7 @@ def test_gptq_matches_numpy_reference(spec, act_order):
         w, h, bits=spec.bits, symmetric=spec.symmetric, group=group_of(spec), act_order=act_order
     )
     qa, stats = gptq_layer(w, h, spec, block_size=BLOCK, act_order=act_order)
+    assert not bool(stats.fallback)  # GPTQ itself, not the round-to-nearest guard
     values = np.asarray(qa.values.astype(jnp.int32))
     flips = int(np.sum(values != ref))
     assert flips <= 0.01 * values.size, f"{flips} of {values.size} values differ"
@@ -253,13 +254,14 @@ def test_sparsegpt_matches_numpy_reference(sparsity):
     assert abs(out_err(x, w, out.weights) - out_err(x, w, ref_w)) <= 0.02 * out_err(x, w, ref_w)
 
 
-def test_wanda_matches_numpy_reference():
+def test_wanda_matches_numpy_reference(strict):
     rng = np.random.default_rng(2)
     w = rng.normal(size=(24, 10)).astype(np.float32)
     sumsq = rng.uniform(0.1, 50, size=24).astype(np.float32)
     stats = {"Dense_0/kernel": InputStats(jnp.ones(24), jnp.asarray(sumsq), jnp.array(8))}
     for s in (0.25, 0.5, 0.7):
-        keep = wanda_masks({"Dense_0": {"kernel": jnp.asarray(w)}}, stats, s)
+        with strict():
+            keep = wanda_masks({"Dense_0": {"kernel": jnp.asarray(w)}}, stats, s)
         np.testing.assert_array_equal(np.asarray(keep["Dense_0"]["kernel"]), np_wanda(w, sumsq, s))
 
 
@@ -305,6 +307,21 @@ def test_gptq_output_error_below_rtn(seed, spec):
         np.testing.assert_allclose(float(stats.output_error), ours**2 / x.shape[0], rtol=1e-3)
 
 
+def test_gptq_falls_back_to_rtn_where_it_loses():
+    # found by the property test: at 2 bits with groups of 8 the greedy sweep can lose narrowly
+    spec = QuantSpec(bits=2, granularity=PerGroup(8))
+    rng = np.random.default_rng(110)
+    w = (rng.normal(size=(32, 8)) * 1e-3).astype(np.float32)
+    w[:, 0] = w[1] = 0.0
+    rng = np.random.default_rng(109)
+    x = rng.normal(size=(128, 16)) @ rng.normal(size=(16, 32))
+    x = x + 0.05 * rng.normal(size=x.shape)
+    h = (2 * x.T @ x / len(x)).astype(np.float32)
+    qa, stats = gptq_layer(w, h, spec, block_size=8)
+    assert bool(stats.fallback)
+    np.testing.assert_array_equal(np.asarray(qa.values), np.asarray(rtn(w, spec).values))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("sparsity", [0.5, NM(2, 4)], ids=str)
 def test_sparsegpt_output_error_below_magnitude(seed, sparsity):
@@ -343,12 +360,16 @@ def test_wanda_beats_magnitude_with_outlier_channels(seed, sparsity):
 
 
 @pytest.mark.parametrize("n_in, sparsity", [(64, 0.5), (37, 0.3), (37, 0.7), (64, 0.0)])
-def test_sparsegpt_exact_count_per_output_channel(n_in, sparsity):
+def test_sparsegpt_exact_count_per_output_channel(n_in, sparsity, strict):
     _, w, h = layer(4, n_in=n_in)
-    out = sparsegpt_layer(w, h, sparsity, block_size=SBLOCK)
+    dtype = jnp.bfloat16 if n_in == 37 else jnp.float32
+    # strict promotion is part of the compilation key: checked on the odd bfloat16 size only
+    with strict() if n_in == 37 else contextlib.nullcontext():
+        out = sparsegpt_layer(jnp.asarray(w, dtype), h, sparsity, block_size=SBLOCK)
+    assert out.weights.dtype == dtype
     pruned = np.sum(~np.asarray(out.mask), axis=0)
     assert (pruned == round(np.float32(sparsity) * n_in)).all()
-    assert (np.asarray(out.weights)[~np.asarray(out.mask)] == 0).all()
+    assert (np.asarray(out.weights, np.float32)[~np.asarray(out.mask)] == 0).all()
 
 
 @pytest.mark.parametrize("nm", [NM(2, 4), NM(1, 4), NM(4, 8)], ids=str)
@@ -641,3 +662,52 @@ def test_model_level_errors(model):
         gptq(mlp, params, [], SPECS[0], quiet=True)
     with pytest.raises(ValueError, match="no batch"):
         gptq(mlp, params, iter(batches), SPECS[0], quiet=True, sequential=True)
+
+
+def test_linen_and_nnx_layouts(model):
+    from flax import nnx
+
+    from jcompress import tree as jt
+    from jcompress.demo import MLP
+    from jcompress.pruning._sparsegpt import sparsegpt
+    from jcompress.quantization import QArray
+    from jcompress.quantization._gptq import gptq
+    from jcompress.runtime import capture
+
+    _, batches, _ = model
+    net = MLP(features=(16, 8))  # linen Dense layers with the layer tests' shapes
+    params = net.init(jax.random.key(0), batches[0][0][:1])["params"]
+
+    def fn(p, x):
+        return net.apply({"params": p}, x)
+
+    first, second = (capture(fn, params, *b) for b in batches)
+    stats = {k: v.merge(second[k]) for k, v in first.items()}
+    keep = wanda_masks(params, stats, 0.25)
+    assert (np.sum(~np.asarray(keep["Dense_1"]["kernel"]), 0) == 4).all()
+    assert keep["Dense_0"]["bias"] is True
+    q = gptq(fn, params, batches, SPECS[0], block_size=BLOCK, quiet=True)
+    assert isinstance(q["Dense_0"]["kernel"], QArray) and isinstance(q["Dense_1"]["kernel"], QArray)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l0 = nnx.Linear(64, 16, rngs=rngs)
+            self.l1 = nnx.Linear(16, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l1(jnp.tanh(self.l0(x)))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+
+    def nnx_fn(s, x):
+        return nnx.merge(graphdef, s)(x)
+
+    pruned, masks = sparsegpt(nnx_fn, state, batches, 0.5, block_size=SBLOCK, quiet=True)
+    assert isinstance(pruned, nnx.State)
+    leaves = dict(jt.leaves_with_paths(pruned))
+    assert (np.asarray(leaves["l0/kernel"])[~np.asarray(masks["l0"]["kernel"])] == 0).all()
+    assert (np.sum(~np.asarray(masks["l1"]["kernel"]), 0) == 8).all()
+    q = dict(
+        jt.leaves_with_paths(gptq(nnx_fn, state, batches, SPECS[0], block_size=BLOCK, quiet=True))
+    )
+    assert isinstance(q["l0/kernel"], QArray) and not isinstance(q["l0/bias"], QArray)

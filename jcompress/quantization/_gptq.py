@@ -12,7 +12,10 @@ Scales:
   reference implementation does), so with an identity Hessian GPTQ is round-to-nearest exactly.
 * ``PerGroup(g)``: a group's scales are computed when the sweep reaches its first row, from the
   group's *current* rows (already corrected by the earlier rows' errors). Groups must start on
-  block boundaries, so the block size is rounded to a multiple of ``g`` (at least ``g``).
+  block boundaries, so the block size is rounded to a multiple of ``g`` (at least ``g``). For a
+  conv kernel ``(kh, kw, in, out)`` the rows are ``kh·kw·in`` (leaf order), so a group is ``g``
+  consecutive input channels at one kernel position, the ``quantize`` layout
+  ``(kh, kw, in/g, out)``.
 * ``PerGroup(g)`` with ``act_order=True``: rows are processed out of order, so a group's rows
   are not processed together; its scales are then computed up front from the original kernel
   ("static groups"), which keeps the contiguous ``QArray`` group layout that ``dequantize``
@@ -122,9 +125,21 @@ def _gptq(w, h, mask, *, spec: QuantSpec, block_size: int, percdamp: float, act_
             table.scale[: n // group],
             None if table.zero_point is None else table.zero_point[: n // group],
         )
+    err = _hessian.output_error(w, dequantize_blocks(values, *table, w.dtype), h)
+    # the guard: round to nearest with the spec's own scales, kept if its output error is lower
+    rtn = compute_scales(w0, spec=spec, lay=layout("", (n, out), spec, _DENSE))
+    rtn_values, _ = to_int(w0, rtn, spec)
+    if mask is not None:
+        zp = rtn.zero_point
+        zero = jnp.zeros_like(rtn_values) if zp is None else jnp.repeat(zp, n // len(zp), 0)
+        rtn_values = jnp.where(mask, rtn_values, zero)
+    rtn_err = _hessian.output_error(w, dequantize_blocks(rtn_values, *rtn, w.dtype), h)
+    fallback = rtn_err < err
+    values = jnp.where(fallback, rtn_values, values)
+    table = jax.tree.map(lambda a, b: jnp.where(fallback, a, b), rtn, table)
+    err = jnp.minimum(err, rtn_err)
     qa = QArray(values, table.scale, table.zero_point, bits=spec.bits, dtype=w.dtype)
-    err = _hessian.output_error(w, qa.dequantize(), h)
-    return qa, _hessian.LayerStats(loss, err, prep.ok & jnp.isfinite(err))
+    return qa, _hessian.LayerStats(loss, err, prep.ok & jnp.isfinite(err), fallback)
 
 
 def gptq_layer(
@@ -161,7 +176,12 @@ def gptq_layer(
 
     Returns:
       ``(qarray, stats)``: a :class:`QArray` of ``w``'s shape and dtype, and
-      :class:`jcompress._hessian.LayerStats` (``loss``, ``output_error``, ``ok``).
+      :class:`jcompress._hessian.LayerStats` (``loss``, ``output_error``, ``ok``,
+      ``fallback``). GPTQ's greedy sweep is not guaranteed to beat round-to-nearest (it can
+      lose narrowly at 2 bits with small groups), so the round-to-nearest result with the same
+      spec is computed too and returned instead when its output error ``tr(ΔWᵀ H ΔW)`` is
+      lower (``stats.fallback``): the result is never worse than ``quantize`` on the
+      calibration objective.
 
     Raises:
       ValueError: shapes that do not fit (naming both), bad options, a ``PerGroup`` size not
