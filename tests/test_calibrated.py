@@ -546,20 +546,51 @@ def test_gptq_model_equals_layer_level_and_beats_rtn(model):
     assert np.linalg.norm(mlp(deq, x) - exact) < np.linalg.norm(mlp(base, x) - exact)
 
 
-def test_gptq_sequential_calibrates_on_quantized_outputs(model):
+def layer2_hessian(params, batches):
+    """The Hessian of Dense_1's inputs, from jc.capture over the batches."""
+    from jcompress.runtime import capture
+
+    stats = [capture(mlp, params, *b, gram=True)["Dense_1/kernel"] for b in batches]
+    total = stats[0].merge(stats[1])
+    return _hessian.hessian(total.gram, total.count)
+
+
+def test_sequential_calibrates_on_compressed_outputs(model):
+    from jcompress.pruning._sparsegpt import sparsegpt
     from jcompress.quantization._gptq import gptq
 
-    params, batches, x = model
-    one = gptq(mlp, params, batches, SPECS[0], block_size=BLOCK, quiet=True)
-    seq = gptq(mlp, params, batches, SPECS[0], block_size=BLOCK, quiet=True, sequential=True)
+    params, batches, _ = model
+    rules = [("Dense_0/kernel", QuantSpec(bits=2)), (".*", SPECS[0])]
+    one = gptq(mlp, params, batches, rules, block_size=BLOCK, quiet=True)
+    seq = gptq(mlp, params, batches, rules, block_size=BLOCK, quiet=True, sequential=True)
     first = np.asarray(one["Dense_0"]["kernel"].values, np.int32)
     np.testing.assert_array_equal(first, np.asarray(seq["Dense_0"]["kernel"].values, np.int32))
-    # layer 2 sees the outputs of the quantized layer 1
-    hidden = np.tanh(x @ np.asarray(seq["Dense_0"]["kernel"].dequantize()))
-    h = _hessian.hessian(hidden.T @ hidden, len(x))
+    # layer 2 is calibrated on the outputs of the quantized layer 1
+    quantized_first = {
+        **params,
+        "Dense_0": {**params["Dense_0"], "kernel": seq["Dense_0"]["kernel"].dequantize()},
+    }
+    h = layer2_hessian(quantized_first, batches)
     ref, _ = gptq_layer(params["Dense_1"]["kernel"], h, SPECS[0], block_size=BLOCK)
     got = np.asarray(seq["Dense_1"]["kernel"].values, np.int32)
-    assert np.sum(got != np.asarray(ref.values, np.int32)) <= 2
+    np.testing.assert_array_equal(got, np.asarray(ref.values, np.int32))
+    assert np.sum(got != np.asarray(one["Dense_1"]["kernel"].values, np.int32)) >= 5
+
+    one_p, one_m = sparsegpt(mlp, params, batches, 0.75, block_size=SBLOCK, quiet=True)
+    seq_p, seq_m = sparsegpt(
+        mlp, params, batches, 0.75, block_size=SBLOCK, quiet=True, sequential=True
+    )
+    np.testing.assert_array_equal(seq_p["Dense_0"]["kernel"], one_p["Dense_0"]["kernel"])
+    pruned_first = {**params, "Dense_0": seq_p["Dense_0"]}
+    ref = sparsegpt_layer(
+        params["Dense_1"]["kernel"], layer2_hessian(pruned_first, batches), 0.75, block_size=SBLOCK
+    )
+    np.testing.assert_array_equal(np.asarray(seq_m["Dense_1"]["kernel"]), np.asarray(ref.mask))
+    np.testing.assert_array_equal(np.asarray(seq_p["Dense_1"]["kernel"]), np.asarray(ref.weights))
+    assert (
+        np.sum(np.asarray(seq_m["Dense_1"]["kernel"]) != np.asarray(one_m["Dense_1"]["kernel"]))
+        >= 1
+    )
 
 
 def test_sparsegpt_model_masks_and_error(model):
