@@ -449,13 +449,15 @@ def test_nonfinite_flag_is_sticky_and_freezes_masks():
 
 
 def test_nonfinite_flag_from_params():
+    # Parameters are checked where masks are computed from them (step 2: the target changes).
     tx, update = nonfinite_update()
     params = init_params()
-    state = tx.init(params)
+    state = tx.init(params)._replace(count=jnp.int32(2))
     bad = jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.inf), params)
     _, state = update(jax.tree.map(jnp.ones_like, params), state, bad)
     assert bool(nonfinite(state))
     assert all(bool(jnp.all(m)) for m in jax.tree.leaves(masks_of(state)))
+    assert float(state.target) == 0.0  # the masks were not made for the new target
 
 
 def test_masks_of_finds_wrapped_state_and_errors():

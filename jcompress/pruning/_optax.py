@@ -38,7 +38,8 @@ class PruneState(NamedTuple):
         ``masks=``: the fraction of selected weights they prune).
       count: ``int32`` scalar, the number of ``update`` calls so far (the schedule's step).
       nonfinite: ``bool`` scalar, sticky: set once an ``update`` met NaN/Inf in the incoming
-        updates or the parameters. Masks are not recomputed after it is set.
+        updates (checked every step) or in the parameters (checked whenever masks are
+        computed from them). Masks are not recomputed after it is set.
     """
 
     inner_state: optax.OptState
@@ -96,6 +97,15 @@ def _check_key(key: Any) -> jax.Array:
             f"dtype {key.dtype} and shape {key.shape}"
         )
     return key
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating leaf of ``tree`` is free of NaN and Inf (a bool scalar)."""
+    finite = jnp.array(True)
+    for leaf in jax.tree.leaves(tree):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            finite = finite & jnp.all(jnp.isfinite(leaf))
+    return finite
 
 
 def _raw_target(schedule: Schedule, count: jax.Array) -> jax.Array:
@@ -350,11 +360,9 @@ def prune(
         # Everything inside runs on the masks' structure (plain arrays), matched by path.
         p = _like(state.masks, _unwrap(params), "params")
         g = _like(state.masks, _unwrap(updates), "updates")
-        finite = jnp.array(True)
-        for leaf in jax.tree.leaves((p, g)):
-            if jnp.issubdtype(leaf.dtype, jnp.inexact):
-                finite = finite & jnp.all(jnp.isfinite(leaf))
-        bad = state.nonfinite | ~finite
+        # NaN/Inf: the incoming updates every step (cheap next to the step); the parameters
+        # where masks are computed from them (a finite update keeps finite weights finite).
+        bad = state.nonfinite | ~_all_finite(g)
 
         if fixed is not None:
             masks, target = state.masks, state.target
@@ -370,13 +378,19 @@ def prune(
             def recompute(old):
                 scores = scores_of(p, g, plan.selection, state.count)
                 new = _masks.masks_from_scores(p, scores, target, plan, previous=old)
-                return _as_masks(old, new)
+                ok = _all_finite(p)
+                new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), _as_masks(old, new), old)
+                return new, ok
+
+            def keep(old):
+                return old, jnp.array(True)
 
             if jtree.is_concrete(change):  # eager: branch in Python, compile nothing extra
-                masks = recompute(state.masks) if bool(change) else state.masks
+                masks, ok = (recompute if bool(change) else keep)(state.masks)
             else:
-                masks = lax.cond(change, recompute, lambda old: old, state.masks)
-            target = jnp.where(change, target, state.target)
+                masks, ok = lax.cond(change, recompute, keep, state.masks)
+            bad = bad | ~ok
+            target = jnp.where(change & ok, target, state.target)
 
         def mask_gradient(t, m, x):
             return jnp.where(m, x, jnp.zeros((), x.dtype)) if t else x
@@ -440,8 +454,10 @@ def masks_of(opt_state: Any) -> Any:
 def nonfinite(opt_state: Any) -> jax.Array:
     """The sticky NaN/Inf flag of the :func:`prune` state inside ``opt_state`` (bool scalar).
 
-    ``True`` once an ``update`` met NaN or Inf in the incoming updates or the parameters; masks
-    are not recomputed from then on. Check it in your loop (it costs nothing inside ``jit``).
+    ``True`` once an ``update`` met NaN or Inf in the incoming updates (checked every step) or
+    in the parameters (checked whenever masks are computed from them: finite updates keep
+    finite weights finite); masks are not recomputed from then on. Reading it forces a device
+    sync, so check it every few hundred steps or at the end.
 
     Raises:
       ValueError: no prune state (or more than one) in ``opt_state``.
