@@ -46,9 +46,12 @@ __all__ = [
     "Interpreter",
     "Traced",
     "View",
+    "bind",
     "identity_view",
+    "is_array_like",
     "leaf_names",
     "reshape_groups",
+    "stand_in",
     "trace",
 ]
 
@@ -225,7 +228,8 @@ def _reshape_rule(fact: View, in_shape: Sequence[int], out_shape: Sequence[int])
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_array_like(x: Any) -> bool:
+def is_array_like(x: Any) -> bool:
+    """Whether ``x`` is traced by the runtime (arrays, tracers, stand-ins, compressed leaves)."""
     return (
         isinstance(x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct)
         or is_compressed(x)
@@ -233,7 +237,8 @@ def _is_array_like(x: Any) -> bool:
     )
 
 
-def _stand_in(x: Any) -> Any:
+def stand_in(x: Any) -> Any:
+    """The abstract value a leaf is traced as (compressed leaves: their float shape/dtype)."""
     if is_compressed(x):
         return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
     return x
@@ -343,12 +348,17 @@ def trace(
     )
 
 
+_is_array_like = is_array_like
+_stand_in = stand_in
+
+
 # ----------------------------------------------------------------------------------------------
 # The interpreter
 # ----------------------------------------------------------------------------------------------
 
 
-def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+def bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+    """Evaluate one equation on ``invals`` (a list of outputs, also for single results)."""
     params = eqn.primitive.get_bind_params(eqn.params)
     if isinstance(params, tuple):  # older JAX: (subfuns, params)
         subfuns, params = params
@@ -360,6 +370,9 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
 
 def _has_subjaxpr(eqn: Any) -> bool:
     return any(True for _ in jex.core.jaxprs_in_params(eqn.params))
+
+
+_bind = bind
 
 
 class Interpreter:
