@@ -190,6 +190,12 @@ def prune(
     With ``structure=NM(n, m)`` the schedule only switches pruning on: a positive target means
     N:M masks (sparsity ``1 - n/m``).
 
+    Cost per step: one read of the gradients (the NaN/Inf check), two selects that XLA fuses
+    into the optimizer's own element-wise work, and a ``lax.cond`` whose mask recomputation runs
+    only when the target changes. Nothing is recompiled when the masks change. The state holds
+    one bool per selected weight. Unstructured sparsity saves no time on XLA: it is the
+    accuracy-preserving step before an encoded checkpoint or structured shrinking.
+
     Args:
       inner: the optax transform to wrap (``GradientTransformation``, with or without extra
         args, or ``optax.MultiSteps``). Extra keyword arguments of ``update`` reach it.
