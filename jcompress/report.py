@@ -23,6 +23,7 @@ import json
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jcompress import tree as jtree
@@ -199,12 +200,18 @@ def format_bytes(n: int | float) -> str:
     raise AssertionError("unreachable")
 
 
+def _count_nonzero(x: Any) -> int:
+    """Non-zero values; sharded arrays are counted where they live (no gathering)."""
+    if isinstance(x, jax.Array):
+        return int(jnp.count_nonzero(x))
+    return int(np.count_nonzero(x))
+
+
 def _array_report(path: str, x: Any) -> LeafReport:
     dtype = np.dtype(x.dtype)
     bits = _encode.element_bits(dtype)
     size = int(np.prod(x.shape, dtype=np.int64))
-    host = np.asarray(x) if not isinstance(x, jax.Array) or x.is_fully_addressable else None
-    zeros = size - int(np.count_nonzero(host)) if host is not None else 0
+    zeros = size - _count_nonzero(x)
     return LeafReport(
         path=path,
         kind="array",
@@ -220,7 +227,7 @@ def _array_report(path: str, x: Any) -> LeafReport:
 def _compressed_report(path: str, x: Any) -> LeafReport:
     size = int(np.prod(x.shape, dtype=np.int64))
     # A pruned weight dequantizes to exactly 0 (a QArray stores it as its zero point).
-    zeros = size - int(np.count_nonzero(np.asarray(x.dequantize())))
+    zeros = size - _count_nonzero(x.dequantize())
     bits = getattr(x, "bits", None)
     kind = _registry.kind_of(x)
     encoded = 0

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,3 +105,13 @@ def test_plots_write_png(tmp_path, tree):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no points"):
         plots.tradeoff([], tmp_path / "x.png")
+
+
+def test_sharded_leaves_are_counted_without_gathering(devices):
+    mesh = jax.make_mesh((8,), ("x",))
+    w = np.zeros((64, 8), np.float32)
+    w[:8] = 1.0
+    x = jax.device_put(w, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))
+    (row,) = report.summarize({"w": x}).leaves
+    assert row.sparsity == 56 / 64 and row.memory_bytes == 64 * 8 * 4
+    assert row.encoded_bytes == 64 + 64 * 4  # bitmask + the 64 ones
