@@ -193,7 +193,7 @@ def test_demo_quick(capsys, tmp_path):
     assert set(printed) == {v["name"] for v in results["variants"]}
     assert "dense float32" in printed
     for name, acc in printed.items():
-        assert 0.85 < float(acc) <= 1.0, (name, acc)
+        assert 0.9 < float(acc) <= 1.0, (name, acc)
     for v in results["variants"]:
         assert v["reloaded_identical"] is True
         ckpt_dir = tmp_path / "checkpoints" / v["name"].replace(" ", "_").replace("%", "pct")

@@ -211,7 +211,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     stages: dict[str, str] = {}
-    epochs_teacher, epochs_student, repeats = (10, 8, 3) if quick else (40, 30, 30)
+    epochs_teacher, epochs_student, repeats = (12, 16, 3) if quick else (40, 30, 30)
 
     task = DigitsTask.load(seed=seed)
     data, apply, ce = task.data, task.apply, task.loss
