@@ -351,7 +351,8 @@ class Dependencies(ip.Interpreter):
             reason = f"feeds a grouped convolution {why} (feature_group_count={groups})"
             self.drop(la[lf], reason)
             self.drop(ra[rin], reason)
-            self.drop(ra[rout], reason)
+            out[out_spec[1]] = self.born(ra[rout], rs[rout])
+            self.drop(out[out_spec[1]], reason)
         return [tuple(out)]
 
     def _rule_transpose(self, eqn, axes, shapes, why):

@@ -53,7 +53,7 @@ def _member_alive(mask: Any, shape: tuple[int, ...], member: Member, size: int) 
 
 def _member_scores(leaf: Any, member: Member, size: int) -> np.ndarray:
     """Per channel, the sum of squares of the member's weights ``(size,)``."""
-    x = np.asarray(jnp.asarray(leaf, jnp.float32))
+    x = np.asarray(leaf).astype(np.float32)
     sq = (x * x).sum(axis=tuple(a for a in range(x.ndim) if a != member.axis))
     return np.array([sq[idx].sum() for idx in _channel_table(member, size, x.shape[member.axis])])
 
@@ -62,20 +62,29 @@ def _removed(
     groups: list[Group], leaves: dict[str, Any], masks: dict[str, Any], round_to: int
 ) -> dict[Group, np.ndarray]:
     """``{group: removed channel indices}`` for every prunable group losing channels."""
-    out = {}
-    for g in groups:
-        if g.blocked is not None or g.size == 0:
-            continue
-        alive = [
+    prunable = [g for g in groups if g.blocked is None and g.size > 0]
+    alive = {
+        g: [
             _member_alive(masks[m.path], tuple(np.shape(leaves[m.path])), m, g.size)
             for m in g.members
         ]
-        any_alive = np.any(alive, axis=0)
-        all_alive = np.all(alive, axis=0)
+        for g in prunable
+    }
+    for g in prunable:
+        if not np.any(alive[g]):
+            raise ValueError(
+                f"the masks remove every one of the {g.size} channels of the group "
+                f"{[m.path for m in g.members]}: the layer would vanish; prune a smaller "
+                "fraction or exclude it with where="
+            )
+    out = {}
+    for g in prunable:
+        any_alive = np.any(alive[g], axis=0)
+        all_alive = np.all(alive[g], axis=0)
         if not np.array_equal(any_alive, all_alive):
             c = int(np.flatnonzero(any_alive != all_alive)[0])
-            dead = [f"{m.path} (axis {m.axis})" for m, a in zip(g.members, alive) if not a[c]]
-            kept = [f"{m.path} (axis {m.axis})" for m, a in zip(g.members, alive) if a[c]]
+            dead = [f"{m.path} (axis {m.axis})" for m, a in zip(g.members, alive[g]) if not a[c]]
+            kept = [f"{m.path} (axis {m.axis})" for m, a in zip(g.members, alive[g]) if a[c]]
             raise ValueError(
                 f"masks disagree within a channel group of {g.size} channels: channel {c} is "
                 f"removed in {dead} but kept in {kept}; build the masks with "
@@ -84,12 +93,6 @@ def _removed(
             )
         if all_alive.all():
             continue
-        if not all_alive.any():
-            raise ValueError(
-                f"the masks remove every one of the {g.size} channels of the group "
-                f"{[m.path for m in g.members]}: the layer would vanish; prune a smaller "
-                "fraction or exclude it with where="
-            )
         dead = np.flatnonzero(~all_alive)
         kept = g.size - len(dead)
         extra = min(g.size, -(-kept // round_to) * round_to) - kept
@@ -114,15 +117,19 @@ def _drop_indices(removed: dict[Group, np.ndarray], shapes: dict[str, tuple]) ->
     return {k: np.array(sorted(v), np.int64) for k, v in out.items()}
 
 
-def _slice_params(params: Params, drops: dict) -> Params:
-    def one(path, leaf):
-        for (p, axis), idx in drops.items():
-            if p == path:
-                keep = np.setdiff1d(np.arange(leaf.shape[axis]), idx)
-                leaf = jnp.take(leaf, keep, axis=axis)
-        return leaf
+def _shrink_leaf(leaf: Any, mask: Any, drops: list[tuple[int, np.ndarray]]) -> jax.Array:
+    """``leaf`` masked (``where(mask, leaf, 0)``) and with the ``drops`` indices removed.
 
-    return jt.map_with_paths(one, params)
+    NumPy on concrete values (no XLA compile per shape), ``jnp`` otherwise.
+    """
+    xp = np if jt.is_concrete(leaf) else jnp
+    x = xp.asarray(leaf)
+    m = np.asarray(mask, bool)
+    if m.ndim or not m:
+        x = xp.where(np.broadcast_to(m, x.shape), x, xp.zeros((), x.dtype))
+    for axis, idx in drops:
+        x = xp.take(x, np.setdiff1d(np.arange(x.shape[axis]), idx), axis=axis)
+    return jnp.asarray(x, dtype=leaf.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,8 +299,8 @@ def shrink(
 
     Raises:
       ValueError: masks that disagree within a group (naming the members on each side), masks
-        removing every channel of a group, masks that do not match ``params`` by path, a
-        ``round_to`` below 1, a result that fails the ``jax.eval_shape`` check.
+        removing every channel of a group, masks that do not match ``params`` by path, NaN/Inf
+        in ``params``, a ``round_to`` below 1, a result that fails the ``jax.eval_shape`` check.
 
     >>> import jax, jax.numpy as jnp
     >>> from jcompress.pruning import apply_masks, structured_masks
@@ -308,8 +315,6 @@ def shrink(
     >>> bool(jnp.allclose(small_fn(small, x), fn(apply_masks(params, masks), x)))
     True
     """
-    from jcompress.pruning import apply_masks
-
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
     pairs = jt.leaves_with_paths(params)
@@ -318,10 +323,17 @@ def shrink(
         if not jt.is_concrete(m):
             raise ValueError(f"{path}: shrink needs concrete masks; call it outside jit")
     leaves = {p: _unwrap(x) for p, x in pairs}
+    for path, leaf in leaves.items():
+        jt.check_finite(path, leaf, what="shrink")
     groups = dependencies(fn, params, *args)
-    removed = _removed(groups, leaves, dict(zip([p for p, _ in pairs], mask_leaves)), round_to)
+    by_path = dict(zip([p for p, _ in pairs], mask_leaves))
+    removed = _removed(groups, leaves, by_path, round_to)
     shapes = {p: tuple(np.shape(x)) for p, x in leaves.items()}
-    small_params = _slice_params(apply_masks(params, masks), _drop_indices(removed, shapes))
+    drops = _drop_indices(removed, shapes)
+    small_params = jt.map_with_paths(
+        lambda p, x: _shrink_leaf(x, by_path[p], [(a, i) for (q, a), i in drops.items() if q == p]),
+        params,
+    )
     param_structs = _abstract(params)
     order = {p: i for i, (p, _) in enumerate(pairs)}
     small_fn = _small_fn(fn, param_structs, removed, order)
