@@ -518,3 +518,48 @@ def test_low_rank_leaves_round_trip(tmp_path):
         (2,),
     )
     np.testing.assert_array_equal(back.dequantize(), lr.dequantize())
+
+
+def _arrays():
+    return st.builds(
+        lambda shape, dtype, zeros, seed, kind: (
+            jnp.asarray(_random(np.random.default_rng(seed), shape, dtype, zeros))
+            if kind
+            else _random(np.random.default_rng(seed), shape, dtype, zeros)
+        ),
+        st.sampled_from([(), (5,), (3, 4), (40, 40)]),
+        st.sampled_from(DTYPES),
+        st.sampled_from([0.0, 0.95]),
+        st.integers(0, 1000),
+        st.booleans(),
+    )
+
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
+)
+_trees = st.recursive(
+    st.one_of(_scalars, _arrays()),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.lists(children, max_size=3).map(tuple),
+        st.dictionaries(
+            st.text(min_size=1, max_size=4).filter(lambda k: "/" not in k), children, max_size=3
+        ),
+        st.dictionaries(st.integers(0, 9), children, max_size=2),
+    ),
+    max_leaves=8,
+)
+
+
+@given(tree=_trees)
+def test_any_supported_tree_round_trips(tmp_path_factory, tree):
+    d = tmp_path_factory.mktemp("prop") / "c"
+    ckpt.save(d, tree)
+    back = ckpt.load(d)
+    assert_identical(back, tree)
+    assert repr(jax.tree_util.tree_structure(back)) == repr(jax.tree_util.tree_structure(tree))
