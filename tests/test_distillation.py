@@ -242,6 +242,19 @@ def test_teacher_gets_no_gradient_and_teacher_logits_path_is_equal(problem):
     np.testing.assert_array_equal(np.asarray(gl), 0.0)
 
 
+def test_teacher_fn_none_needs_stored_logits(problem):
+    x, y, ws, wt = problem
+    stored = jd.distillation_loss(linear, None, temperature=2.0, alpha=0.7)
+    full = jd.distillation_loss(linear, linear, temperature=2.0, alpha=0.7)
+    a, _ = stored(ws, None, x, y, teacher_logits=x @ wt)
+    b, _ = full(ws, wt, x, y)
+    assert float(a) == float(b)
+    with pytest.raises(ValueError, match=r"teacher_fn=None.*teacher_logits="):
+        stored(ws, wt, x, y)
+    with pytest.raises(TypeError, match="teacher_fn must be"):
+        jd.distillation_loss(linear, "teacher", temperature=2.0, alpha=0.7)
+
+
 def test_teacher_params_are_arguments_not_constants(problem):
     x, y, ws, wt = problem
     loss_fn = jax.jit(jd.distillation_loss(linear, linear, temperature=2.0, alpha=0.5))
@@ -506,6 +519,35 @@ def test_feature_loss_on_flax_intermediates_trains_projection(problem):
     assert flat.shape == () and 0.0 <= float(flat) <= 2.0
 
 
+def test_feature_loss_with_jc_tap(problem):
+    """The jcompress way to get activations: ``jc.runtime.tap`` on unmodified models."""
+    from jcompress.runtime import tap
+
+    x = problem[0]
+    student, teacher = Net(6), Net(24)
+    sp = student.init(jax.random.key(0), x)["params"]
+    tp = teacher.init(jax.random.key(1), x)["params"]
+    layer = "hidden/kernel"  # tap names layers by their parameter paths
+    s_tap = tap(lambda p, x: student.apply({"params": p}, x), outputs_of=[layer])
+    t_tap = tap(lambda p, x: teacher.apply({"params": p}, x), outputs_of=[layer])
+    _, t_acts = t_tap(tp, x)
+    proj = jd.init_projections(jax.random.key(2), s_tap(sp, x)[1], t_acts)
+
+    def loss(both):
+        params, projections = both
+        _, s_acts = s_tap(params, x)
+        return jd.feature_loss(s_acts, t_acts, projections=projections)
+
+    value, (gp, gpr) = jax.value_and_grad(loss)((sp, proj))
+    # tap's output of a Dense is its matmul result, before the bias.
+    want = jd.feature_mse(
+        x @ sp["hidden"]["kernel"], x @ tp["hidden"]["kernel"], projection=proj[layer]
+    )
+    np.testing.assert_allclose(float(value), float(jnp.mean(want)), rtol=1e-5)
+    assert np.abs(np.asarray(gp["hidden"]["kernel"])).max() > 0
+    assert np.abs(np.asarray(gpr[layer]["kernel"])).max() > 0
+
+
 def test_feature_loss_where_and_errors():
     s = {"a": jnp.ones((3, 4)), "b": jnp.zeros((3, 2, 5))}
     t = {"a": jnp.zeros((3, 4)), "b": jnp.ones((3, 2, 5))}
@@ -520,3 +562,47 @@ def test_feature_loss_where_and_errors():
         jd.feature_loss(jnp.ones((3, 4)), t)
     with pytest.raises(ValueError, match="feature path 'c'"):
         jd.feature_loss(s, {**t, "c": jnp.ones(3)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Composition: distill into a pruned, quantization-aware student in one jitted step
+# ----------------------------------------------------------------------------------------------
+
+
+def test_distill_into_pruned_int4_student_in_one_jitted_step(problem):
+    from jcompress.pruning import masks_of, polynomial_schedule, prune
+    from jcompress.quantization import QuantSpec, fake_quantize
+
+    x, y, _, wt = problem
+    student = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(4)])
+    params = student.init(jax.random.key(0), x)["params"]
+    spec = QuantSpec(bits=4)
+    seen = []
+
+    def student_fn(p, x):
+        q = fake_quantize(p, spec)
+        seen.append(q)  # the weights the forward pass uses (tracers; inspected below)
+        return student.apply({"params": q}, x)
+
+    schedule = polynomial_schedule(0.9, begin_step=0, end_step=20, update_every=5)
+    opt = prune(optax.adam(1e-2), schedule=schedule)
+    loss_fn = jd.distillation_loss(student_fn, linear, temperature=2.0, alpha=0.5)
+    step = jd.make_train_step(loss_fn, opt)
+    state = opt.init(params)
+    losses = []
+    for _ in range(40):
+        params, state, loss, _ = step(params, state, wt, x, y)
+        losses.append(float(loss))
+    assert step._cache_size() == 1  # one compiled step for the whole run
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    # Exactly 90% of every kernel is zero, and the zeros are where the masks say.
+    masks = masks_of(state)
+    for name in ("layers_0", "layers_2"):
+        k, m = np.asarray(params[name]["kernel"]), np.asarray(masks[name]["kernel"])
+        assert int((k == 0).sum()) == round(0.9 * k.size) == int((~m).sum())
+        np.testing.assert_array_equal(k[~m], 0.0)
+        # The forward pass sees int4 weights: at most 16 levels per output channel, zeros kept.
+        q = np.asarray(fake_quantize(params, spec)[name]["kernel"])
+        np.testing.assert_array_equal(q[~m], 0.0)
+        assert max(len(np.unique(q[:, j])) for j in range(q.shape[1])) <= 16
+    assert len(seen) == 1  # traced once

@@ -77,6 +77,10 @@ class _Objective:
                     "array per teacher_fn, in order"
                 )
             return [jax.lax.stop_gradient(t) for t in given]
+        if self.teacher_fns == (None,):
+            raise ValueError(
+                "this loss was built with teacher_fn=None, so every call needs teacher_logits="
+            )
         params = list(teacher_params) if self.multi else [teacher_params]
         if self.multi and not isinstance(teacher_params, (list, tuple)):
             raise TypeError(
@@ -175,7 +179,7 @@ class _Objective:
 
 def distillation_loss(
     student_fn: Callable[..., Any],
-    teacher_fn: Callable[..., jax.Array] | Sequence[Callable[..., jax.Array]],
+    teacher_fn: Callable[..., jax.Array] | Sequence[Callable[..., jax.Array]] | None,
     *,
     temperature: float,
     alpha: float,
@@ -216,7 +220,8 @@ def distillation_loss(
         ``aux["state"]``.
       teacher_fn: ``teacher_fn(teacher_params, inputs) -> logits`` of the student's shape, or a
         list/tuple of them for several teachers (then ``teacher_params`` and ``teacher_logits``
-        are lists of the same length, in the same order).
+        are lists of the same length, in the same order), or ``None`` when the teacher's logits
+        are always given as ``teacher_logits=`` (stored soft targets, no teacher at hand).
       temperature: ``T > 0``, softening both distributions.
       alpha: weight of the distillation term in ``[0, 1]``.
       hard_loss: per-example loss against labels, optax conventions (default: integer labels;
@@ -260,8 +265,11 @@ def distillation_loss(
     alpha = _check_alpha(alpha)
     multi = isinstance(teacher_fn, (list, tuple))
     teacher_fns = tuple(teacher_fn) if multi else (teacher_fn,)
-    if not teacher_fns or not all(callable(f) for f in teacher_fns):
-        raise TypeError("teacher_fn must be a callable or a non-empty list/tuple of callables")
+    if teacher_fn is not None and (not teacher_fns or not all(callable(f) for f in teacher_fns)):
+        raise TypeError(
+            "teacher_fn must be a callable, a non-empty list/tuple of callables, or None (then "
+            "every call passes teacher_logits=)"
+        )
     if not callable(student_fn):
         raise TypeError(f"student_fn must be callable, got {type(student_fn).__name__}")
     return _Objective(
