@@ -448,6 +448,18 @@ def test_nonfinite_flag_is_sticky_and_freezes_masks():
         np.testing.assert_array_equal(leaf(masks_of(state), path), leaf(masks_before, path))
 
 
+@pytest.mark.parametrize("value", [-jnp.inf, jnp.inf, jnp.nan])
+def test_nonfinite_flag_from_one_bad_gradient(value):
+    tx, update = nonfinite_update()
+    params = init_params()
+    grads = jax.tree.map(jnp.zeros_like, params)
+    grads["Dense_1"]["bias"] = grads["Dense_1"]["bias"].at[3].set(value)
+    _, state = update(grads, tx.init(params), params)
+    assert bool(nonfinite(state))
+    _, state = update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    assert not bool(nonfinite(state))
+
+
 def test_nonfinite_flag_from_params():
     # Parameters are checked where masks are computed from them (step 2: the target changes).
     tx, update = nonfinite_update()
