@@ -1,0 +1,148 @@
+"""Forward time of a shrunken model vs the masked dense model it equals.
+
+Channel pruning with ``structured_masks(..., groups=jc.structure.dependencies(...))`` zeroes
+whole channels; on its own that saves nothing (XLA multiplies the zeros). ``jc.structure.shrink``
+removes them, so the matmuls and convolutions get smaller. This script times, jitted and side by
+side in one process, ``fn(apply_masks(params, masks), x)`` (masked dense) against
+``small_fn(small_params, x)`` for:
+
+* an MLP 784-1024-1024-10 (``jcompress.demo.MLP``), batch 256;
+* a CNN on 8x8x1 images, convs of 32 and 64 channels, Dense 128, Dense 10
+  (``jcompress.demo.CNN``), batch 256;
+
+with 50% and 75% of every prunable group's channels removed (the output layer is blocked and
+keeps its width). Times are medians of interleaved repeats; the machine is shared and noisy, so
+read the ratios. Parameters are random (speed does not depend on the values).
+
+    python benchmarks/shrink.py [--quick]
+
+Writes ``benchmarks/results/shrink.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcompress.demo import CNN, MLP
+from jcompress.pruning import apply_masks, structured_masks
+from jcompress.structure import dependencies, shrink
+
+RESULTS = Path(__file__).parent / "results" / "shrink.json"
+
+
+def median_times(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each ``fn()``, the calls interleaved."""
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        jax.block_until_ready(f())  # compile
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f())
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def count(tree) -> int:
+    return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+
+
+def case(name: str, model, x: jax.Array, fractions, repeats: int) -> list[dict]:
+    def fn(p, x):
+        return model.apply({"params": p}, x)
+
+    params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+    groups = dependencies(fn, params, x)
+    dense = jax.jit(fn)
+    rows = []
+    for s in fractions:
+        masks = structured_masks(params, s, groups=groups)
+        masked = apply_masks(params, masks)
+        small_fn, small = shrink(fn, params, masks, x)
+        small_jit = jax.jit(small_fn)
+        err = float(jnp.max(jnp.abs(small_jit(small, x) - dense(masked, x))))
+        t = median_times(
+            {
+                "masked": lambda m=masked: dense(m, x),
+                "shrunk": lambda f=small_jit, p=small: f(p, x),
+            },
+            repeats,
+        )
+        rows.append(
+            {
+                "model": name,
+                "removed": s,
+                "params_dense": count(params),
+                "params_shrunk": count(small),
+                "masked_ms": 1e3 * t["masked"],
+                "shrunk_ms": 1e3 * t["shrunk"],
+                "speedup": t["masked"] / t["shrunk"],
+                "max_abs_diff": err,
+            }
+        )
+        print(
+            f"| {name:<28} | {100 * s:>6.0f}% | {count(params):>9} | {count(small):>9} | "
+            f"{1e3 * t['masked']:>9.3f} | {1e3 * t['shrunk']:>9.3f} | "
+            f"{t['masked'] / t['shrunk']:>7.2f}x | {err:.1e} |",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = parser.parse_args()
+    repeats = 5 if args.quick else 41
+    batch = 256
+    rng = np.random.default_rng(0)
+    print(f"batch {batch}, {repeats} interleaved repeats, {jax.devices()[0].platform}")
+    print(
+        "| model                        | removed | params    | shrunk    | masked ms | "
+        "shrunk ms | speedup  | max diff |"
+    )
+    print("|" + "|".join("-" * w for w in (30, 9, 11, 11, 11, 11, 10, 10)) + "|")
+    rows = case(
+        "MLP 784-1024-1024-10",
+        MLP((1024, 1024, 10)),
+        jnp.asarray(rng.uniform(size=(batch, 784)), jnp.float32),
+        (0.5, 0.75),
+        repeats,
+    )
+    rows += case(
+        "CNN 8x8x1 32-64ch Dense128",
+        CNN(channels=(32, 64), hidden=128),
+        jnp.asarray(rng.uniform(size=(batch, 8, 8, 1)), jnp.float32),
+        (0.5, 0.75),
+        repeats,
+    )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "benchmark": "shrink",
+                "quick": args.quick,
+                "batch": batch,
+                "repeats": repeats,
+                "backend": jax.devices()[0].platform,
+                "machine": platform.machine(),
+                "jax": jax.__version__,
+                "note": "shared, noisy machine: read the ratios",
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
