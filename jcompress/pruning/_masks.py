@@ -292,38 +292,26 @@ def _lowest(keys: list[jax.Array], sparsity: jax.Array, pruned: bool) -> list[ja
     return prune_lowest(keys, exact_count(sparsity, total), maybe_pruned=pruned)
 
 
-# Per-leaf pieces are jitted (static layout arguments), so eager calls compile once per shape
-# and run fused, and a caller's jit simply inlines them.
-
-
-@functools.partial(jax.jit, static_argnames=("stacked",))
-def _unstructured_leaf(score, prev, sparsity, stacked):
-    rows, layout = _to_rows(_with_previous(keys_of(score), prev), stacked)
-    [keep] = _lowest([rows], sparsity, prev is not None)
-    return _from_rows(keep, layout)
-
-
-@jax.jit
-def _unstructured_pool(scores, prevs, sparsity):
-    keys = [_with_previous(keys_of(s), p).reshape(1, -1) for s, p in zip(scores, prevs)]
-    keeps = _lowest(keys, sparsity, any(p is not None for p in prevs))
-    return [keep.reshape(s.shape) for s, keep in zip(scores, keeps)]
+# The selection kernels are jitted on int32 keys (static layout arguments), so eager calls
+# compile once per shape whatever the dtype, and a caller's jit simply inlines them.
 
 
 def _unstructured(entries, sparsity, scope):
     """``entries``: ``[(index, score, role, previous)]`` → ``{index: mask}``."""
+    out = {}
     if scope == "layer":
-        return {
-            i: _unstructured_leaf(score, prev, sparsity, role.stacked)
-            for i, score, role, prev in entries
-        }
-    keeps = _unstructured_pool([e[1] for e in entries], [e[3] for e in entries], sparsity)
-    return {e[0]: keep for e, keep in zip(entries, keeps)}
+        for i, score, role, prev in entries:
+            rows, layout = _to_rows(_with_previous(keys_of(score), prev), role.stacked)
+            [keep] = _lowest([rows], sparsity, prev is not None)
+            out[i] = _from_rows(keep, layout)
+        return out
+    keys = [_with_previous(keys_of(e[1]), e[3]).reshape(1, -1) for e in entries]
+    keeps = _lowest(keys, sparsity, any(e[3] is not None for e in entries))
+    return {e[0]: keep.reshape(e[1].shape) for e, keep in zip(entries, keeps)}
 
 
 @functools.partial(jax.jit, static_argnames=("axis", "n", "m"))
-def _nm_leaf(score, prev, axis, n, m):
-    keys = _with_previous(keys_of(score), prev)
+def _nm_leaf(keys, axis, n, m):
     y = jnp.moveaxis(keys, axis, -1)
     grouped = y.reshape(*y.shape[:-1], y.shape[-1] // m, m)
     if m <= _PAIRWISE_MAX_M:
@@ -343,7 +331,8 @@ def _nm_leaf(score, prev, axis, n, m):
 
 def _nm(entries, nm: NM):
     return {
-        i: _nm_leaf(score, prev, role.group_axis, nm.n, nm.m) for i, score, role, prev in entries
+        i: _nm_leaf(_with_previous(keys_of(score), prev), role.group_axis, nm.n, nm.m)
+        for i, score, role, prev in entries
     }
 
 
@@ -388,6 +377,7 @@ def _channels(entries, sparsity, scope, channels: Channels):
     pruned = any(e[3] is not None for e in entries)
     keys, shapes = [], []
     for _, score, role, prev in entries:
+        score = score.astype(jnp.float32)  # one compilation per shape, whatever the dtype
         keys.append(_channel_keys(score, prev, role, channels.norm, scope == "global"))
         kept_shape = tuple(
             d if a in role.output or a in role.stacked else 1 for a, d in enumerate(score.shape)

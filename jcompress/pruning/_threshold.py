@@ -106,6 +106,15 @@ def _block_width(n: int, widest: int = 4096) -> int:
     return 1
 
 
+def _locate(counts: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row of ``counts (B, n)``: the first index where the running total reaches ``rank``
+    (index 0 for ``rank = 0``), and the total before that index."""
+    cum = jnp.cumsum(counts, axis=1)
+    index = jnp.sum(cum < rank[:, None], axis=1, dtype=jnp.int32)
+    before = jnp.take_along_axis(cum, jnp.maximum(index - 1, 0)[:, None], axis=1)[:, 0]
+    return index, jnp.where(index > 0, before, 0)
+
+
 def prune_lowest(
     keys: Sequence[jax.Array], k: jax.typing.ArrayLike, *, maybe_pruned: bool = True
 ) -> list[jax.Array]:
@@ -152,10 +161,8 @@ def prune_lowest(
             bucket = row_base * buckets + ((x >> shift) & (buckets - 1))
             index = jnp.where(inside, bucket, rows * buckets)  # out of range: dropped
             hist = hist.at[index.reshape(-1)].add(1, mode="drop")
-        cum = jnp.cumsum(hist.reshape(rows, buckets), axis=1)
-        bucket = jnp.sum(cum < rank[:, None], axis=1, dtype=jnp.int32)
-        before = jnp.take_along_axis(cum, jnp.maximum(bucket - 1, 0)[:, None], 1)[:, 0]
-        rank = rank - jnp.where(bucket > 0, before, 0)
+        bucket, before = _locate(hist.reshape(rows, buckets), rank)
+        rank = rank - before
         prefix = (prefix << nbits) | bucket
     # Remove `rank` of the keys equal to `threshold`, lowest positions first: count the ties
     # per block of `width` entries, find the block where the count reaches `rank`, and rank the
@@ -165,10 +172,8 @@ def prune_lowest(
     ties = jnp.concatenate(
         [jnp.sum(b == threshold, axis=2, dtype=jnp.int32) for b in blocked], axis=1
     )
-    cum = jnp.cumsum(ties, axis=1)
-    critical = jnp.sum(cum < rank[:, None], axis=1, dtype=jnp.int32)  # (B,)
-    before = jnp.take_along_axis(cum, jnp.maximum(critical - 1, 0)[:, None], 1)[:, 0]
-    left = (rank - jnp.where(critical > 0, before, 0))[:, None, None]  # to remove in it
+    critical, before = _locate(ties, rank)  # (B,)
+    left = (rank - before)[:, None, None]  # ties to remove inside the critical block
     out, offset = [], 0
     for x, b in zip(keys, blocked):
         nblocks = b.shape[1]
