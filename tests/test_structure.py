@@ -291,10 +291,7 @@ def shrunk(cases):
     out = {}
     for name, (fn, params, x) in cases.items():
         groups = dependencies(fn, params, x)
-        if name == "bncnn":  # the real thing once (structured_masks compiles per shape)
-            masks = structured_masks(params, 0.5, groups=groups)
-        else:
-            masks = group_masks(params, groups, 0.5)
+        masks = group_masks(params, groups, 0.5)  # structured_masks: MLP tests, the example
         small_fn, small = shrink(fn, params, masks, x)
         out[name] = (fn, params, masks, x, small_fn, small)
     return out
@@ -314,12 +311,7 @@ def test_parameter_counts(shrunk):
     assert (k0, k1) == (4, 3)
     assert n_params(small) == 5 * k0 + k0 + k0 * k1 + k1 + k1 * 3 + 3
     _, _, masks, _, _, small = shrunk["bncnn"]
-    p = masks["params"]
-    k0, k1, k2 = (
-        kept(p["Conv_0"]["kernel"]),
-        kept(p["Conv_1"]["kernel"]),
-        kept(p["Dense_0"]["kernel"]),
-    )
+    k0, k1, k2 = (kept(masks[f"params/{n}/kernel"]) for n in ("Conv_0", "Conv_1", "Dense_0"))
     assert (k0, k1, k2) == (2, 3, 3)  # round(0.5 * 5) = 2 removed (half to even)
     conv = 9 * k0 + k0 + 4 * k0 + 9 * k0 * k1 + k1
     assert n_params(small) == conv + 9 * k1 * k2 + k2 + k2 * 3 + 3
@@ -486,7 +478,7 @@ def test_shrink_nnx():
         ("bn/mean", 0, 0, 0),
         ("bn/scale", 0, 0, 0),
     ]
-    masks = structured_masks(state, 0.5, groups=groups)
+    masks = group_masks(state, groups, 0.5)
     small = shrink_nnx(model, masks, x)
     assert small.conv.kernel.shape == (3, 3, 1, 3) and small.conv.out_features == 3
     assert small.fc.kernel.shape == (3 * 16, 3) and small.fc.in_features == 48
