@@ -235,6 +235,15 @@ def test_no_retrace_jit_vmap(mlp):
     _close(v[:, 0], ref)
 
 
+def test_grad_wrt_inputs_equals_dequantized(mlp):
+    fn, params, x, role_map = mlp
+    q = _quantize_tree(params, role_map)
+    loss = lambda f: lambda x: jnp.sum(jnp.tanh(f(x)))
+    got = jax.jit(jax.grad(loss(lambda x: compressed(fn, formulation="limbs")(q, x))))(x)
+    ref = jax.jit(jax.grad(loss(lambda x: fn(_dequantize(q), x))))(x)
+    _close(got, ref)
+
+
 def test_int8_mode_close(mlp):
     fn, params, x, role_map = mlp
     q = _quantize_tree(params, role_map)

@@ -31,6 +31,7 @@ NaN rows (the float reference gives NaN or Inf there).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -56,7 +57,6 @@ WEIGHT_ONLY: dict[str, tuple[tuple[int, int, str], ...]] = {
 _LIMB_BASE = 254.0
 _MAX_K = (2**31 - 1) // (127 * 128)
 _N_LIMBS = 3
-_GROUP_BUDGET = 1 << 20
 
 
 def formulation(mode: str, rows: int, backend: str | None = None, size: int | None = None) -> str:
@@ -149,16 +149,11 @@ def dot_general(
     Returns:
       The product, in ``lax.dot_general``'s output layout.
 
-    >>> import numpy as np, jax.numpy as jnp
-    >>> class Q:  # the QArray interface this function reads
-    ...     values = jnp.array([[1, -2], [3, 4]], jnp.int8)
-    ...     scale = jnp.array([[0.5, 0.25]])
-    ...     zero_point = act_scale = None
-    ...     dtype = jnp.float32
-    ...     def dequantize(self):
-    ...         return self.values.astype(jnp.float32) * self.scale
-    >>> x = jnp.array([[1.0, 2.0]])
-    >>> dot_general(Q(), x, (((1,), (0,)), ((), ())), mode="limbs")
+    >>> import jax.numpy as jnp
+    >>> from jcompress.quantization import QArray
+    >>> w = QArray(jnp.array([[1, -2], [3, 4]], jnp.int8), jnp.array([[0.5, 0.25]]), bits=8,
+    ...            dtype=jnp.float32)
+    >>> dot_general(w, jnp.array([[1.0, 2.0]]), (((1,), (0,)), ((), ())), mode="limbs")
     Array([[3.5, 1.5]], dtype=float32)
     """
     xc, _, xb, _ = _split(dimension_numbers, weight_is_rhs)
@@ -166,8 +161,33 @@ def dot_general(
         np.prod([lhs.shape[d] for d in range(lhs.ndim) if d not in xc and d not in xb])
     )
     chosen = _resolve(qarray, lhs, dimension_numbers, weight_is_rhs, mode, rows)
+    dn = jax.tree.map(int, dimension_numbers)  # hashable nested tuples
+    dn = tuple(tuple(tuple(side) for side in pair) for pair in dn)
     with jax.named_scope(f"jc.kernel={chosen}"):
-        return _dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, chosen)
+        if chosen == "dequantize":  # differentiable as it is
+            return _dot(qarray, lhs, dn, weight_is_rhs, preferred_element_type, chosen)
+        return _integer_dot(qarray, lhs, dn, weight_is_rhs, preferred_element_type, chosen)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def _integer_dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, chosen):
+    """The integer formulations, with the float derivative ``d(lhs) @ dequantize(w)``.
+
+    Rounding the activations into limbs has a zero derivative; the tangent rule gives the
+    derivative of the float product they stand for (for ``"int8"``: a straight-through
+    estimator). No derivative flows into the compressed weight.
+    """
+    return _dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, chosen)
+
+
+@_integer_dot.defjvp
+def _integer_dot_jvp(dimension_numbers, weight_is_rhs, preferred_element_type, chosen, p, t):
+    qarray, lhs = p
+    out = _integer_dot(
+        qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, chosen
+    )
+    tangent = _dequantized(qarray, t[1], dimension_numbers, weight_is_rhs, out.dtype)
+    return out, tangent.astype(out.dtype)
 
 
 def _resolve(qarray, lhs, dimension_numbers, weight_is_rhs, mode, rows) -> str:
@@ -187,12 +207,10 @@ def _resolve(qarray, lhs, dimension_numbers, weight_is_rhs, mode, rows) -> str:
         or not jnp.issubdtype(values.dtype, jnp.integer)
     ):
         return "dequantize"
-    if mode == "weight_only" and chosen == "limbs" and n_groups > 1:
-        # per-group scales keep a (groups, rows, out) integer intermediate: past a budget the
-        # float path is faster (measured: 4096² with groups of 128 at batch 16)
-        n_out = math.prod(values.shape[d] for d in (*wb, *wf))
-        if n_groups * _N_LIMBS * rows * n_out > _GROUP_BUDGET:
-            return "dequantize"
+    if mode == "weight_only" and chosen == "limbs" and n_groups > 1 and rows > 1:
+        # per-group scales need a (groups, rows, out) integer intermediate: measured on 4096²
+        # and 1024² weights with groups of 64 and 128, only a single row beats the float path
+        return "dequantize"
     return chosen
 
 
