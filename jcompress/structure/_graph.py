@@ -563,6 +563,11 @@ def dependencies(fn: Callable[..., Any], params: Params, *args: Any) -> list[Gro
     whose member axes are also used where they cannot shrink (contracted against the model input,
     indexed by a gather) are blocked too.
 
+    The analysis is conservative, not clever: a constant array of activation shape that meets a
+    channel axis (``jnp.ones_like(h)``, a dropout mask in training mode) blocks it, so analyse
+    the inference function; a reshape that splits a channel axis (heads split out of one Dense
+    output, instead of ``DenseGeneral``'s ``(features, heads, head_dim)`` kernel) blocks it.
+
     Args:
       fn: ``fn(params, *args)``.
       params: the parameter tree (linen variables dict, ``nnx.State``, nested dicts, ...).
