@@ -21,7 +21,20 @@ The teacher's logits for the training set are computed once and passed as ``teac
 (the teacher is fixed, so every step would recompute the same numbers). ``--temperature`` and
 ``--alpha`` were chosen on seeds 0-1; the report uses seeds 100-104.
 
-    python examples/03_distill.py            # full: 5 seeds (~10-20 minutes on 2 busy cores)
+Measured (full mode, seeds 100-104, test errors out of 539, mean ± std):
+
+    teacher 64-1200-1200-10 (dropout)        9.4 ± 3.0
+    1. 64-16-10 alone / distilled           14.0 ± 1.2 / 14.0 ± 3.5   (0% of the gap closed)
+       64-64-10 alone / distilled           10.6 ± 3.0 / 10.6 ± 3.6   (0% of a 1.2-error gap)
+    2. 5% labels alone / + soft targets     80.0 ± 19.2 / 11.8 ± 3.8
+    3. 90% pruned + int4, alone / distilled  8.4 ± 2.3 / 10.4 ± 3.0
+
+On digits the teacher is only a few errors better than the students (within the seed-to-seed
+spread), so distilling on the same labelled data adds nothing measurable (parts 1 and 3); the
+64-16-10 student has a gap but not the capacity to imitate the teacher's full distribution. The
+teacher's soft targets pay off when labels are scarce (part 2: 80 -> 12 errors with 5% labels).
+
+    python examples/03_distill.py            # full: 5 seeds (~20 minutes on 2 busy cores)
     python examples/03_distill.py --quick    # 1 seed, a few steps: a smoke run
 """
 
