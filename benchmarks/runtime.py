@@ -4,8 +4,9 @@ Cases: one 4096x4096 linear layer at batch 1, 4, 16, 64, 256; the digits MLP (Le
 a small transformer block (attention + MLP). Variants, all jit-compiled in one process:
 
 * ``float32``: ``jax.jit(f)`` on the float parameters (the baseline, ratio 1.0);
-* ``int8 w-only`` / ``int4 w-only``: ``jit(compressed(f))``, the per-backend weight-only
-  dispatch (on CPU: the "limbs" formulation, exact to float rounding);
+* ``int8 w-only`` / ``int4 w-only`` / ``int8 g64 w-only`` (per-group scales, groups of 64):
+  ``jit(compressed(f))``, the weight-only dispatch for the backend, batch and weight size (on CPU:
+  the "limbs" formulation, exact to float rounding, or the float path where it is faster);
 * ``int8 dequant``: ``compressed(f, formulation="dequantize")`` (what a naive runtime does);
 * ``int8 x int8``: ``compressed(f, mode="int8")`` (W8A8, dynamic per-token activation scales);
 * ``qwix w-only`` / ``qwix w8a8``: Qwix PTQ of the same linen model, when Qwix is installed.
@@ -30,7 +31,7 @@ import jax
 import numpy as np
 
 from jcompress.demo import MLP
-from jcompress.quantization import QuantSpec, quantize
+from jcompress.quantization import PerGroup, QuantSpec, quantize
 from jcompress.runtime import compressed, explain, roles
 
 try:
@@ -89,7 +90,7 @@ def _qwix_variants(model, params, x):
     return out
 
 
-def bench_case(name, model, x, *, repeats, inner, attention=False):
+def bench_case(name, model, x, *, repeats, inner, attention=False, group=None):
     params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     fn = lambda p, x: model.apply({"params": p}, x)
     role_map = roles(fn, params, x) if attention else None
@@ -103,6 +104,9 @@ def bench_case(name, model, x, *, repeats, inner, attention=False):
         "int4 dequant": (jax.jit(compressed(fn, formulation="dequantize")), q4),
         "int8 x int8": (jax.jit(compressed(fn, mode="int8")), q8),
     }
+    if group is not None:
+        spec = QuantSpec(bits=8, granularity=PerGroup(size=group))
+        variants[f"int8 g{group} w-only"] = (jax.jit(compressed(fn)), quantize(params, spec))
     variants.update(_qwix_variants(model, params, x))
     times = {k: [] for k in variants}
     for _ in range(repeats):  # interleaved
@@ -137,7 +141,9 @@ def main():
     for b in batches:
         x = jax.random.normal(key, (b, width))
         rows.append(
-            bench_case(f"linear {width} b={b}", Linear(width), x, repeats=repeats, inner=inner)
+            bench_case(
+                f"linear {width} b={b}", Linear(width), x, repeats=repeats, inner=inner, group=64
+            )
         )
     digits = jax.random.normal(key, (256, 64))
     rows.append(
