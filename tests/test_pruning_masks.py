@@ -208,10 +208,10 @@ CONFIGS = [
 @pytest.mark.parametrize(("structure", "scope"), CONFIGS)
 def test_jit_equals_eager_and_deterministic(cnn_params, structure, scope):
     s = None if isinstance(structure, P.NM) else 0.45
+    cnn_params = {k: cnn_params[k] for k in ("Conv_1", "Dense_1")}  # a conv and a dense
 
     def make(params, s):
-        where = r"(?!Conv_0).*kernel" if isinstance(structure, P.NM) else None  # Conv_0: in=1
-        return P.magnitude_masks(params, s, scope=scope, structure=structure, where=where)
+        return P.magnitude_masks(params, s, scope=scope, structure=structure)
 
     eager = make(cnn_params, s)
     again = make(cnn_params, s)
@@ -564,3 +564,18 @@ def test_group_errors(mlp_params):
         P.structured_masks(mlp_params, 0.5, groups=[too_big])
     with pytest.raises(TypeError, match=r"sequence of jcompress\.tree\.Group"):
         P.Channels(groups=missing)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_sparsity_of_quantized_leaves(mlp_params, symmetric):
+    from jcompress import quantization as Q
+
+    masked = P.apply_masks(mlp_params, P.magnitude_masks(mlp_params, 0.5))
+    quantized = Q.quantize(masked, Q.QuantSpec(bits=4, symmetric=symmetric))
+    kernels = [
+        np.asarray(x.dequantize()) for p, x in leaves_with_paths(quantized) if p.endswith("kernel")
+    ]
+    assert P.sparsity(quantized) == sum((k == 0).sum() for k in kernels) / sum(
+        k.size for k in kernels
+    )
+    assert P.sparsity(quantized) >= P.sparsity(masked) == 0.5  # pruned zeros stay zero
