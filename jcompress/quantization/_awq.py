@@ -1,0 +1,330 @@
+"""AWQ: activation-aware weight quantization with per-input-channel scales (Lin et al., 2023).
+
+Input channels that carry large activations matter more to a layer's output. AWQ multiplies
+each kernel row (input channel ``j``) by ``s_j = m_j^alpha`` before rounding, where ``m_j`` is the
+channel's activation magnitude on calibration data, and divides the activations by ``s_j``, so
+the float function is unchanged while the salient rows get relatively finer quantization steps::
+
+    X W  =  (X / s) (s W)  ≈  (X / s) Q(s W)
+
+``alpha`` is searched on the grid ``0, 1/grid, ..., 1`` to minimise the layer output error on the
+calibration inputs, ``||X (W - Q(s W)/s)||²_F = tr(ΔWᵀ XᵀX ΔW)``, computed from the Gram matrix
+``XᵀX`` that ``jc.capture(..., gram=True)`` accumulates (no activations are stored). ``alpha = 0``
+(``s = 1``) is plain round to nearest and is on the grid, so AWQ is never worse than RTN on the
+calibration objective. ``s`` is normalised by ``sqrt(max(s) · min(s))`` as in the reference
+implementation.
+
+Activation magnitude: the reference uses ``mean |x_j|``; the captured statistics hold
+``Σ x_j²``, so ``m_j`` here is the root mean square ``sqrt(mean x_j²)`` (same ordering of
+channels for the heavy-tailed activations AWQ targets; dead channels are clamped to
+``1e-4 · max m``).
+
+Representation: the result is an :class:`AWQArray`, a :class:`QArray` holding ``Q(s W)``
+(``values``/``scale``/``zero_point`` exactly as ``quantize`` lays them out for ``s W``) and
+``act_scale = s`` (the leaf's rank, size 1 on output axes). Unlike a plain ``QArray`` (whose
+``dequantize`` ignores ``act_scale``), an ``AWQArray`` folds the scale back in:
+``dequantize() = Q(s W) / s ≈ W``, so ``jc.quantization.dequantize(tree)`` is a correct float
+model; its ``dot_general`` divides the activations by ``s`` and then runs the ``QArray``
+formulation on ``Q(s W)`` (weight-only or int8 x int8), which is AWQ's runtime. ``nbytes``
+counts the ``in`` float32 input scales.
+
+Reference: Lin, Tang, Tang, Yang, Chen, Wang, Xiao, Dang, Gan, Han, 2023, "AWQ:
+Activation-aware Weight Quantization for LLM Compression and Acceleration", arXiv:2306.00978,
+Section 3.2 (scale search).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from jcompress import _hessian
+from jcompress import tree as jtree
+from jcompress.quantization._calibration import compute_scales, fake_quant, layout
+from jcompress.quantization._qarray import QArray, dequantize_blocks
+from jcompress.quantization._quantize import quantize
+from jcompress.quantization._spec import QuantSpec, SpecOrRules, resolve_specs
+
+__all__ = ["AWQArray", "AWQLayerStats", "awq", "awq_layer"]
+
+_DENSE = jtree.Role("matmul", contracting=(0,), output=(1,))
+_CLAMP = 1e-4
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class AWQArray(QArray):
+    """A :class:`QArray` of ``Q(s W)`` whose ``act_scale = s`` is folded back in.
+
+    ``dequantize() == (values - zero_point) * scale / act_scale`` (float32, cast to ``dtype``);
+    ``act_scale`` has ``values``' rank with size 1 on the output axes and the full size on
+    the contracting (and stacked) axes. ``dot_general`` divides the activations by ``act_scale``
+    along the contracted axes and then multiplies by ``Q(s W)`` with the ``QArray`` kernels.
+
+    >>> import jax.numpy as jnp
+    >>> qa = AWQArray(jnp.array([[4], [-6]], jnp.int4), jnp.array([[0.5]]),
+    ...               act_scale=jnp.array([[2.0], [0.5]]), bits=4, dtype=jnp.float32)
+    >>> qa.dequantize()
+    Array([[ 1.],
+           [-6.]], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        values: ArrayLike,
+        scale: ArrayLike,
+        zero_point: ArrayLike | None = None,
+        act_scale: ArrayLike | None = None,
+        *,
+        bits: int,
+        dtype: Any,
+    ):
+        if act_scale is None or len(np.shape(act_scale)) != len(values.shape):
+            raise ValueError(
+                "AWQArray needs act_scale of values' rank (size 1 on output axes), got "
+                f"{None if act_scale is None else np.shape(act_scale)} for values {values.shape}"
+            )
+        if not jnp.issubdtype(jnp.asarray(act_scale).dtype, jnp.floating):
+            raise TypeError(f"AWQArray: act_scale must be float, got {act_scale.dtype}")
+        super().__init__(values, scale, zero_point, act_scale, bits=bits, dtype=dtype)
+
+    def _plain(self) -> QArray:
+        """``Q(s W)`` as a plain ``QArray`` (no act_scale)."""
+        out = object.__new__(QArray)
+        out._set(self.values, self.scale, self.zero_point, None, self.bits, self.dtype)
+        return out
+
+    def dequantize(self) -> jax.Array:
+        """``Q(s W) / s ≈ W`` in float32, cast to ``dtype``."""
+        w = dequantize_blocks(self.values, self.scale, self.zero_point, jnp.float32)
+        return (w / self.act_scale.astype(jnp.float32)).astype(self.dtype)
+
+    def __getitem__(self, index: Any) -> AWQArray:
+        """Index leading (stacked) axes, as :meth:`QArray.__getitem__`."""
+        out = super().__getitem__(index)
+        new = object.__new__(AWQArray)
+        new._set(out.values, out.scale, out.zero_point, out.act_scale, out.bits, out.dtype)
+        return new
+
+    def take(self, indices: ArrayLike, axis: int = 0) -> jax.Array:
+        """``jnp.take(self.dequantize(), indices, axis)``."""
+        return jnp.take(self.dequantize(), jnp.asarray(indices), axis=axis)
+
+    def dot_general(
+        self, lhs: jax.Array, dimension_numbers: Any, *, weight_is_rhs: bool = True, **options
+    ) -> jax.Array:
+        """``(lhs / s) · Q(s W)`` with the ``QArray`` formulations (``options`` as there)."""
+        (lc, rc), _ = dimension_numbers
+        xc, wc = (lc, rc) if weight_is_rhs else (rc, lc)
+        a = self.act_scale
+        if any(a.shape[d] != 1 for d in range(a.ndim) if d not in wc):
+            # per-slice scales on a batched (stacked) axis: no fold into lhs; exact float path
+            dims = dimension_numbers
+            ops = (lhs, self.dequantize()) if weight_is_rhs else (self.dequantize(), lhs)
+            return lax.dot_general(
+                *ops, dims, preferred_element_type=options.get("preferred_element_type")
+            )
+        a = jnp.transpose(a, (*wc, *(d for d in range(a.ndim) if d not in wc)))
+        a = a.reshape([a.shape[i] for i in range(len(wc))])
+        order = np.argsort(xc)
+        a = jnp.transpose(a, tuple(order))
+        shape = [1] * lhs.ndim
+        for pos, d in enumerate(sorted(xc)):
+            shape[d] = a.shape[pos]
+        scaled = lhs / a.reshape(shape).astype(lhs.dtype)
+        return self._plain().dot_general(
+            scaled, dimension_numbers, weight_is_rhs=weight_is_rhs, **options
+        )
+
+
+class AWQLayerStats(NamedTuple):
+    """What :func:`awq_layer` reports (float32 scalars).
+
+    Attributes:
+      alpha: the chosen exponent ``alpha``.
+      output_error: ``tr(ΔWᵀ H ΔW) / 2`` of the result (``H = 2 XᵀX / n``: the mean squared
+        layer-output error ``||X ΔW||² / n``).
+      rtn_output_error: the same for plain round to nearest (``alpha = 0``).
+    """
+
+    alpha: jax.Array
+    output_error: jax.Array
+    rtn_output_error: jax.Array
+
+
+def _magnitude(h: jax.Array) -> jax.Array:
+    """``sqrt(mean x²)`` per input channel from ``H = 2 XᵀX / n``, dead channels clamped."""
+    m = jnp.sqrt(jnp.maximum(jnp.diagonal(h), 0) * jnp.float32(0.5))
+    top = jnp.max(m)
+    floor = jnp.where(top > 0, top * jnp.float32(_CLAMP), jnp.float32(1))
+    return jnp.maximum(m, floor)
+
+
+def _scales(m: jax.Array, alpha: jax.Array) -> jax.Array:
+    s = jnp.power(m, alpha)
+    return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "alphas"))
+def _search(w, h, *, spec: QuantSpec, alphas: tuple[float, ...]):
+    """``(s (in,), alpha, err, rtn_err)``: the grid point with the least output error."""
+    w = w.astype(jnp.float32)
+    lay = layout("", tuple(w.shape), spec, _DENSE)
+    m = _magnitude(h)
+
+    def error(alpha):
+        s = _scales(m, alpha)
+        ws = w * s[:, None]
+        wq = fake_quant(ws, compute_scales(ws, spec=spec, lay=lay), spec)[0] / s[:, None]
+        return _hessian.output_error(w, wq, h)
+
+    grid = jnp.asarray(alphas, jnp.float32)
+    errs = lax.map(error, grid)
+    errs = jnp.where(jnp.isnan(errs), jnp.float32(jnp.inf), errs)
+    best = jnp.argmin(errs)  # first minimum: ties keep the smaller alpha (RTN at alpha = 0)
+    return _scales(m, grid[best]), grid[best], errs[best], errs[0]
+
+
+def _grid(grid: Any, alpha: Any, path: str) -> tuple[float, ...]:
+    if alpha is not None:
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+            raise ValueError(f"{path}: AWQ needs alpha in [0, 1] or None, got {alpha!r}")
+        return (0.0, float(alpha))
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(
+            f"{path}: AWQ needs grid a positive int (alpha is searched on 0, 1/grid, ..., 1), "
+            f"got {grid!r}"
+        )
+    return tuple(i / grid for i in range(grid + 1))
+
+
+def _finish(path, leaf, s_leaf, spec, role) -> AWQArray:
+    """Quantize ``leaf * s`` exactly as ``quantize`` does and attach ``act_scale = s``."""
+    scaled = jnp.asarray(leaf).astype(jnp.float32) * s_leaf
+    qa = quantize({"w": scaled}, spec, roles={"w": role})["w"]
+    return AWQArray(
+        qa.values, qa.scale, qa.zero_point, s_leaf, bits=spec.bits, dtype=jnp.asarray(leaf).dtype
+    )
+
+
+def awq_layer(
+    w: ArrayLike,
+    h: ArrayLike,
+    spec: QuantSpec,
+    *,
+    grid: int = 20,
+    alpha: float | None = None,
+    path: str = "W",
+) -> tuple[AWQArray, AWQLayerStats]:
+    """AWQ on one kernel ``(in, out)`` given the Hessian ``H = 2 XᵀX / n`` ``(in, in)``.
+
+    Args:
+      w: kernel ``(in, out)`` (Flax orientation), float32 or bfloat16.
+      h: ``(in, in)``, e.g. ``jcompress._hessian.hessian(stats.gram, stats.count)``.
+      spec: the :class:`QuantSpec` applied to ``s W``.
+      grid: ``alpha`` is searched on ``0, 1/grid, ..., 1``.
+      alpha: use this ``alpha`` (or ``alpha = 0``, whichever has the lower output error; ``alpha=0``
+        is round to nearest exactly) instead of the grid search.
+      path: the leaf's name for error messages.
+
+    Returns:
+      ``(AWQArray, AWQLayerStats)``.
+
+    Raises:
+      ValueError / TypeError: shapes that do not fit, NaN/Inf in ``w``, a bad grid or alpha,
+        a ``PerGroup`` size not dividing ``in``.
+
+    >>> import jax.numpy as jnp
+    >>> from jcompress.quantization import QuantSpec
+    >>> w = jnp.array([[0.9, -0.2], [0.4, 0.75], [-0.6, 0.1], [0.3, -0.35]])
+    >>> qa, stats = awq_layer(w, jnp.diag(jnp.array([100.0, 1.0, 1.0, 1.0])), QuantSpec(bits=3))
+    >>> float(stats.output_error) <= float(stats.rtn_output_error)
+    True
+    >>> qa.act_scale.shape
+    (4, 1)
+    """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{path}: AWQ needs a QuantSpec, got {type(spec).__name__}")
+    alphas = _grid(grid, alpha, path)
+    w, h = _hessian.check_layer(path, w, h, block_size=1, percdamp=0.0, what="AWQ")
+    layout(path, tuple(w.shape), spec, _DENSE)
+    s, a, err, rtn = _search(w, h.astype(jnp.float32), spec=spec, alphas=alphas)
+    return _finish(path, w, s[:, None], spec, _DENSE), AWQLayerStats(a, err, rtn)
+
+
+def awq(
+    fn: Callable[..., Any],
+    params: jtree.Params,
+    batches: Iterable[Any],
+    spec_or_rules: SpecOrRules,
+    *,
+    where: jtree.Where = None,
+    roles: Mapping[str, jtree.Role] | None = None,
+    grid: int = 20,
+    quiet: bool = False,
+) -> jtree.Params:
+    """Calibrated post-training quantization with AWQ (Lin et al., 2023) over a model.
+
+    The inputs of every selected matmul/conv leaf are captured on ``batches``
+    (``jc.capture(..., gram=True)``, one walk), and each leaf (each stacked slice on its own)
+    gets the per-input-channel scale ``s = m^alpha`` with the least layer output error (module
+    docstring); the leaf becomes an :class:`AWQArray` holding ``Q(s W)`` and ``s``.
+    ``jc.quantization.dequantize(result)`` is the float model ``Q(s W) / s``, and
+    ``jc.compressed(fn)`` runs ``(x / s) · Q(s W)``.
+
+    Args:
+      fn: ``fn(params, *args)`` (linen: ``lambda p, x: model.apply({"params": p}, x)``).
+      params: the parameter tree.
+      batches: a re-iterable (a list) of argument tuples (a bare array is one argument).
+      spec_or_rules: a :class:`QuantSpec` or ordered ``[(regex, QuantSpec | None), ...]`` rules.
+      where: selection (default: matmul/conv leaves).
+      roles: ``{path: Role}``; default: Flax layouts.
+      grid: ``alpha`` is searched on ``0, 1/grid, ..., 1`` (``grid + 1`` candidates).
+      quiet: no ``rich`` progress bar.
+
+    Returns:
+      The tree with :class:`AWQArray` leaves for the selected leaves, others unchanged.
+
+    Raises:
+      ValueError: as :func:`quantize` (rules, selection, ``PerGroup`` divisibility, NaN/Inf), a
+        selected leaf that ``fn`` never multiplies (no statistics), a bad ``grid``, no batches.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jcompress.quantization import QuantSpec
+    >>> params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (8, 4))}}
+    >>> xs = [(jax.random.normal(jax.random.key(i), (16, 8)),) for i in range(2)]
+    >>> q = awq(lambda p, x: x @ p["Dense_0"]["kernel"], params, xs, QuantSpec(bits=4),
+    ...         quiet=True)
+    >>> q["Dense_0"]["kernel"].act_scale.shape
+    (8, 1)
+    """
+    what = "AWQ"
+    alphas = _grid(grid, None, what)
+    if where is None:
+        where = jtree.select(params, None, roles=roles, kinds=("matmul", "conv"), what=what)
+    resolved = resolve_specs(params, spec_or_rules, where=where, roles=roles, what=what)
+    leaves = dict(jtree.leaves_with_paths(params))
+    for path, (spec, role) in resolved.items():
+        jtree.check_finite(path, leaves[path], what=what)
+        layout(path, tuple(leaves[path].shape), spec, role)
+        _hessian.LeafMatrices.of(path, leaves[path].shape, role)
+
+    def compress(path, leaf, stats):
+        spec, role = resolved[path]
+        lay = _hessian.LeafMatrices.of(path, leaf.shape, role)
+        w3 = lay.to_matrices(leaf)
+        h3 = lay.hessians(stats)
+        s3 = jnp.stack([_search(w3[i], h3[i], spec=spec, alphas=alphas)[0] for i in range(len(w3))])
+        qa = _finish(path, leaf, lay.from_matrices(s3[:, :, None]), spec, role)
+        return qa, qa.dequantize()
+
+    results = _hessian.run_layers(
+        fn, params, batches, list(resolved), compress, sequential=False, quiet=quiet, what=what
+    )
+    return jtree.map_with_paths(lambda p, x: results.get(p, x), params)
