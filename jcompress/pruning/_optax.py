@@ -368,8 +368,9 @@ def prune(
         # Everything inside runs on the masks' structure (plain arrays), matched by path.
         p = _like(state.masks, _unwrap(params), "params")
         g = _like(state.masks, _unwrap(updates), "updates")
-        # NaN/Inf: the incoming updates every step (cheap next to the step); the parameters
-        # where masks are computed from them (a finite update keeps finite weights finite).
+        # NaN/Inf: the incoming updates every step; the parameters (and updates) where masks
+        # are computed from them (a finite update keeps finite weights finite). The per-step
+        # check only feeds the returned flag, so it stays off the path to the updates.
         bad = state.nonfinite | ~_all_finite(g)
 
         if fixed is not None:
@@ -381,12 +382,12 @@ def prune(
             # groups also mask unselected members (biases, norms), which have array masks.
             touched = jax.tree.map(lambda m: m.ndim > 0, state.masks)
             target = target_at(state.count)
-            change = (target != state.target) & ~bad
+            change = (target != state.target) & ~state.nonfinite
 
             def recompute(old):
                 scores = scores_of(p, g, plan.selection, state.count)
                 new = _masks.masks_from_scores(p, scores, target, plan, previous=old)
-                ok = _all_finite(p)
+                ok = _all_finite((p, g))
                 new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), _as_masks(old, new), old)
                 return new, ok
 
