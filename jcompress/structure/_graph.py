@@ -378,31 +378,22 @@ class Dependencies(ip.Interpreter):
         if eqn.params.get("dimensions") is not None:
             return self._unknown_one(eqn, axes, why)
         ins, outs, a = shapes[0], tuple(eqn.outvars[0].aval.shape), axes[0]
+        # The walker's reshape rule, on a view of the input axes themselves, gives the input
+        # axes behind each output axis (a merge: several; a split: the same ones repeated).
+        sources = ip._reshape_rule(ip.identity_view("", len(ins)), ins, outs).axes
+        for k in set(range(len(ins))) - {k for src in sources for k in src}:
+            self.drop(a[k], f"is dropped by {why}")
         new: list[Any] = []
-        i = j = 0
-        while i < len(ins) or j < len(outs):
-            if i < len(ins) and ins[i] == 1 and (j >= len(outs) or outs[j] != 1):
-                self.drop(a[i], f"is dropped by {why}")
-                i += 1
-                continue
-            if j < len(outs) and outs[j] == 1 and (i >= len(ins) or ins[i] != 1):
-                new.append(None)
-                j += 1
-                continue
-            gi, gj = [i], [j]
-            pi, pj = ins[i], outs[j]
-            i, j = i + 1, j + 1
-            while pi != pj:
-                if pi < pj:
-                    pi *= ins[i]
-                    gi.append(i)
-                    i += 1
-                else:
-                    pj *= outs[j]
-                    gj.append(j)
-                    j += 1
+        j = 0
+        while j < len(outs):
+            gi, gj = list(sources[j]), [j]
+            while gi and gj[-1] + 1 < len(outs) and sources[gj[-1] + 1] == sources[j]:
+                gj.append(gj[-1] + 1)
+            j += len(gj)
             live = [k for k in gi if a[k] is not None]
-            if len(gi) == 1 and len(gj) == 1:
+            if not gi:
+                new.append(None)  # a size-1 axis added
+            elif len(gi) == 1 and len(gj) == 1:
                 new.append(a[gi[0]])
             elif not live:
                 new.extend([None] * len(gj))
