@@ -2,21 +2,46 @@
 
 Compression methods are pure functions over parameter pytrees; compressed parameters are pytrees
 too, so ``jit``, ``vmap``, ``scan``, sharding, optax and orbax keep working.
+
+Subpackages: :mod:`jcompress.pruning`, :mod:`jcompress.quantization`,
+:mod:`jcompress.distillation`, :mod:`jcompress.structure`, :mod:`jcompress.runtime`,
+:mod:`jcompress.checkpoint`, :mod:`jcompress.report`; the ground floor is :mod:`jcompress.tree`.
 """
 
-from jcompress import distillation, pruning, quantization, runtime, structure, tree
+from jcompress import (
+    checkpoint,
+    distillation,
+    pruning,
+    quantization,
+    report,
+    runtime,
+    structure,
+    tree,
+)
+from jcompress._export import export, load_exported
+from jcompress.runtime import InputStats, capture, compressed, explain, roles, tap
 from jcompress.tree import Compressed, Role, is_compressed
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Compressed",
+    "InputStats",
     "Role",
-    "is_compressed",
+    "capture",
+    "checkpoint",
+    "compressed",
     "distillation",
+    "explain",
+    "export",
+    "is_compressed",
+    "load_exported",
     "pruning",
     "quantization",
+    "report",
+    "roles",
     "runtime",
     "structure",
+    "tap",
     "tree",
 ]

@@ -1,18 +1,15 @@
-"""jcompress.export: a serialized artifact of jc.compressed(fn) that runs without model code."""
+"""jc.export: a serialized artifact of jc.compressed(fn) that runs without model code."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jcompress import checkpoint
+from jcompress import checkpoint, export, load_exported
 from jcompress.demo import MLP
-from jcompress.export import export, load_exported
 from jcompress.quantization import QuantSpec, dequantize, quantize
 from jcompress.runtime import compressed
 from jcompress.tree import Compressed
-
-pytest.importorskip("flatbuffers")
 
 
 @pytest.fixture(scope="module")
