@@ -285,15 +285,15 @@ def _and_previous(mask: jax.Array, previous: Any) -> jax.Array:
     return mask if previous is None else mask & jnp.asarray(previous, bool)
 
 
+# The selection kernels are jitted on int32 keys (static layout arguments), so eager calls
+# compile once per shape whatever the dtype, and a caller's jit simply inlines them.
+
+
 @functools.partial(jax.jit, static_argnames=("pruned",))
 def _lowest(keys: list[jax.Array], sparsity: jax.Array, pruned: bool) -> list[jax.Array]:
     """Keep masks of ``(B, N_i)`` keys pooled per row, ``round(s * sum N_i)`` removed per row."""
     total = sum(k.shape[1] for k in keys)
     return prune_lowest(keys, exact_count(sparsity, total), maybe_pruned=pruned)
-
-
-# The selection kernels are jitted on int32 keys (static layout arguments), so eager calls
-# compile once per shape whatever the dtype, and a caller's jit simply inlines them.
 
 
 def _unstructured(entries, sparsity, scope):
