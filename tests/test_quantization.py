@@ -90,7 +90,7 @@ def ref_quantize(w, spec: QuantSpec, role: Role):
     q = np.round(w * inv[bid])
     zp = None
     if not spec.symmetric:
-        zp = np.clip(np.round(np.float32(qmin) - lo * inv), qmin, qmax).astype(np.float32)
+        zp = np.clip(np.float32(qmin) + np.round(-lo * inv), qmin, qmax).astype(np.float32)
         q = q + zp[bid]
     q = np.clip(q, qmin, qmax).astype(np.int64)
     return q, s.reshape(sshape), None if zp is None else zp.astype(np.int64).reshape(sshape)

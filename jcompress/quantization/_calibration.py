@@ -7,13 +7,14 @@ Conventions (``qmin, qmax = spec.levels``, all arithmetic in ``float32``):
   ``q = clip(round(w * (1 / scale)), -qmax, qmax)``;
 * asymmetric: ``scale = (clip_hi - clip_lo) * float32(1 / (qmax - qmin))`` with
   ``clip_lo <= 0 <= clip_hi`` (so 0.0 is in range),
-  ``zero_point = clip(round(qmin - clip_lo * (1 / scale)), qmin, qmax)``,
+  ``zero_point = clip(qmin + round(-clip_lo * (1 / scale)), qmin, qmax)``,
   ``q = clip(round(w * (1 / scale)) + zero_point, qmin, qmax)``;
 * ``dequantize = (q - zero_point) * scale``; rounding is half-to-even (``jnp.round``).
 
 Reciprocals are written out (``1 / scale`` once per block, then multiplications) because XLA
-rewrites a division by a broadcast into exactly that inside some fusions and not others; spelled
-out, jit, eager and a NumPy float32 reference agree bit for bit. Unclipped elements satisfy
+rewrites a division by a broadcast into exactly that inside some fusions and not others, and no
+product feeds an addition (XLA may contract it into a fused multiply-add); spelled out, jit, eager
+and a NumPy float32 reference agree bit for bit. Unclipped elements satisfy
 ``|w - dequantize| <= scale / 2`` up to float32 rounding (a few ulp of ``|w|``).
 
 Edge cases: an all-zero block gets ``scale = 1`` (values 0, exact zeros back); scales are at least
@@ -144,7 +145,9 @@ def _scale_zero_point(lo, hi, ratio, bad, spec: QuantSpec):
     scale = jnp.where(bad, jnp.float32(jnp.nan), scale)
     if spec.symmetric:
         return scale, None
-    zp = jnp.clip(jnp.round(jnp.float32(qmin) - lo * (1 / scale)), qmin, qmax)
+    # qmin + round(-lo / scale), not round(qmin - lo / scale): no multiply feeding an add, which
+    # XLA may fuse into one multiply-add and round differently from NumPy (and jit from eager).
+    zp = jnp.clip(jnp.float32(qmin) + jnp.round(-lo * (1 / scale)), qmin, qmax)
     return scale, jnp.where(bad, jnp.zeros((), jnp.float32), zp)
 
 
