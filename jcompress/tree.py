@@ -255,16 +255,17 @@ def match_paths(
     [10, 20]
     """
     ref_paths = [p for p, _ in leaves_with_paths(reference)]
-    if (
-        isinstance(other, Mapping)
-        and all(isinstance(k, str) for k in other)
-        and (set(other) == set(ref_paths) or any("/" in k for k in other))
-    ):
-        lookup = dict(other)
-    else:
-        pairs, _ = _flatten(other, is_leaf=is_leaf)
-        _check_unique([p for p, _ in pairs])
-        lookup = dict(pairs)
+    pairs, _ = _flatten(other, is_leaf=is_leaf)
+    lookup = dict(pairs)
+    if len(lookup) != len(pairs) or set(lookup) != set(ref_paths):
+        # Not the same tree shape: maybe a flat {path: value} dict whose values are pytrees
+        # themselves (statistics, groups). A tree that flattens to the right paths (an
+        # nnx.State holding Variables, say) always takes the branch above, values unwrapped.
+        if isinstance(other, Mapping) and all(isinstance(k, str) for k in other):
+            if set(other) == set(ref_paths) or any("/" in k for k in other):
+                lookup = dict(other)
+        else:
+            _check_unique([p for p, _ in pairs])
     missing = [p for p in ref_paths if p not in lookup]
     extra = [p for p in lookup if p not in set(ref_paths)]
     if missing or extra:

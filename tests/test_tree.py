@@ -342,3 +342,20 @@ def test_default_selection_property(layers):
     # A round trip through map_with_paths preserves structure and order.
     back = jt.map_with_paths(lambda p, x, s: s, tree, sel)
     assert back == sel
+
+
+def test_match_paths_single_level_nnx_state_gives_values_not_variables():
+    """A one-level nnx.State is a Mapping whose keys equal the paths: still unwrap Variables."""
+    _, state = nnx.split(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    plain = nnx.to_pure_dict(state)
+    got = jt.match_paths(plain, state, name="state")
+    assert all(isinstance(x, jax.Array) for x in got)
+    resolved = jt.resolve_roles(state, jt.select(state))
+    assert resolved == {"kernel": Role("matmul", contracting=(0,), output=(1,))}
+
+
+def test_match_paths_flat_dict_of_pytrees():
+    """Flat {path: pytree} dicts (statistics per path) are looked up, not flattened."""
+    tree = {"a": {"kernel": 1.0}, "b": {"kernel": 2.0}}
+    stats = {"a/kernel": (1, 2), "b/kernel": (3, 4)}
+    assert jt.match_paths(tree, stats) == [(1, 2), (3, 4)]
