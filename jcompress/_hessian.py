@@ -327,7 +327,7 @@ def check_stats(paths: list[str], stats: Any, what: str) -> None:
             f"{what}: no input statistics for the selected leaves {', '.join(lines)}{more}; "
             "capture them with jc.capture(fn, params, *batch) on the same params (a leaf that "
             "fn never multiplies has none: exclude it with where=)"
-            + jt._common_prefix_hint(missing, list(stats))
+            + jt.common_prefix_hint(missing, list(stats))
         )
 
 

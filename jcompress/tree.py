@@ -46,6 +46,7 @@ __all__ = [
     "Role",
     "Where",
     "check_finite",
+    "common_prefix_hint",
     "default_role",
     "is_compressed",
     "is_concrete",
@@ -195,7 +196,7 @@ def _check_unique(paths: list[str]) -> None:
         )
 
 
-def _common_prefix_hint(missing: list[str], available: list[str]) -> str:
+def common_prefix_hint(missing: list[str], available: list[str]) -> str:
     """Explain a systematic prefix difference (``params/`` present on one side only)."""
     counts: dict[tuple[str, str], int] = {}
     for m in missing:
@@ -234,7 +235,7 @@ def _mismatch_error(name: str, missing: list[str], extra: list[str], available: 
     if len(extra) > 5:
         lines.append(f"  ... and {len(extra) - 5} more unexpected")
     msg = "\n".join(lines)
-    msg += _common_prefix_hint(missing, extra)
+    msg += common_prefix_hint(missing, extra)
     return msg + "\nFix: build it from the same tree (e.g. jax.tree.map over the params)."
 
 
@@ -519,7 +520,7 @@ def select(
                     f"{p}: selected by {_describe_where(where)} but missing from roles="
                     + (f" (nearest: {near})" if near else "")
                     + "; pass roles for every selected leaf or narrow where="
-                    + _common_prefix_hint([p], list(roles))
+                    + common_prefix_hint([p], list(roles))
                 )
 
     if not allow_empty and not any(chosen):
@@ -569,7 +570,7 @@ def resolve_roles(
                 raise ValueError(
                     f"{p}: selected but missing from roles="
                     + (f" (nearest: {near})" if near else "")
-                    + _common_prefix_hint([p], list(roles))
+                    + common_prefix_hint([p], list(roles))
                 )
             role = roles[p]
         else:

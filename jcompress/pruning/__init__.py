@@ -20,6 +20,11 @@ from jcompress.pruning._structures import NM, Channels, Unstructured
 from jcompress.pruning._optax import PruneState, masks_of, nonfinite, prune
 from jcompress.pruning._schedules import Schedule, constant_schedule, polynomial_schedule
 
+# isort: split
+# Calibrated pruning (input statistics or second-order information).
+from jcompress.pruning._sparsegpt import sparsegpt, sparsegpt_layer
+from jcompress.pruning._wanda import wanda_masks
+
 __all__ = [
     "NM",
     "Channels",
@@ -38,4 +43,7 @@ __all__ = [
     "nonfinite",
     "polynomial_schedule",
     "prune",
+    "sparsegpt",
+    "sparsegpt_layer",
+    "wanda_masks",
 ]

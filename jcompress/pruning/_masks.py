@@ -234,7 +234,7 @@ def plan(
     _check_sparsity(sparsity, structure)
     pairs = jt.leaves_with_paths(params)
     chosen_tree = jt.select(params, where, roles=roles, kinds=_kinds(structure), what=what)
-    selected = [bool(s) for s in _matched(params, chosen_tree, "selection")]
+    selected = [bool(s) for s in jt.match_paths(params, chosen_tree, name="selection")]
     selection = jax.tree_util.tree_unflatten(_unwrapped_structure(params, len(pairs)), selected)
     resolved = jt.resolve_roles(params, {p: s for (p, _), s in zip(pairs, selected)}, roles)
     for (path, leaf), chosen in zip(pairs, selected):
@@ -462,14 +462,6 @@ def _channel_groups(pairs, scores, previous, selected, sparsity, plan_: Plan):
     return out
 
 
-def _matched(params: Params, other: Any, name: str) -> list[Any]:
-    """``other``'s leaves matched to ``params`` by path, nnx ``Variable`` wrappers removed."""
-    return [
-        x.get_value() if isinstance(x, nnx.Variable) else x
-        for x in jt.match_paths(params, other, name=name)
-    ]
-
-
 def _unwrapped_structure(params: Params, n: int):
     """The treedef of ``params`` with nnx ``Variable`` s and compressed nodes as leaves."""
     leaves, treedef = jax.tree_util.tree_flatten(
@@ -528,12 +520,12 @@ def masks_from_scores(
     [[False, True], [True, False]]
     """
     pairs = jt.leaves_with_paths(params)
-    selected = [bool(s) for s in _matched(params, plan.selection, "selection")]
-    score_leaves = _matched(params, scores, "scores")
+    selected = [bool(s) for s in jt.match_paths(params, plan.selection, name="selection")]
+    score_leaves = jt.match_paths(params, scores, name="scores")
     if previous is None:
         prev_leaves = [None] * len(pairs)
     else:
-        prev_leaves = _matched(params, previous, "previous")
+        prev_leaves = jt.match_paths(params, previous, name="previous")
         prev_leaves = [
             None if (s and isinstance(p, bool | np.bool_) and p) else p
             for p, s in zip(prev_leaves, selected)
@@ -588,7 +580,7 @@ def _selected_values(params: Params, p: Plan, what: str) -> dict[str, Any]:
     """``{path: value or None}``; selected values checked for NaN/Inf when concrete."""
     out = {}
     for (path, leaf), chosen in zip(
-        jt.leaves_with_paths(params), _matched(params, p.selection, "selection")
+        jt.leaves_with_paths(params), jt.match_paths(params, p.selection, name="selection")
     ):
         if chosen:
             jt.check_finite(path, leaf, what=what)
@@ -677,7 +669,7 @@ def random_masks(
         if chosen
         else None
         for (path, leaf), chosen in zip(
-            jt.leaves_with_paths(params), _matched(params, p.selection, "selection")
+            jt.leaves_with_paths(params), jt.match_paths(params, p.selection, name="selection")
         )
     }
     return masks_from_scores(params, scores, sparsity, p)
@@ -711,7 +703,7 @@ def saliency_masks(
         params, sparsity, what, structure=structure, scope=scope, where=where, roles=roles
     )
     values = _selected_values(params, p, what)
-    grad_leaves = _matched(params, grads, "grads")
+    grad_leaves = jt.match_paths(params, grads, name="grads")
     scores = {}
     for (path, value), g in zip(values.items(), grad_leaves):
         if value is None:
@@ -838,7 +830,7 @@ def sparsity(
     selection = jt.select(params, where, roles=roles, what="sparsity")
     zeros, total = [], 0
     for (_, leaf), chosen in zip(
-        jt.leaves_with_paths(params), _matched(params, selection, "selection")
+        jt.leaves_with_paths(params), jt.match_paths(params, selection, name="selection")
     ):
         if chosen:
             value = _float_value(leaf)

@@ -33,7 +33,7 @@ from jax.typing import ArrayLike
 
 from jcompress import _hessian
 from jcompress import tree as jt
-from jcompress.pruning._masks import _matched, _unwrapped_structure, plan
+from jcompress.pruning._masks import _unwrapped_structure, plan
 from jcompress.pruning._structures import NM, Channels, Structure, Unstructured
 from jcompress.pruning._threshold import exact_count
 from jcompress.pruning._wanda import keep_largest
@@ -229,7 +229,7 @@ def sparsegpt(
         raise ValueError(f"{what} needs a sparsity in [0, 1), got None")
     layer_sparsity = p.structure if isinstance(p.structure, NM) else sparsity
     pairs = jt.leaves_with_paths(params)
-    selected = [bool(s) for s in _matched(params, p.selection, "selection")]
+    selected = [bool(s) for s in jt.match_paths(params, p.selection, name="selection")]
     paths = [path for (path, _), s in zip(pairs, selected) if s]
     leaves = dict(pairs)
     for path in paths:

@@ -22,7 +22,7 @@ import numpy as np
 
 from jcompress import tree as jt
 from jcompress._hessian import check_stats
-from jcompress.pruning._masks import _matched, _unwrapped_structure, plan
+from jcompress.pruning._masks import _unwrapped_structure, plan
 from jcompress.pruning._structures import NM, Structure
 from jcompress.pruning._threshold import exact_count
 from jcompress.tree import Params, Role, Where
@@ -153,7 +153,7 @@ def wanda_masks(
     if sparsity is None and not isinstance(p.structure, NM):
         raise ValueError(f"{what} needs a sparsity in [0, 1), got None")
     pairs = jt.leaves_with_paths(params)
-    selected = [bool(s) for s in _matched(params, p.selection, "selection")]
+    selected = [bool(s) for s in jt.match_paths(params, p.selection, name="selection")]
     chosen = [path for (path, _), s in zip(pairs, selected) if s]
     check_stats(chosen, stats, what)
     leaves = []
