@@ -472,6 +472,46 @@ def test_nonfinite_flag_from_params():
     assert float(state.target) == 0.0  # the masks were not made for the new target
 
 
+def test_lean_options_keep_exact_zeros_and_same_masks():
+    """check_finite=False, mask_gradients=False: the same masks and exact zeros with adam."""
+    lean = prune(optax.adam(1e-2), schedule=SCHEDULE, check_finite=False, mask_gradients=False)
+    history, _ = run_tx(lean, 14)
+    check_history(history)
+    reference, _ = adam_run()
+    for (_, masks), (_, ref_masks) in zip(history[:3], reference[:3]):
+        for path in KERNELS:  # masks come from the params, identical until the params diverge
+            np.testing.assert_array_equal(leaf(masks, path), leaf(ref_masks, path))
+
+
+def test_unmasked_gradients_reach_clipping():
+    inner = optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(1.0))
+    tx = prune(inner, schedule=constant_schedule(0.5), mask_gradients=False)
+    params = init_params()
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    masks = masks_of(state)
+    kept = [
+        np.asarray(u)[np.broadcast_to(np.asarray(m), np.shape(u))]
+        for u, m in zip(jax.tree.leaves(updates), jax.tree.leaves(masks))
+    ]
+    norm = np.sqrt(sum(float(np.sum(k.astype(np.float64) ** 2)) for k in kept))
+    assert norm < 1e-3 * (1 - 1e-3)  # clipping counted the pruned gradients too
+
+
+def test_check_finite_off_checks_only_at_recomputes():
+    schedule = polynomial_schedule(0.6, begin_step=0, end_step=6, update_every=2)
+    tx = prune(optax.sgd(0.1), schedule=schedule, check_finite=False)
+    update = jax.jit(tx.update)
+    params = init_params()
+    ones = jax.tree.map(jnp.ones_like, params)
+    bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), ones)
+    _, state = update(ones, tx.init(params), params)  # step 0: masks computed
+    _, state = update(bad, state, params)  # step 1: no recompute, not checked
+    assert not bool(nonfinite(state))
+    _, state = update(bad, state, params)  # step 2: the target changes, the check runs
+    assert bool(nonfinite(state))
+
+
 def test_masks_of_finds_wrapped_state_and_errors():
     tx = prune(optax.sgd(0.1), schedule=constant_schedule(0.5))
     params = init_params()
