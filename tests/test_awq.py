@@ -152,6 +152,20 @@ def test_deterministic(dense_case):
         np.testing.assert_array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)))
 
 
+def test_checkpoint_round_trip_keeps_the_awq_leaf(dense_case, tmp_path):
+    from jcompress import checkpoint
+
+    params, batches, _ = dense_case
+    q = awq(dense_fn, params, batches, QuantSpec(bits=4), quiet=True)
+    checkpoint.save(tmp_path / "awq", q)
+    back = checkpoint.load(tmp_path / "awq")
+    assert type(back["Dense_0"]["kernel"]) is type(q["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(
+        np.asarray(dequantize(back)["Dense_0"]["kernel"]),
+        np.asarray(dequantize(q)["Dense_0"]["kernel"]),
+    )
+
+
 class _Attn(nn.Module):
     @nn.compact
     def __call__(self, x):

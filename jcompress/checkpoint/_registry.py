@@ -95,6 +95,11 @@ _BUILTIN = {
         ("values", "scale", "zero_point", "act_scale"),
         ("bits", "dtype"),
     ),
+    "AWQArray": (
+        "jcompress.quantization._awq",
+        ("values", "scale", "zero_point", "act_scale"),
+        ("bits", "dtype"),
+    ),
     "LowRank": (
         "jcompress.structure",
         ("a", "b"),
