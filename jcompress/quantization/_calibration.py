@@ -162,27 +162,28 @@ def _clip(q, spec: QuantSpec):
     return jnp.where(jnp.isnan(q), jnp.zeros((), jnp.float32), jnp.clip(q, qmin, qmax))
 
 
-def _block_error(w, lo, hi, ratio, bad, axes, spec: QuantSpec):
-    """Squared reconstruction error per block, normalised by the block's range (no overflow)."""
+def _block_error(w, lo, hi, ratio, bad, axes, spec: QuantSpec, dtype):
+    """Squared reconstruction error per block of what ``dequantize`` returns (in ``dtype``),
+    normalised by the block's range (no overflow)."""
     scale, zp = _scale_zero_point(lo, hi, ratio, bad, spec)
     q = _clip(_round(w, scale, zp, spec), spec)
-    deq = (q if zp is None else q - zp) * scale
+    deq = ((q if zp is None else q - zp) * scale).astype(dtype).astype(jnp.float32)
     norm = jnp.maximum(hi, -lo)
     inv = jnp.where(norm > 0, 1 / norm, jnp.ones((), jnp.float32))
     return jnp.sum(jnp.square((deq - w) * inv), axis=axes, keepdims=True)
 
 
-def _mse_ratio(w, lo, hi, bad, axes, spec: QuantSpec):
+def _mse_ratio(w, lo, hi, bad, axes, spec: QuantSpec, dtype):
     """Per-block clipping ratio from ``spec.calibration.grid`` minimising the block error."""
     cal = spec.calibration
     step = jnp.float32((1.0 - cal.min_ratio) / (cal.grid - 1))
     one = jnp.ones(lo.shape, jnp.float32)
-    best_err = _block_error(w, lo, hi, one, bad, axes, spec)
+    best_err = _block_error(w, lo, hi, one, bad, axes, spec, dtype)
 
     def body(i, carry):
         best_ratio, best_err = carry
         ratio = 1 - i.astype(jnp.float32) * step
-        err = _block_error(w, lo, hi, ratio, bad, axes, spec)
+        err = _block_error(w, lo, hi, ratio, bad, axes, spec, dtype)
         better = err < best_err
         return jnp.where(better, ratio, best_ratio), jnp.where(better, err, best_err)
 
@@ -194,6 +195,7 @@ def _mse_ratio(w, lo, hi, bad, axes, spec: QuantSpec):
 def compute_scales(w: jax.Array, *, spec: QuantSpec, lay: Layout) -> Scales:
     """Calibrate one leaf: :class:`Scales` of ``lay.scale_shape`` (zero point in the container
     dtype)."""
+    dtype = w.dtype
     w = w.astype(jnp.float32).reshape(lay.split_shape)
     axes = lay.reduce_axes
     if isinstance(spec.calibration, Percentile) and spec.calibration.q < 100:
@@ -208,7 +210,7 @@ def compute_scales(w: jax.Array, *, spec: QuantSpec, lay: Layout) -> Scales:
         lo = jnp.where(bad, jnp.zeros((), jnp.float32), lo)
         hi = jnp.where(bad, jnp.zeros((), jnp.float32), hi)
     if isinstance(spec.calibration, MSE):
-        ratio = _mse_ratio(w, lo, hi, bad, axes, spec)
+        ratio = _mse_ratio(w, lo, hi, bad, axes, spec, dtype)
     else:
         ratio = jnp.ones((), jnp.float32)
     scale, zp = _scale_zero_point(lo, hi, ratio, bad, spec)
