@@ -23,8 +23,7 @@ import jcompress.structure
 from jcompress.checkpoint import _encode, _io
 from jcompress.tree import Compressed
 
-QArray = getattr(jcompress.quantization, "QArray", None)
-needs_qarray = pytest.mark.skipif(QArray is None, reason="jcompress.quantization.QArray missing")
+QArray = jcompress.quantization.QArray
 
 DTYPES = [
     "float32",
@@ -169,7 +168,6 @@ def test_nnx_state_with_variables_and_rngs(tmp_path):
     np.testing.assert_array_equal(model.dense(x), nnx.merge(graphdef, state).dense(x))
 
 
-@needs_qarray
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_qarray_round_trip(tmp_path, bits, dtype):
@@ -192,7 +190,6 @@ def test_qarray_round_trip(tmp_path, bits, dtype):
     assert back["sym"].zero_point is None and back["asym"].act_scale is not None
 
 
-@needs_qarray
 def test_quantized_model_round_trip_and_pruned_values_stored_sparse(tmp_path):
     from jcompress.quantization import QuantSpec, quantize
 
@@ -292,7 +289,6 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     assert (tmp_path / "x" / "notes.txt").read_text() == "mine"
 
 
-@needs_qarray
 @pytest.mark.parametrize(
     "damage, match",
     [
@@ -389,7 +385,6 @@ def test_traced_values_are_refused(tmp_path):
         f(jnp.ones(2))
 
 
-@needs_qarray
 def test_register_compressed_round_trip_and_errors(tmp_path):
     @jax.tree_util.register_dataclass
     @dataclasses.dataclass(frozen=True)
@@ -421,7 +416,6 @@ def test_register_compressed_round_trip_and_errors(tmp_path):
 # ---- sharding and CheckpointManager ----------------------------------------------------------
 
 
-@needs_qarray
 def test_sharded_save_and_load_restores_shardings(tmp_path, devices):
     mesh = jax.make_mesh((4, 2), ("data", "model"))
     P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
@@ -463,7 +457,6 @@ def test_sharded_save_and_load_restores_shardings(tmp_path, devices):
     np.testing.assert_array_equal(back["q"].dequantize(), q.dequantize())
 
 
-@needs_qarray
 def test_checkpoint_manager_items(tmp_path):
     tree = {
         "w": jnp.arange(6.0).reshape(2, 3),
@@ -494,9 +487,6 @@ def test_disk_bytes_counts_files(tmp_path):
         ckpt.disk_bytes(tmp_path / "none")
 
 
-@pytest.mark.skipif(
-    not hasattr(jcompress.structure, "LowRank"), reason="jcompress.structure.LowRank missing"
-)
 def test_low_rank_leaves_round_trip(tmp_path):
     from jcompress.structure import LowRank
 

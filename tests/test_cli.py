@@ -14,13 +14,7 @@ import jcompress.quantization
 from jcompress import checkpoint
 from jcompress.cli import main
 
-QArray = getattr(jcompress.quantization, "QArray", None)
-needs_quantize = pytest.mark.skipif(
-    not hasattr(jcompress.quantization, "quantize"), reason="jcompress.quantization missing"
-)
-needs_prune = pytest.mark.skipif(
-    not hasattr(jcompress.pruning, "magnitude_masks"), reason="jcompress.pruning missing"
-)
+QArray = jcompress.quantization.QArray
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +66,6 @@ def test_inspect_table_and_json(capsys, flax_ckpt):
     assert data["total"]["memory_bytes"] == (64 * 32 + 32 + 32 * 8) * 4
 
 
-@needs_quantize
 def test_quantize_flax_layout_groups_along_the_input_axis(capsys, flax_ckpt, tmp_path):
     d, params = flax_ckpt
     out_dir = tmp_path / "q"
@@ -91,7 +84,6 @@ def test_quantize_flax_layout_groups_along_the_input_axis(capsys, flax_ckpt, tmp
     assert isinstance(q["Dense_0"]["bias"], np.ndarray)  # biases stay float
 
 
-@needs_quantize
 def test_quantize_torch_layout_and_plain_orbax_input(capsys, tmp_path):
     rng = np.random.default_rng(1)
     state = {
@@ -120,7 +112,6 @@ def test_quantize_torch_layout_and_plain_orbax_input(capsys, tmp_path):
     assert w.scale.shape == (16, 1)  # one scale per output row of (out, in)
 
 
-@needs_prune
 def test_prune_exact_count_and_nm(capsys, flax_ckpt, tmp_path):
     d, params = flax_ckpt
     code, _, err = run(capsys, "prune", d, tmp_path / "p", "--sparsity", 0.75)
@@ -158,7 +149,6 @@ def test_errors_are_one_line_exit_2(capsys, flax_ckpt, tmp_path, argv, needles):
     assert_one_line_error(code, err, *needles)
 
 
-@needs_quantize
 def test_library_errors_are_one_line(capsys, flax_ckpt, tmp_path):
     d, _ = flax_ckpt
     code, _, err = run(capsys, "quantize", d, tmp_path / "o", "--where", "nothing")

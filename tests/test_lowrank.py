@@ -196,7 +196,8 @@ def test_whitened_svd_minimises_output_error(correlated, r, strict):
 
 
 def test_whitened_stacked_and_capture_layout():
-    runtime = pytest.importorskip("jcompress.runtime")
+    import jcompress.runtime as runtime
+
     x = jnp.asarray(rand((64, 16), 6))
     w = jnp.asarray(rand((3, 16, 16), 7))
     params = {"w": w}
@@ -420,7 +421,8 @@ def net():
 
 
 def test_real_flax_layouts(net, strict):
-    runtime = pytest.importorskip("jcompress.runtime")
+    import jcompress.runtime as runtime
+
     model, x, params = net
 
     def fn(p, x):
@@ -620,7 +622,8 @@ def test_property_whitened_never_worse_on_output(seed, r, zero):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    checkpoint = pytest.importorskip("jcompress.checkpoint")
+    import jcompress.checkpoint as checkpoint
+
     tree = {
         "attn": {"kernel": _lr((4, 3, 16), (0, 1), 2, dtype=jnp.bfloat16)},
         "scan": {"kernel": _lr((16, 12), (0,), 3, stacked=(3,))},

@@ -10,8 +10,7 @@ import pytest
 import jcompress.quantization
 from jcompress import checkpoint, plots, report
 
-QArray = getattr(jcompress.quantization, "QArray", None)
-pytestmark = pytest.mark.skipif(QArray is None, reason="jcompress.quantization.QArray missing")
+QArray = jcompress.quantization.QArray
 
 
 @pytest.fixture(scope="module")
