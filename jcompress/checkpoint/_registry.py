@@ -96,7 +96,7 @@ _BUILTIN = {
         ("bits", "dtype"),
     ),
     "AWQArray": (
-        "jcompress.quantization._awq",
+        "jcompress.quantization",
         ("values", "scale", "zero_point", "act_scale"),
         ("bits", "dtype"),
     ),

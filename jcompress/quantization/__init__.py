@@ -7,6 +7,8 @@
 * :func:`calibrate`: frozen ``{path: Scales}`` reused by :func:`quantize` and
   :func:`fake_quantize` (quantization-aware training with a straight-through gradient).
 * :func:`nonfinite`: the flag for NaN/Inf weights met inside ``jit``.
+* Calibrated post-training quantization: :func:`gptq` (Frantar et al. 2022) and :func:`awq`
+  (Lin et al. 2023, :class:`AWQArray` leaves), from input statistics of ``jc.capture``.
 """
 
 from jcompress.quantization._calibration import Scales
@@ -23,6 +25,11 @@ from jcompress.quantization._spec import (
     QuantSpec,
 )
 
+# isort: split
+# Calibrated post-training quantization.
+from jcompress.quantization._awq import AWQArray, awq, awq_layer
+from jcompress.quantization._gptq import gptq, gptq_layer
+
 __all__ = [
     "MSE",
     "AbsMax",
@@ -38,4 +45,9 @@ __all__ = [
     "fake_quantize",
     "nonfinite",
     "quantize",
+    "AWQArray",
+    "awq",
+    "awq_layer",
+    "gptq",
+    "gptq_layer",
 ]
