@@ -23,9 +23,9 @@ activations) are :meth:`Interpreter.emit` ted; the walker threads them out of th
 stacked outputs (leading axis: the iteration) and hands them to :meth:`Interpreter.unstack`.
 
 Primitives are matched through ``jax.extend.core.primitives`` where it lists them, by name
-otherwise. Supported JAX versions: 0.7 to 0.10 (tested on 0.10.2); the primitive names and
-parameters used here are those of that range (``jit``, ``remat2``, ``scan(jaxpr=ClosedJaxpr)``,
-``while(cond_jaxpr, body_jaxpr)``, ``cond(branches)``).
+otherwise. Supported JAX versions: 0.10 (tested on 0.10.2; ``pyproject.toml`` sets that
+floor); the primitive names and parameters used here are those of that release (``jit``,
+``remat2``, ``scan(jaxpr=ClosedJaxpr)``, ``while(cond_jaxpr, body_jaxpr)``, ``cond(branches)``).
 """
 
 from __future__ import annotations
