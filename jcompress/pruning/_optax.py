@@ -199,9 +199,9 @@ def prune(
     when the target changes. On a memory-bound step each extra pass over the weights shows:
     ``benchmarks/pruning_overhead.py`` measures plain/prune throughput 0.75 with the defaults
     on an 8 ms MLP step after the schedule, and 0.94 with ``check_finite=False,
-    mask_gradients=False`` (only the final select left). Nothing is recompiled when the masks change. The state holds
-    one bool per selected weight. Unstructured sparsity saves no time on XLA: it is the
-    accuracy-preserving step before an encoded checkpoint or structured shrinking.
+    mask_gradients=False`` (only the final select left). Nothing is recompiled when the masks
+    change. The state holds one bool per selected weight. Unstructured sparsity saves no time on
+    XLA: it is the accuracy-preserving step before an encoded checkpoint or structured shrinking.
 
     Args:
       inner: the optax transform to wrap (``GradientTransformation``, with or without extra
