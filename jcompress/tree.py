@@ -95,6 +95,38 @@ class Compressed(abc.ABC):
     conv: Callable[..., jax.Array] | None = None
     take: Callable[..., jax.Array] | None = None
 
+    # Optional field machinery. A subclass that names its array children and static fields here
+    # stores them with ``_set(*arrays, *static)`` (as ``_<name>`` attributes), is immutable, and
+    # gets ``tree_flatten_with_keys`` / ``tree_unflatten`` for
+    # ``@jax.tree_util.register_pytree_with_keys_class``; checkpoints read the same names.
+    array_fields: tuple[str, ...] = ()
+    static_fields: tuple[str, ...] = ()
+
+    def _set(self, *values: Any) -> None:
+        names = self.array_fields + self.static_fields
+        if len(values) != len(names):
+            raise TypeError(f"{type(self).__name__}._set takes {names}, got {len(values)} values")
+        for name, value in zip(names, values):
+            object.__setattr__(self, "_" + name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.array_fields:
+            raise AttributeError(f"{type(self).__name__} is immutable; build a new one")
+        object.__setattr__(self, name, value)
+
+    def tree_flatten_with_keys(self):
+        children = [
+            (jax.tree_util.GetAttrKey(k), getattr(self, "_" + k)) for k in self.array_fields
+        ]
+        return children, tuple(getattr(self, "_" + k) for k in self.static_fields)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        # No validation: jax rebuilds nodes with tracers, ``None`` or in_axes specs as children.
+        obj = object.__new__(cls)
+        obj._set(*children, *aux)
+        return obj
+
     @abc.abstractmethod
     def dequantize(self) -> jax.Array:
         """The float array this leaf stands for."""

@@ -29,8 +29,8 @@ def register_compressed(
     cls: type,
     *,
     name: str,
-    arrays: Sequence[str],
-    static: Sequence[str] = (),
+    arrays: Sequence[str] | None = None,
+    static: Sequence[str] | None = None,
     build: Callable[..., Any] | None = None,
 ) -> None:
     """Let checkpoints (and reports) hold leaves of the compressed-leaf class ``cls``.
@@ -44,8 +44,8 @@ def register_compressed(
     Args:
       cls: a subclass of :class:`jcompress.tree.Compressed`.
       name: a stable name for the kind (``"QArray"``).
-      arrays: attribute names of the array children.
-      static: attribute names of the static fields.
+      arrays: attribute names of the array children (default: ``cls.array_fields``).
+      static: attribute names of the static fields (default: ``cls.static_fields``).
       build: rebuilds a leaf from keyword arguments named after ``arrays`` and ``static``.
 
     Raises:
@@ -68,7 +68,8 @@ def register_compressed(
         raise TypeError(f"register_compressed needs a Compressed subclass, got {cls!r}")
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_compressed: name must be a non-empty string, got {name!r}")
-    arrays, static = tuple(arrays), tuple(static)
+    arrays = tuple(cls.array_fields if arrays is None else arrays)
+    static = tuple(cls.static_fields if static is None else static)
     fields = arrays + static
     if len(set(fields)) != len(fields) or not arrays:
         raise ValueError(
@@ -86,39 +87,20 @@ def register_compressed(
     _BY_TYPE[cls] = kind
 
 
-# Kinds that jcompress itself defines, registered on first use (their modules may not exist in a
-# partial install, and importing them eagerly would make the checkpoint import everything):
-# name -> (module, array children, static fields).
+# Kinds that jcompress itself defines, registered on first use (importing their modules
+# eagerly would make the checkpoint import everything): name -> module. Their fields are the
+# classes' own ``array_fields`` / ``static_fields``.
 _BUILTIN = {
-    "QArray": (
-        "jcompress.quantization",
-        ("values", "scale", "zero_point", "act_scale"),
-        ("bits", "dtype"),
-    ),
-    "AWQArray": (
-        "jcompress.quantization",
-        ("values", "scale", "zero_point", "act_scale"),
-        ("bits", "dtype"),
-    ),
-    "LowRank": (
-        "jcompress.structure",
-        ("a", "b"),
-        ("dtype", "layer_shape", "contracting", "output"),
-    ),
+    "QArray": "jcompress.quantization",
+    "AWQArray": "jcompress.quantization",
+    "LowRank": "jcompress.structure",
 }
 
 
 def _load_builtins() -> None:
-    for name, (module, arrays, static) in _BUILTIN.items():
-        if name in _BY_NAME:
-            continue
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        cls = getattr(mod, name, None)
-        if isinstance(cls, type) and all(hasattr(cls, f) for f in arrays + static):
-            register_compressed(cls, name=name, arrays=arrays, static=static)
+    for name, module in _BUILTIN.items():
+        if name not in _BY_NAME:
+            register_compressed(getattr(importlib.import_module(module), name), name=name)
 
 
 def kind_of(leaf: Any) -> CompressedKind | None:

@@ -120,6 +120,9 @@ class QArray(jtree.Compressed):
 
     __slots__ = ("_act_scale", "_bits", "_dtype", "_scale", "_values", "_zero_point")
 
+    array_fields = ("values", "scale", "zero_point", "act_scale")
+    static_fields = ("bits", "dtype")
+
     def __init__(
         self,
         values: ArrayLike,
@@ -153,34 +156,6 @@ class QArray(jtree.Compressed):
                 f"{zero_point.dtype}{tuple(zero_point.shape)}"
             )
         self._set(values, scale, zero_point, act_scale, bits, dtype)
-
-    def _set(self, values, scale, zero_point, act_scale, bits, dtype):
-        object.__setattr__(self, "_values", values)
-        object.__setattr__(self, "_scale", scale)
-        object.__setattr__(self, "_zero_point", zero_point)
-        object.__setattr__(self, "_act_scale", act_scale)
-        object.__setattr__(self, "_bits", bits)
-        object.__setattr__(self, "_dtype", dtype)
-
-    def __setattr__(self, name, value):
-        raise AttributeError("QArray is immutable; build a new one")
-
-    # -- pytree ----------------------------------------------------------------------------------
-
-    def tree_flatten_with_keys(self):
-        keys = ("values", "scale", "zero_point", "act_scale")
-        children = (self._values, self._scale, self._zero_point, self._act_scale)
-        return [(jax.tree_util.GetAttrKey(k), c) for k, c in zip(keys, children)], (
-            self._bits,
-            self._dtype,
-        )
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        # No validation: jax rebuilds nodes with tracers, ``None`` or in_axes specs as children.
-        obj = object.__new__(cls)
-        obj._set(*children, *aux)
-        return obj
 
     # -- fields ----------------------------------------------------------------------------------
 

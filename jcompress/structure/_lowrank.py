@@ -113,6 +113,9 @@ class LowRank(jtree.Compressed):
 
     __slots__ = ("_a", "_b", "_contracting", "_dtype", "_layer_shape", "_output")
 
+    array_fields = ("a", "b")
+    static_fields = ("dtype", "layer_shape", "contracting", "output")
+
     def __init__(
         self,
         a: ArrayLike,
@@ -170,33 +173,6 @@ class LowRank(jtree.Compressed):
                 f"({kk}, {nn}), but the factors give ({k}, {n})"
             )
         self._set(a, b, dtype, layer_shape, contracting, output)
-
-    def _set(self, a, b, dtype, layer_shape, contracting, output):
-        object.__setattr__(self, "_a", a)
-        object.__setattr__(self, "_b", b)
-        object.__setattr__(self, "_dtype", dtype)
-        object.__setattr__(self, "_layer_shape", layer_shape)
-        object.__setattr__(self, "_contracting", contracting)
-        object.__setattr__(self, "_output", output)
-
-    def __setattr__(self, name, value):
-        raise AttributeError("LowRank is immutable; build a new one")
-
-    # -- pytree ----------------------------------------------------------------------------------
-
-    def tree_flatten_with_keys(self):
-        children = [
-            (jax.tree_util.GetAttrKey("a"), self._a),
-            (jax.tree_util.GetAttrKey("b"), self._b),
-        ]
-        return children, (self._dtype, self._layer_shape, self._contracting, self._output)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        # No validation: jax rebuilds nodes with tracers, None or in_axes specs as children.
-        obj = object.__new__(cls)
-        obj._set(*children, *aux)
-        return obj
 
     # -- fields ----------------------------------------------------------------------------------
 
