@@ -26,11 +26,7 @@ Representation: the result is an :class:`AWQArray`, a :class:`QArray` holding ``
 ``dequantize() = Q(s W) / s ≈ W``, so ``jc.quantization.dequantize(tree)`` is a correct float
 model; its ``dot_general`` divides the activations by ``s`` and then runs the ``QArray``
 formulation on ``Q(s W)`` (weight-only or int8 x int8), which is AWQ's runtime. ``nbytes``
-counts the ``in`` float32 input scales. Checkpoints need the class registered once
-(until ``jcompress.checkpoint`` lists it among its built-in kinds)::
-
-    jc.checkpoint.register_compressed(AWQArray, name="AWQArray", static=("bits", "dtype"),
-                                      arrays=("values", "scale", "zero_point", "act_scale"))
+counts the ``in`` float32 input scales. ``jc.checkpoint`` saves it as a built-in kind.
 
 Reference: Lin, Tang, Tang, Yang, Chen, Wang, Xiao, Dang, Gan, Han, 2023, "AWQ:
 Activation-aware Weight Quantization for LLM Compression and Acceleration", arXiv:2306.00978,
