@@ -454,6 +454,18 @@ def _describe_where(where: Any) -> str:
     return "where=<pytree>"
 
 
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, bool | np.bool_) or (
+        getattr(x, "dtype", None) == np.dtype(bool) and getattr(x, "shape", None) == ()
+    )
+
+
+def _is_bool_tree(where: Any) -> bool:
+    """A pytree whose leaves are all scalar bools (an Equinox module of bools is callable too)."""
+    leaves = jax.tree.leaves(where)
+    return bool(leaves) and all(_is_bool(x) for x in leaves)
+
+
 def select(
     tree: Params,
     where: Where = None,
@@ -522,16 +534,14 @@ def select(
             raise ValueError(f"where={where!r} is not a valid regular expression: {e}") from None
         chosen = [rx.fullmatch(p) is not None for p in paths]
         explicit = True
-    elif callable(where) and not isinstance(where, Mapping | list | tuple):
+    elif callable(where) and not _is_bool_tree(where):
         chosen = [bool(where(p, x)) for p, x in pairs]
         explicit = True
     else:
         given = match_paths(tree, where, name="where")
         chosen = []
         for p, g in zip(paths, given):
-            if not isinstance(g, bool | np.bool_) and not (
-                hasattr(g, "shape") and g.shape == () and g.dtype == bool
-            ):
+            if not _is_bool(g):
                 raise TypeError(f"where: the entry for {p!r} must be a bool, got {g!r}")
             chosen.append(bool(g))
         explicit = True

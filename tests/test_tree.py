@@ -130,6 +130,9 @@ def test_equinox_module_paths_and_explicit_roles():
     assert jt.selected_paths(jt.select(lin, roles=roles)) == ["weight"]
     resolved = jt.resolve_roles(lin, jt.select(lin, roles=roles), roles)
     assert resolved["weight"].group_axis == 1
+    # A where= tree of bools built from the (callable) module is a tree, not a callable.
+    only_weight = jax.tree.map(lambda x: x.ndim == 2, lin)
+    assert jt.selected_paths(jt.select(lin, only_weight)) == ["weight"]
 
 
 def test_nested_lists_and_tuples():
