@@ -46,9 +46,11 @@ def tradeoff(
         raise ValueError("tradeoff: no points to plot")
     fig = _figure(6.0, 4.0)
     ax = fig.add_subplot()
-    for label, size, acc in points:
+    for i, (label, size, acc) in enumerate(points):
         ax.scatter([size], [acc], s=40)
-        ax.annotate(label, (size, acc), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        # Alternate above/below so neighbouring settings (int8 vs int4) do not overprint.
+        offset = (6, 4) if i % 2 == 0 else (6, -11)
+        ax.annotate(label, (size, acc), textcoords="offset points", xytext=offset, fontsize=8)
     ax.set_xscale("log")
     if xlabel.startswith("bytes"):
         from matplotlib.ticker import FuncFormatter, NullFormatter
