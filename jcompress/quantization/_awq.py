@@ -105,13 +105,6 @@ class AWQArray(QArray):
         w = dequantize_blocks(self.values, self.scale, self.zero_point, jnp.float32)
         return (w / self.act_scale.astype(jnp.float32)).astype(self.dtype)
 
-    def __getitem__(self, index: Any) -> AWQArray:
-        """Index leading (stacked) axes, as :meth:`QArray.__getitem__`."""
-        out = super().__getitem__(index)
-        new = object.__new__(AWQArray)
-        new._set(out.values, out.scale, out.zero_point, out.act_scale, out.bits, out.dtype)
-        return new
-
     def take(self, indices: ArrayLike, axis: int = 0) -> jax.Array:
         """``jnp.take(self.dequantize(), indices, axis)``."""
         return jnp.take(self.dequantize(), jnp.asarray(indices), axis=axis)

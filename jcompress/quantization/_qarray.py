@@ -224,7 +224,7 @@ class QArray(jtree.Compressed):
                 )
             children = [_index_leading(c, idx, pos, axis, self.shape) for c in children]
             pos += isinstance(idx, slice)
-        out = object.__new__(QArray)
+        out = object.__new__(type(self))  # subclasses (AWQArray) keep their type
         out._set(*children, self._bits, self._dtype)
         return out
 
