@@ -305,6 +305,15 @@ def test_inject_hyperparams_inside():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def surviving_norm(updates, masks):
+    """The global L2 norm of the updates of weights the masks keep (float64)."""
+    kept = [
+        np.asarray(u)[np.broadcast_to(np.asarray(m), np.shape(u))]
+        for u, m in zip(jax.tree.leaves(updates), jax.tree.leaves(masks))
+    ]
+    return np.sqrt(sum(float(np.sum(k.astype(np.float64) ** 2)) for k in kept))
+
+
 def test_chain_inside_with_clipping_sees_masked_gradients():
     inner = optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(1.0))
     tx = prune(inner, schedule=constant_schedule(0.5))
@@ -313,11 +322,7 @@ def test_chain_inside_with_clipping_sees_masked_gradients():
     updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
     masks = masks_of(state)
     # Clipping saw only the surviving gradients: the surviving updates have norm 1e-3.
-    kept = [
-        np.asarray(u)[np.broadcast_to(np.asarray(m), np.shape(u))]
-        for u, m in zip(jax.tree.leaves(updates), jax.tree.leaves(masks))
-    ]
-    norm = np.sqrt(sum(float(np.sum(k.astype(np.float64) ** 2)) for k in kept))
+    norm = surviving_norm(updates, masks)
     assert norm == pytest.approx(1e-3, rel=1e-4)
 
 
@@ -490,11 +495,7 @@ def test_unmasked_gradients_reach_clipping():
     grads = jax.tree.map(jnp.ones_like, params)
     updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
     masks = masks_of(state)
-    kept = [
-        np.asarray(u)[np.broadcast_to(np.asarray(m), np.shape(u))]
-        for u, m in zip(jax.tree.leaves(updates), jax.tree.leaves(masks))
-    ]
-    norm = np.sqrt(sum(float(np.sum(k.astype(np.float64) ** 2)) for k in kept))
+    norm = surviving_norm(updates, masks)
     assert norm < 1e-3 * (1 - 1e-3)  # clipping counted the pruned gradients too
 
 
