@@ -10,13 +10,23 @@ Inside an ``orbax.checkpoint.CheckpointManager``, save with ``JCompressSave(tree
 with ``JCompressRestore(shardings=...)`` (alone, or as one item of ``ocp.args.Composite``).
 """
 
+from typing import Any
+
 from jcompress.checkpoint._io import VERSION, disk_bytes, load, save
-from jcompress.checkpoint._manager import (
-    JCompressCheckpointHandler,
-    JCompressRestore,
-    JCompressSave,
-)
 from jcompress.checkpoint._registry import register_compressed
+
+# The CheckpointManager integration subclasses orbax types; importing orbax costs ~0.3 s, so it
+# loads on first use of one of these names (PEP 562), not with ``import jcompress``.
+_MANAGER_NAMES = ("JCompressCheckpointHandler", "JCompressRestore", "JCompressSave")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MANAGER_NAMES:
+        from jcompress.checkpoint import _manager
+
+        return getattr(_manager, name)
+    raise AttributeError(f"module 'jcompress.checkpoint' has no attribute {name!r}")
+
 
 __all__ = [
     "VERSION",
