@@ -20,9 +20,23 @@ Formulations (``mode=``):
   (relative error ~``1/254`` per element): a different model, chosen explicitly.
 * ``"weight_only"``: the measured dispatch table :data:`WEIGHT_ONLY` for the backend and batch.
 
-``act_scale`` (static activation scales) is ignored here, as by ``QArray.dequantize``; int8
-activations use dynamic per-token scales. Scales blocked along a non-contracting axis, or blocked
-along several contracting axes, use ``"dequantize"``.
+Static activation steps (``mode="int8"`` only): a plain ``QArray`` whose ``act_scale`` is not
+``None`` carries the calibrated activation step ``a`` (``float32``, ``values``' rank, size 1 on
+every axis except stacked/batch axes, where it holds one step per layer). ``"int8"`` then
+quantizes the activations as ``q = clip(round(x / a), -127, 127)`` (no per-token absmax pass) and
+returns ``(q·a) @ dequantize(w)`` computed as ``acc·a·scale`` from the ``s8 x s8 -> s32``
+accumulator ``acc``. Activations beyond ``127·a`` SATURATE (clip to ``±127·a``): that is what a
+static range means, so calibrate ``a`` on representative inputs. Per-input-channel steps (size > 1
+on a contracting axis) are rejected with a ``ValueError``: per-channel smoothing belongs in an
+input scale folded into the weight (``AWQArray``, which divides the activations itself and hands a
+plain ``QArray`` without ``act_scale`` to these kernels). A step that is not finite or not positive
+gives NaN outputs. In the weight-only modes (``"weight_only"``, ``"limbs"``, ``"dequantize"``)
+``act_scale`` is ignored, as by ``QArray.dequantize``; without it ``"int8"`` uses dynamic
+per-token scales. In both ``"int8"`` variants the zero-point correction uses the quantized
+activations, so the result is exactly ``(q·step) @ dequantize(w)`` up to float rounding.
+
+Scales blocked along a non-contracting axis, or blocked along several contracting axes, use
+``"dequantize"`` (in every mode: the activations are then not quantized).
 
 Integer accumulation is exact while ``127·128·K < 2³¹`` (``K`` the contracted size per group
 step, up to 131072); larger reductions fall back to ``"dequantize"``. Rows holding NaN/Inf give
@@ -156,7 +170,9 @@ def dot_general(
     >>> dot_general(w, jnp.array([[1.0, 2.0]]), (((1,), (0,)), ((), ())), mode="limbs")
     Array([[3.5, 1.5]], dtype=float32)
     """
-    xc, _, xb, _ = _split(dimension_numbers, weight_is_rhs)
+    xc, wc, xb, wb = _split(dimension_numbers, weight_is_rhs)
+    if mode == "int8" and getattr(qarray, "act_scale", None) is not None:
+        _check_static_step(qarray, wc, wb)
     rows = batch_hint or int(
         np.prod([lhs.shape[d] for d in range(lhs.ndim) if d not in xc and d not in xb])
     )
@@ -214,6 +230,39 @@ def _resolve(qarray, lhs, dimension_numbers, weight_is_rhs, mode, rows) -> str:
     return chosen
 
 
+def _check_static_step(qarray, wc, wb) -> None:
+    """``act_scale`` as a static activation step: size 1 except on stacked (batch) axes."""
+    a, shape = qarray.act_scale, qarray.values.shape
+    if len(a.shape) != len(shape):
+        raise ValueError(
+            f"act_scale of shape {tuple(a.shape)} must have the weight's rank {len(shape)} "
+            "(size 1 on every axis except stacked layer axes)"
+        )
+    for d, size in enumerate(a.shape):
+        if size == 1 or (d in wb and size == shape[d]):
+            continue
+        if d in wc:
+            raise ValueError(
+                f"act_scale of shape {tuple(a.shape)} has {size} entries on contracting axis {d}: "
+                "per-input-channel static activation steps are not supported by the integer path "
+                "of mode='int8'; give one step per layer (size 1 on every non-stacked axis), and "
+                "put per-channel smoothing in an input scale folded into the weight (AWQArray)"
+            )
+        raise ValueError(
+            f"act_scale of shape {tuple(a.shape)} has {size} entries on axis {d} of a weight of "
+            f"shape {tuple(shape)}: a static activation step has size 1 on every axis except "
+            "stacked layer axes (full size there)"
+        )
+
+
+def _static_step(qarray, wb, bt: int) -> jax.Array:
+    """The static activation step as ``(bt, 1, 1)`` float32 (one per stacked slice)."""
+    a = qarray.act_scale.astype(jnp.float32)
+    a = jnp.broadcast_to(a, [qarray.values.shape[d] if d in wb else 1 for d in range(a.ndim)])
+    a = jnp.transpose(a, [*wb, *(d for d in range(a.ndim) if d not in wb)])
+    return a.reshape(bt, 1, 1)
+
+
 def _dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, chosen):
     xc, wc, xb, wb = _split(dimension_numbers, weight_is_rhs)
     values = qarray.values
@@ -251,7 +300,15 @@ def _dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, 
     s = to_groups(qarray.scale.astype(jnp.float32))  # (bt, G, 1, n)
     x = jnp.transpose(lhs.astype(jnp.float32), [*xb, *xf, *xc]).reshape(bt, m, n_groups, group)
     n_limbs = 1 if chosen == "int8" else _N_LIMBS
-    q, step, weights = _limbs(x.reshape(bt, m, k_total), n_limbs)  # (L, bt, m, K)
+    if chosen == "int8" and getattr(qarray, "act_scale", None) is not None:
+        step = _static_step(qarray, wb, bt)  # (bt, 1, 1): calibrated, saturating
+        q = jnp.clip(jnp.round(x.reshape(bt, m, k_total) / step), -127, 127)
+        q, weights = q.astype(jnp.int8)[None], [1.0]
+        finite = jnp.all(jnp.isfinite(x), axis=(2, 3))[..., None] & (step > 0)
+    else:
+        q, step, weights = _limbs(x.reshape(bt, m, k_total), n_limbs)  # (L, bt, m, K)
+        finite = jnp.isfinite(step)
+    xq = q[0].reshape(bt, m, n_groups, group)
     q = jnp.moveaxis(q, 0, 1).reshape(bt, n_limbs * m, n_groups, group)
     pad = 2 - n_limbs * m  # XLA:CPU's one-row integer dot is slow: use two rows
     if pad > 0:
@@ -265,9 +322,11 @@ def _dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, 
     zp = getattr(qarray, "zero_point", None)
     if zp is not None:
         z = to_groups(zp.astype(jnp.float32))  # (bt, G, 1, n)
-        xsum = jnp.sum(x, axis=-1)  # (bt, m, G)
+        if n_limbs == 1:  # the quantized activations, exactly: (q·step) @ dequantize(w)
+            xsum = jnp.sum(xq, axis=-1, dtype=jnp.int32).astype(jnp.float32) * step
+        else:
+            xsum = jnp.sum(x, axis=-1)  # (bt, m, G)
         y = y - jnp.einsum("bmg,bgn->bmn", xsum, (z * s)[:, :, 0])
-    finite = jnp.isfinite(step)
     y = jnp.where(finite, y, jnp.nan)
     out_shape = (
         *[values.shape[a] for a in wb],

@@ -100,13 +100,16 @@ class _Runner(ip.Interpreter):
             dn = ((base_c, tuple(xc)), (base_b, tuple(xb)))
         options = self._options()
         with jax.named_scope(marker(path, options["mode"])):
-            out = base.dot_general(
-                lhs,
-                dn,
-                weight_is_rhs=(i == 1),
-                preferred_element_type=jnp.float32,
-                **options,
-            )
+            try:
+                out = base.dot_general(
+                    lhs,
+                    dn,
+                    weight_is_rhs=(i == 1),
+                    preferred_element_type=jnp.float32,
+                    **options,
+                )
+            except ValueError as e:  # name the leaf
+                raise ValueError(f"{path}: {e}") from None
         # the base's free axes come out in base order; the equation wants operand order
         w_free = [d for d in range(base.ndim) if d not in wc and d not in wb]
         free_base = [perm[d] for d in w_free]
@@ -242,6 +245,11 @@ def compressed(
         rounding. ``"int8"``: W8A8 — activations are quantized per token (per row, dynamic absmax
         scale) to int8 and multiplied in int8 x int8 with int32 accumulation; outputs then depend
         on the activation rounding (relative error ~0.4% per element), so validate accuracy.
+        A ``QArray`` whose ``act_scale`` holds a calibrated static activation step ``a`` (size
+        1 on every axis except stacked layer axes) is multiplied with static activations
+        ``clip(round(x / a), -127, 127)`` instead: no per-token absmax, and inputs beyond
+        ``127·a`` saturate. Per-input-channel ``act_scale`` raises ``ValueError`` there. In
+        ``"weight_only"`` mode ``act_scale`` is ignored (results stay ``fn(dequantize(tree))``).
       formulation: force a weight-only formulation (``"dequantize"`` or ``"limbs"``) instead of
         the per-backend dispatch; for benchmarks and tests.
 

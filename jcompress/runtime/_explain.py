@@ -29,6 +29,7 @@ _INSTR = re.compile(
 _PARAM = re.compile(r"dynamic\[\\?'(?P<path>[^'\\]+)\\?'\]\.values")
 _CALLS = re.compile(r"calls=%(?P<callee>[\w.\-]+)")
 _COMP = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s.*\{\s*$")
+_COMMENT = re.compile(r"/\*.*?\*/")
 _FLOAT = ("f16", "bf16", "f32", "f64")
 _SUBBYTE_INT = ("s8", "s4", "s2", "u8", "u4", "u2")
 
@@ -75,6 +76,7 @@ def _parse(hlo: str) -> tuple[dict[str, list[_Instr]], set[str]]:
     fused: set[str] = set()
     current = None
     for line in hlo.splitlines():
+        line = _COMMENT.sub("", line)  # long tuple types carry /*index=5*/ markers
         m = _COMP.match(line)
         if m and "=" not in line.split("{")[0]:
             current = m.group("name")

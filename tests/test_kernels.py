@@ -1,0 +1,217 @@
+"""The QArray matmul kernels: static activation steps in mode="int8" (calibrated W8A8)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax import lax
+from test_runtime_compressed import LAYOUTS, SPECS, _quant
+from test_runtime_roles import Stack
+
+from jcompress.quantization import _kernels
+from jcompress.quantization._qarray import QArray
+from jcompress.runtime import compressed, explain, roles
+from jcompress.runtime._explain import INTEGER_DOT
+from jcompress.tree import is_compressed
+
+DENSE = LAYOUTS["dense"][1]
+
+
+def _with_step(q: QArray, step) -> QArray:
+    """``q`` carrying the static activation step ``step`` (broadcastable, float32)."""
+    a = jnp.asarray(step, jnp.float32)
+    a = a.reshape(a.shape + (1,) * (len(q.shape) - a.ndim))
+    return QArray(q.values, q.scale, q.zero_point, a, bits=q.bits, dtype=q.dtype)
+
+
+KERNEL = jax.jit(_kernels.dot_general, static_argnums=2, static_argnames=("weight_is_rhs", "mode"))
+
+
+def _fake_quant(x, a):
+    """The NumPy reference of the static activation quantization: ``clip(round(x/a))``, int."""
+    x = np.asarray(x, np.float32)
+    return np.clip(np.round(x / np.float32(a)), -127, 127).astype(np.int64)
+
+
+def _int_reference(q: QArray, x, a) -> np.ndarray:
+    """Dense layout: integer matmul of the quantized activations and ``values - zero_point``,
+    rescaled by ``a·scale`` group by group (independent of the kernel's layout handling)."""
+    v = np.asarray(q.values.astype(jnp.int8), np.int64)
+    s = np.asarray(q.scale, np.float64)
+    z = np.zeros_like(s, np.int64) if q.zero_point is None else np.asarray(q.zero_point, np.int64)
+    k, n = v.shape
+    g = k // s.shape[0]
+    qx = _fake_quant(x, a)
+    out = np.zeros((qx.shape[0], n))
+    for j in range(s.shape[0]):  # per group (one group: per channel)
+        rows = slice(j * g, (j + 1) * g)
+        acc = qx[:, rows] @ (v[rows] - z[j])
+        out += acc * s[j] * np.float64(np.float32(a))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Static activation steps
+# ------------------------------------------------------------------------------------------------
+
+
+def _fake_quant_lhs(x, steps, stacked: bool):
+    """``clip(round(x/a))·a`` with one step per stacked slice (lhs axis 0) or one in all."""
+    if stacked:
+        return np.stack([_fake_quant(x[i], a) * a for i, a in enumerate(steps)])
+    return _fake_quant(x, steps[0]) * steps[0]
+
+
+@given(
+    layout=st.sampled_from(sorted(LAYOUTS)),
+    spec=st.sampled_from(range(len(SPECS))),
+    step=st.sampled_from([1e-3, 0.01, 0.02, 0.1, 1e3]),  # 1e-3 and 0.01 saturate most inputs
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    seed=st.integers(0, 3),
+)
+def test_static_equals_reference(layout, spec, step, dtype, seed):
+    """Every layout: ``(clip(round(x/a))·a) @ dequantize(w)``; stacked: one step per layer;
+    the dense layout also against an integer matmul in NumPy."""
+    wshape, role, xshape, dn, rhs = LAYOUTS[layout]
+    rng = np.random.default_rng(seed)
+    steps = np.float32([step, 2 * step])[: 2 if role.stacked else 1]
+    q = _with_step(_quant(rng.standard_normal(wshape), role, **SPECS[spec]), steps)
+    x = jnp.asarray(rng.standard_normal(xshape), dtype)
+    xq = _fake_quant_lhs(np.asarray(x, np.float32), steps, bool(role.stacked))
+    w = q.dequantize()
+    ops = (xq, w) if rhs else (w, xq)
+    ref = np.asarray(lax.dot_general(*(jnp.asarray(o, jnp.float32) for o in ops), dn))
+    got = KERNEL(q, x, dn, weight_is_rhs=rhs, mode="int8")
+    assert got.dtype == jnp.float32 and got.shape == ref.shape
+    tol = 1e-5 * np.abs(ref).max() + 1e-30
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=tol)
+    if layout == "dense":
+        exact = _int_reference(q, np.asarray(x, np.float32), steps[0])
+        np.testing.assert_allclose(got, exact, rtol=1e-5, atol=tol)
+
+
+def test_static_jit_equals_eager(strict):
+    wshape, role, xshape, dn, rhs = LAYOUTS["qkv"]
+    rng = np.random.default_rng(0)
+    q = _with_step(_quant(rng.standard_normal(wshape), role, **SPECS[3]), 0.02)
+    x = jnp.asarray(rng.standard_normal(xshape), jnp.float32)
+    with strict():
+        got = KERNEL(q, x, dn, weight_is_rhs=rhs, mode="int8")
+        eager = _kernels.dot_general(q, x, dn, weight_is_rhs=rhs, mode="int8")
+    np.testing.assert_allclose(eager, got, rtol=1e-6, atol=1e-6 * np.abs(got).max())
+
+
+def test_static_equals_dynamic_for_one_row_at_its_absmax():
+    rng = np.random.default_rng(0)
+    for spec in (SPECS[0], SPECS[3]):
+        q = _quant(rng.standard_normal((16, 5)), DENSE, **spec)
+        x = rng.standard_normal((1, 16)).astype(np.float32)
+        step = np.float32(np.abs(x).max()) / np.float32(127.0)
+        dn = (((1,), (0,)), ((), ()))
+        dynamic = KERNEL(q, x, dn, mode="int8")
+        static = KERNEL(_with_step(q, step), x, dn, mode="int8")
+        np.testing.assert_allclose(static, dynamic, rtol=1e-6, atol=1e-6)
+
+
+def test_static_saturates_and_weight_only_ignores_the_step():
+    q = _quant(np.eye(4, dtype=np.float32), DENSE)
+    qs = _with_step(q, 0.01)  # the representable range is +-1.27
+    x = jnp.array([[0.5, -0.5, 3.0, -100.0]])
+    dn = (((1,), (0,)), ((), ()))
+    got = KERNEL(qs, x, dn, mode="int8")
+    np.testing.assert_allclose(got, [[0.5, -0.5, 1.27, -1.27]], rtol=1e-6)
+    dynamic = KERNEL(q, x, dn, mode="int8")  # per-token range: no saturation
+    np.testing.assert_allclose(dynamic[0, 2:], [3.0, -100.0], atol=100 / 254)
+    for mode in ("weight_only", "limbs", "dequantize"):
+        np.testing.assert_allclose(KERNEL(qs, x, dn, mode=mode), x, atol=1e-4)
+
+
+def test_static_nonfinite_rows_and_steps_give_nan():
+    q = _with_step(_quant(np.ones((4, 2)), DENSE), 0.05)
+    x = jnp.array([[1.0, jnp.inf, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [jnp.nan, 0, 0, 0]])
+    dn = (((1,), (0,)), ((), ()))
+    got = np.asarray(KERNEL(q, x, dn, mode="int8"))
+    assert np.all(np.isnan(got[[0, 2]])) and np.allclose(got[1], 1.0)
+    for bad in (0.0, -1.0, np.nan, np.inf):
+        assert np.all(np.isnan(KERNEL(_with_step(q, bad), x[1:2], dn, mode="int8")))
+
+
+def test_static_stacked_under_vmap_and_scan():
+    """A stacked QArray with per-layer steps, split by ``vmap`` and by ``lax.scan``."""
+    wshape, role, _, _, _ = LAYOUTS["stacked"]
+    rng = np.random.default_rng(1)
+    steps = np.array([0.004, 0.05], np.float32)
+    q = _with_step(_quant(rng.standard_normal(wshape), role), steps)
+    assert q.act_scale.shape == (2, 1, 1)
+    x = jnp.asarray(rng.standard_normal((5, 8)), jnp.float32)
+    dn = (((1,), (0,)), ((), ()))
+    layer = lambda q, x: _kernels.dot_general(q, x, dn, mode="int8")
+    w = np.asarray(q.dequantize())
+    ref = np.stack([_fake_quant(x, steps[i]) * steps[i] @ w[i] for i in range(2)])
+    mapped = jax.jit(jax.vmap(layer, in_axes=(0, None)))(q, x)
+    scanned = jax.jit(lambda q, x: lax.scan(lambda c, qi: (c, layer(qi, x)), 0, q)[1])(q, x)
+    for got in (mapped, scanned):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # the steps are per layer: layer 0 with layer 1's step differs (0.004 saturates)
+    assert not np.allclose(ref[0], _fake_quant(x, steps[1]) * steps[1] @ w[0], atol=1e-2)
+
+
+def test_static_per_channel_step_is_an_error():
+    q = _quant(np.ones((4, 3)), DENSE)
+    dn = (((1,), (0,)), ((), ()))
+    per_in = QArray(q.values, q.scale, None, jnp.ones((4, 1)), bits=8, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="per-input-channel static activation steps"):
+        _kernels.dot_general(per_in, jnp.ones((1, 4)), dn, mode="int8")
+    per_out = QArray(q.values, q.scale, None, jnp.ones((1, 3)), bits=8, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="size 1 on every axis except stacked"):
+        _kernels.dot_general(per_out, jnp.ones((1, 4)), dn, mode="int8")
+    # the weight-only path ignores act_scale entirely
+    np.testing.assert_allclose(_kernels.dot_general(per_in, jnp.ones((1, 4)), dn), 4.0)
+    with pytest.raises(ValueError, match=r"^w: .*per-input-channel"):
+        compressed(lambda p, x: x @ p["w"], mode="int8")({"w": per_in}, jnp.ones((1, 4)))
+
+
+def test_static_scan_stack_model_and_explain():
+    """An ``nn.scan`` stack through ``compressed(mode="int8")`` with one step per layer."""
+    model = Stack(features=8)
+    x = jax.random.normal(jax.random.key(1), (2, 8))
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    fn = lambda p, x: model.apply({"params": p}, x)
+    role_map = roles(fn, params, x)
+    steps = np.array([0.01, 0.005, 0.02], np.float32)
+    k = params["layers"]["Dense_0"]["kernel"]
+    q = {
+        "layers": {
+            "Dense_0": {
+                "kernel": _with_step(_quant(k, role_map["layers/Dense_0/kernel"]), steps),
+                "bias": params["layers"]["Dense_0"]["bias"],
+            }
+        }
+    }
+    run = compressed(fn, mode="int8")
+    got = run(q, x)
+    w = np.asarray(q["layers"]["Dense_0"]["kernel"].dequantize())
+    b = np.asarray(q["layers"]["Dense_0"]["bias"])
+    h = np.asarray(x)
+    for i in range(3):
+        h = np.tanh((_fake_quant(h, steps[i]) * steps[i]) @ w[i] + b[i])
+    np.testing.assert_allclose(got, h, rtol=1e-5, atol=1e-5)
+    assert [r.compiled for r in explain(run, q, x)] == [INTEGER_DOT]
+    assert is_compressed(q["layers"]["Dense_0"]["kernel"])
+
+
+def test_static_dense_model_explain(strict):
+    model = nn.Dense(6)
+    x = jax.random.normal(jax.random.key(1), (3, 8))
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    q = dict(params, kernel=_with_step(_quant(params["kernel"], DENSE), 0.02))
+    run = compressed(lambda p, x: model.apply({"params": p}, x), mode="int8")
+    with strict():
+        got = run(q, x)
+    ref = (_fake_quant(x, 0.02) * np.float32(0.02)) @ np.asarray(q["kernel"].dequantize())
+    np.testing.assert_allclose(got, ref + np.asarray(params["bias"]), rtol=1e-5, atol=1e-5)
+    (record,) = explain(run, q, x)
+    assert record.intended == record.compiled == INTEGER_DOT and record.formulation == "int8"
