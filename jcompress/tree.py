@@ -637,26 +637,61 @@ def resolve_roles(
 class Member:
     """One parameter axis in a channel group.
 
-    Channel ``c`` of the group occupies index ``offset + c`` along ``axis`` of the leaf at
-    ``path`` and, when ``stride > 0``, every index ``offset + c + j * stride`` (``j >= 0``) inside
-    the axis (a flatten after a conv with ``stride`` channels per spatial position).
+    Channel ``c`` of the group occupies the ``width`` indices ``offset + c * width + i``
+    (``0 <= i < width``) along ``axis`` of the leaf at ``path`` and, when ``stride > 0``, every
+    index ``offset + c * width + i + j * stride`` (``j >= 0``) inside the axis (a flatten after a
+    conv with ``stride`` channels per spatial position). ``width > 1`` when the group's unit is
+    coarser than the leaf's axis: a GroupNorm group of channels, a key/value head with the query
+    heads that share it (GQA), a channel-first flatten (a channel's ``H * W`` rows).
+
+    ``blocks > 1`` marks the input axis of a grouped convolution kernel (``feature_group_count =
+    blocks``): the indices above are *virtual* (over ``blocks * axis_size`` input channels); index
+    ``v`` is row ``v % axis_size`` of the kernel, and only inside block ``v // axis_size`` of the
+    ``blocks`` equal slices of ``block_axis`` (the kernel's output axis).
     """
 
     path: str
     axis: int
     offset: int = 0
     stride: int = 0
+    width: int = 1
+    blocks: int = 1
+    block_axis: int = -1
+
+    def __post_init__(self):
+        if self.width < 1 or self.blocks < 1:
+            raise ValueError(
+                f"{self.path}: Member width and blocks must be >= 1, got {self.width}, "
+                f"{self.blocks}"
+            )
 
     def indices(self, channel: int, axis_size: int) -> list[int]:
         """Indices along :attr:`axis` that channel ``channel`` occupies.
 
+        With ``blocks > 1`` the indices are taken modulo ``axis_size`` (see :meth:`block`).
+
         >>> Member("k", 0, offset=0, stride=4).indices(1, 12)
         [1, 5, 9]
+        >>> Member("k", 0, width=2).indices(1, 6)
+        [2, 3]
         """
-        start = self.offset + channel
+        start = self.offset + channel * self.width
+        if self.blocks > 1:
+            return [(start + i) % axis_size for i in range(self.width)]
+        firsts = range(start, start + self.width)
         if self.stride <= 0:
-            return [start]
-        return list(range(start, axis_size, self.stride))
+            return list(firsts)
+        return sorted(k for s in firsts for k in range(s, axis_size, self.stride))
+
+    def block(self, channel: int, axis_size: int) -> int:
+        """The block of :attr:`block_axis` that channel ``channel`` lives in (0 unless blocked).
+
+        >>> Member("k", 2, width=1, blocks=2, block_axis=3).block(5, 4)
+        1
+        """
+        if self.blocks <= 1:
+            return 0
+        return (self.offset + channel * self.width) // axis_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -666,19 +701,26 @@ class Group:
     Attributes:
       members: the coupled ``Member`` s (kernel output columns, bias, norm statistics, the next
         layer's contracting rows, ...).
-      size: the number of channels in the group.
+      size: the number of channels (pruning units) in the group.
       blocked: ``None`` if the group can be pruned, else the reason it cannot (reduced over by a
         norm, a model output, an irregular reshape, ...).
+      blocks: the group's channels fall in ``blocks`` equal contiguous runs that must each lose
+        the same number of channels (the groups of a grouped convolution keep equal widths).
     """
 
     members: tuple[Member, ...]
     size: int
     blocked: str | None = None
+    blocks: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "members", tuple(self.members))
         if self.size < 0:
             raise ValueError(f"Group.size must be >= 0, got {self.size}")
+        if self.blocks < 1 or (self.size and self.size % self.blocks):
+            raise ValueError(
+                f"Group.blocks must be >= 1 and divide size {self.size}, got {self.blocks}"
+            )
 
     @property
     def paths(self) -> tuple[str, ...]:

@@ -132,15 +132,31 @@ class _MemberIndex:
     leaf: int  # position in leaves_with_paths order
     axis: int
     index: np.ndarray  # (size, J) indices along `axis`; `axis_size` pads
+    block: np.ndarray  # (size,) block of `block_axis` per channel (zeros when blocks == 1)
+    block_axis: int
+    blocks: int
 
 
 def _group_layouts(
     pairs: list[tuple[str, Any]], selected: list[bool], structure: Channels, roles: dict
 ) -> list[tuple[Any, list[_MemberIndex]]]:
     """The prunable groups touching a selected leaf, with their members' static index tables."""
-    position = {p: i for i, (p, _) in enumerate(pairs)}
+    return _layouts(*_layouts_key(pairs, selected, structure, roles))
+
+
+def _layouts_key(pairs, selected, structure: Channels, roles: dict) -> tuple:
+    """The hashable arguments of :func:`_layouts`."""
+    stacked = tuple(bool(s and roles[p].stacked) for (p, _), s in zip(pairs, selected))
+    shapes = tuple((p, tuple(np.shape(x))) for p, x in pairs)
+    return (structure.groups, shapes, tuple(selected), stacked)
+
+
+@functools.lru_cache(maxsize=32)
+def _layouts(groups, shapes, selected, stacked):
+    """:func:`_group_layouts` on hashable arguments (cached: the tables are built once)."""
+    position = {p: i for i, (p, _) in enumerate(shapes)}
     out = []
-    for group in structure.groups:
+    for group in groups:
         if group.blocked is not None or group.size == 0:
             continue
         if not any(selected[position[p]] for p in group.paths if p in position):
@@ -153,20 +169,27 @@ def _group_layouts(
                     "compute the groups (jc.structure.dependencies) from the same tree"
                 )
             i = position[mem.path]
-            shape = tuple(np.shape(pairs[i][1]))
+            shape = shapes[i][1]
             if not 0 <= mem.axis < len(shape):
                 raise ValueError(
                     f"{mem.path}: group member axis {mem.axis} is outside the leaf's shape {shape}"
                 )
-            if selected[i] and roles[mem.path].stacked:
+            if stacked[i]:
                 raise ValueError(
-                    f"{mem.path}: channel groups over stacked leaves (stacked="
-                    f"{roles[mem.path].stacked}) are not supported; exclude it with where= or "
-                    "prune without groups="
+                    f"{mem.path}: channel groups over stacked leaves are not supported; exclude "
+                    "it with where= or prune without groups="
                 )
             size = shape[mem.axis]
             rows = [mem.indices(c, size) for c in range(group.size)]
-            if any(not r or r[-1] >= size or r[0] < 0 for r in rows):
+            block = np.array([mem.block(c, size) for c in range(group.size)], np.int32)
+            if mem.blocks > 1 and (
+                shape[mem.block_axis] % mem.blocks or block.max() >= mem.blocks or block.min() < 0
+            ):
+                raise ValueError(
+                    f"{mem.path}: a grouped-convolution member of {mem.blocks} blocks does not fit "
+                    f"axes {mem.axis}, {mem.block_axis} of shape {shape}; recompute the groups"
+                )
+            if any(not r or max(r) >= size or min(r) < 0 for r in rows):
                 raise ValueError(
                     f"{mem.path}: a group of {group.size} channels (offset {mem.offset}) does not "
                     f"fit axis {mem.axis} of size {size}; recompute the groups for this tree"
@@ -175,7 +198,9 @@ def _group_layouts(
             index = np.full((group.size, width), size, np.int32)
             for c, r in enumerate(rows):
                 index[c, : len(r)] = r
-            members.append(_MemberIndex(i, mem.axis, index))
+            members.append(
+                _MemberIndex(i, mem.axis, index, block, mem.block_axis % len(shape), mem.blocks)
+            )
         out.append((group, members))
     return out
 
@@ -395,71 +420,123 @@ def _channels(entries, sparsity, scope, channels: Channels):
     return out
 
 
+def _per_index(x: jax.Array, member: _MemberIndex, reduce) -> jax.Array:
+    """``x`` reduced over every axis but the member's: ``(axis_size, blocks)``."""
+    if member.blocks == 1:
+        other = tuple(a for a in range(x.ndim) if a != member.axis)
+        return reduce(x, axis=other)[:, None]
+    b = member.block_axis
+    other = tuple(a for a in range(x.ndim) if a not in (member.axis, b))
+    y = reduce(x, axis=other)
+    y = y if member.axis < b else y.T
+    return reduce(y.reshape(y.shape[0], member.blocks, -1), axis=2)
+
+
 def _member_vectors(x: jax.Array, member: _MemberIndex, norm: str) -> jax.Array:
     """Per channel of a group, the member's sum of |x| (l1) or of x**2 (l2): shape (size,)."""
-    axes = tuple(a for a in range(x.ndim) if a != member.axis)
-    per_index = jnp.sum(x if norm == "l1" else x * x, axis=axes)
-    return jnp.sum(per_index.at[member.index].get(mode="fill", fill_value=0), axis=1)
+    per_index = _per_index(x if norm == "l1" else x * x, member, jnp.sum)
+    cells = per_index.at[member.index, member.block[:, None]].get(mode="fill", fill_value=0)
+    return jnp.sum(cells, axis=1)
+
+
+def _member_alive(prev: jax.Array, member: _MemberIndex) -> jax.Array:
+    """Per channel of a group: does the previous mask keep anything of it here? ``(size,)``."""
+    per_index = _per_index(prev, member, jnp.any)
+    cells = per_index.at[member.index, member.block[:, None]].get(mode="fill", fill_value=False)
+    return jnp.any(cells, axis=1)
+
+
+def _member_mask(keep: jax.Array, member: _MemberIndex, shape: tuple[int, ...]) -> jax.Array:
+    """The member's mask from the group's keep vector: size-1 axes but the member's."""
+    size, blocks = shape[member.axis], member.blocks
+    width = member.index.shape[1]
+    vec = (
+        jnp.ones((size, blocks), bool)
+        .at[member.index.reshape(-1), np.repeat(member.block, width)]
+        .set(jnp.repeat(keep, width), mode="drop")
+    )
+    out = [1] * len(shape)
+    out[member.axis] = size
+    if blocks == 1:
+        return vec.reshape(out)
+    vec = jnp.repeat(vec, shape[member.block_axis] // blocks, axis=1)
+    out[member.block_axis] = shape[member.block_axis]
+    return (vec if member.axis < member.block_axis else vec.T).reshape(out)
 
 
 def _channel_groups(pairs, scores, previous, selected, sparsity, plan_: Plan):
-    """Channels coupled by groups: scores summed over selected members, masks on every member."""
-    structure = plan_.structure
-    layouts = _group_layouts(pairs, selected, structure, plan_.roles)
-    keys = []
-    pruned = any(p is not None for p in previous)
-    for _, members in layouts:
-        chosen = [m for m in members if selected[m.leaf]]
-        values = {}
-        for m in chosen:
-            x = jnp.abs(scores[m.leaf].astype(jnp.float32))
-            if previous[m.leaf] is not None:
-                x = jnp.where(jnp.asarray(previous[m.leaf], bool), x, 0)
-            values[m.leaf] = x
-        top = jnp.max(jnp.stack([jnp.max(v) for v in values.values()]))
-        top = jnp.where(top > 0, top, jnp.float32(1))
-        score = 0
-        for m in chosen:
-            part = _member_vectors(values[m.leaf] / top, m, structure.norm)
-            score = score + (part if structure.norm == "l1" else jnp.sqrt(part))
-        if plan_.scope == "global":
-            score = _normalised(score, None)
-        key = keys_of(score)
-        alive = None
-        for m in chosen:
-            if previous[m.leaf] is None:
-                continue
-            prev = jnp.broadcast_to(jnp.asarray(previous[m.leaf], bool), values[m.leaf].shape)
-            axes = tuple(a for a in range(prev.ndim) if a != m.axis)
-            live = jnp.any(prev, axis=axes).at[m.index].get(mode="fill", fill_value=False)
-            live = jnp.any(live, axis=1)
-            alive = live if alive is None else alive | live
-        if alive is not None:
-            key = jnp.where(alive, key, PRUNED_KEY)
-        keys.append(key[None, :])
-    if plan_.scope == "layer":
-        keeps = [_lowest([k], sparsity, pruned)[0] for k in keys]
-    else:
-        keeps = _lowest(keys, sparsity, pruned)
-    out = {}
-    for (_, members), keep in zip(layouts, keeps):
-        keep = keep[0]
-        for m in members:
-            ndim = len(np.shape(pairs[m.leaf][1]))
-            size = np.shape(pairs[m.leaf][1])[m.axis]
-            width = m.index.shape[1]
-            vec = (
-                jnp.ones((size,), bool)
-                .at[m.index.reshape(-1)]
-                .set(jnp.repeat(keep, width), mode="drop")
-            )
-            shape = [1] * ndim
-            shape[m.axis] = size
-            vec = vec.reshape(shape)
-            out[m.leaf] = vec if m.leaf not in out else out[m.leaf] & vec
-    for i, mask in out.items():
-        out[i] = _and_previous(mask, previous[i])
-    return out
+    """Channels coupled by groups: scores summed over selected members, masks on every member.
+
+    One jitted program per model layout (the index tables are constants in it), cached.
+    """
+    key = _layouts_key(pairs, selected, plan_.structure, plan_.roles)
+    layouts = _layouts(*key)
+    if plan_.scope == "global" and any(g.blocks > 1 for g, _ in layouts):
+        raise ValueError(
+            "channel groups of grouped convolutions (Group.blocks > 1) must lose equally many "
+            "channels per block, which a global ranking cannot promise; use scope='layer'"
+        )
+    leaves = sorted({m.leaf for _, members in layouts for m in members})
+    program = _group_program(
+        key,
+        plan_.structure.norm,
+        plan_.scope,
+        tuple(previous[i] is not None for i in leaves),
+    )
+    score_in = [scores.get(i) for i in leaves]
+    prev_in = [None if previous[i] is None else jnp.asarray(previous[i]) for i in leaves]
+    masks = program(score_in, prev_in, sparsity)
+    return dict(zip(leaves, masks))
+
+
+@functools.lru_cache(maxsize=32)
+def _group_program(key: tuple, norm: str, scope: str, has_prev: tuple[bool, ...]):
+    """``(scores, previous, sparsity) -> masks`` for the groups of ``key``, jitted."""
+    layouts = _layouts(*key)
+    shapes = [shape for _, shape in key[1]]
+    selected = key[2]
+    leaves = sorted({m.leaf for _, members in layouts for m in members})
+    slot = {leaf: k for k, leaf in enumerate(leaves)}
+    pruned = any(has_prev)
+
+    def program(score_in, prev_in, sparsity):
+        values, prevs = {}, {}
+        for leaf in leaves:
+            prev = prev_in[slot[leaf]]
+            if prev is not None:
+                prevs[leaf] = jnp.broadcast_to(prev.astype(bool), shapes[leaf])
+            if selected[leaf]:
+                x = jnp.abs(score_in[slot[leaf]].astype(jnp.float32))
+                values[leaf] = x if prev is None else jnp.where(prevs[leaf], x, 0)
+        keys = []
+        for group, members in layouts:
+            chosen = [m for m in members if selected[m.leaf]]
+            top = jnp.max(jnp.stack([jnp.max(values[m.leaf]) for m in chosen]))
+            top = jnp.where(top > 0, top, jnp.float32(1))
+            score = 0
+            for m in chosen:
+                part = _member_vectors(values[m.leaf] / top, m, norm)
+                score = score + (part if norm == "l1" else jnp.sqrt(part))
+            if scope == "global":
+                score = _normalised(score, None)
+            key_ = keys_of(score)
+            alive = [_member_alive(prevs[m.leaf], m) for m in chosen if m.leaf in prevs]
+            if alive:
+                key_ = jnp.where(functools.reduce(jnp.logical_or, alive), key_, PRUNED_KEY)
+            keys.append(key_.reshape(group.blocks, -1))
+        if scope == "layer":
+            keeps = [_lowest([k], sparsity, pruned)[0] for k in keys]
+        else:
+            keeps = _lowest(keys, sparsity, pruned)
+        out = {}
+        for (_, members), keep in zip(layouts, keeps):
+            keep = keep.reshape(-1)
+            for m in members:
+                vec = _member_mask(keep, m, shapes[m.leaf])
+                out[m.leaf] = vec if m.leaf not in out else out[m.leaf] & vec
+        return [_and_previous(out[leaf], prevs.get(leaf)) for leaf in leaves]
+
+    return jax.jit(program)
 
 
 def _unwrapped_structure(params: Params, n: int):
