@@ -258,27 +258,31 @@ def test_blocked_reasons_name_primitives():
     assert "`sort`" in g_a.blocked and "does not know" in g_a.blocked
     assert "reduce_max" in g_c.blocked and "model output (output 1" in g_c.blocked
 
-    def grouped(p, x):
-        y = jax.lax.conv_general_dilated(
-            x, p["k"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=2
-        )
-        return y.sum()
 
-    [g] = dependencies(grouped, {"k": jnp.ones((3, 2, 4))}, jnp.ones((1, 5, 4)))
-    assert "feature_group_count=2" in g.blocked
-
-
-def test_channel_first_flatten_is_blocked():
-    params = {"conv": jnp.ones((3, 3, 1, 4)), "dense": jnp.ones((100, 2))}
+def test_channel_first_flatten_is_runs_of_rows():
+    """(N, C, H, W) -> (N, C * H * W): channel c is rows c * 25 ... c * 25 + 24 of the dense."""
+    rng = np.random.default_rng(0)
+    params = {
+        "conv": jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32),
+        "dense": jnp.asarray(rng.normal(size=(100, 2)), jnp.float32),
+    }
 
     def fn(p, x):
         y = jax.lax.conv_general_dilated(
             x, p["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
-        return jnp.transpose(y, (0, 3, 1, 2)).reshape(2, -1) @ p["dense"]
+        return jnp.transpose(jnp.tanh(y), (0, 3, 1, 2)).reshape(2, -1) @ p["dense"]
 
-    g, _ = dependencies(fn, params, jnp.ones((2, 5, 5, 1)))
-    assert "merged with inner axes" in g.blocked
+    x = jnp.asarray(rng.uniform(size=(2, 5, 5, 1)), jnp.float32)
+    g, _ = dependencies(fn, params, x)
+    assert members(g) == [("conv", 3, 0, 0), ("dense", 0, 0, 0)] and g.blocked is None
+    assert [m.width for m in g.members] == [1, 25] and g.size == 4
+    masks = group_masks(params, [g], 0.5)
+    small_fn, small = shrink(fn, params, masks, x)
+    assert small["conv"].shape == (3, 3, 1, 2) and small["dense"].shape == (50, 2)
+    np.testing.assert_allclose(
+        small_fn(small, x), fn(apply_masks(params, masks), x), rtol=1e-5, atol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,13 +338,19 @@ def test_small_fn_caches_per_shape_and_differentiates(shrunk):
     jitted(small, x3 + 1)
     assert jitted._cache_size() == compiled  # no recompilation on the second call
 
+    losses, p, _ = fine_tune(small_fn, small, x3, jnp.array([0, 1, 2]), 20)
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, small)
+
+
+def fine_tune(small_fn, small, x, y, steps):
+    """Adam on the small parameters under one jitted step: ``(losses, params, step)``."""
     opt = optax.adam(1e-2)
-    y = jnp.array([0, 1, 2])
 
     @jax.jit
     def step(p, s):
         def loss(p):
-            return optax.softmax_cross_entropy_with_integer_labels(small_fn(p, x3), y).mean()
+            return optax.softmax_cross_entropy_with_integer_labels(small_fn(p, x), y).mean()
 
         value, g = jax.value_and_grad(loss)(p)
         u, s = opt.update(g, s, p)
@@ -348,27 +358,33 @@ def test_small_fn_caches_per_shape_and_differentiates(shrunk):
 
     p, s = small, opt.init(small)
     losses = []
-    for _ in range(20):
+    for _ in range(steps):
         p, s, value = step(p, s)
         losses.append(float(value))
-    assert np.isfinite(losses).all() and losses[-1] < losses[0]
-    assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, small)
+    return losses, p, step
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_mlp_dtypes_and_strict(cases, strict, dtype):
     fn, params, x = cases["mlp"]
+    shrink_in_dtype(strict, fn, params, x, dtype, 2e-2)
+
+
+def shrink_in_dtype(strict, fn, params, x, dtype, tol):
+    """Masks, shrink and the small function in ``dtype`` under strict promotion; checks the
+    dtypes and shrunken == masked (``tol`` for bfloat16). Returns the small params."""
     params = jax.tree.map(lambda a: a.astype(dtype), params)
     x = x.astype(dtype)
     with strict():
         masks = structured_masks(params, 0.5, groups=dependencies(fn, params, x))
         small_fn, small = shrink(fn, params, masks, x)
         got = small_fn(small, x)
-    assert jax.tree.leaves(small)[0].dtype == dtype and got.dtype == dtype
-    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    assert all(a.dtype == dtype for a in jax.tree.leaves(small)) and got.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else tol
     np.testing.assert_allclose(
         np.float32(got), np.float32(fn(apply_masks(params, masks), x)), rtol=tol, atol=tol
     )
+    return small
 
 
 def test_round_to(cases):

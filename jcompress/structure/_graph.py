@@ -10,14 +10,20 @@ The analysis runs the function's jaxpr forward on the runtime's jaxpr walker
 * ``None``: no channels (batch, spatial and input-feature axes, constants).
 
 A space is born where a parameter axis becomes an activation axis (a Dense/Conv kernel's output
-axis). Elementwise ops, contractions, concatenations and flattens tie facts together: a claim
+axis). Spaces tied together form a group whose *units* (its channels for pruning) may be coarser
+than a space's channels: a channel axis reshaped to ``(outer, inner)`` ties each run of ``inner``
+channels to one outer index, so the run is the unit (whole GroupNorm groups, whole attention heads,
+a key/value head with the query heads sharing it); merging ``(outer, inner)`` back gives a finer
+space tied the same way. A grouped convolution adds *blocks*: its groups must each lose equally many
+channels. Elementwise ops, contractions, concatenations and flattens tie facts together: a claim
 meeting a layout makes the parameter axis a :class:`~jcompress.tree.Member` of the layout's spaces
 (bias, norm scale and statistics, the next kernel's contracting rows), two layouts meeting merge
 their spaces (both sides of a residual add; ``q``/``k`` head axes in ``q @ k``). Every space that
 reaches something whose result depends on the width (a reduction over channels as in LayerNorm,
-RMSNorm or softmax, the model output, a slice or reshape that splits channels, an unknown
-primitive) is *blocked* with the reason. A parameter axis that must keep its size for another
-reason (contracted against the model input, indexed by a gather) blocks every group it is in.
+RMSNorm or softmax, the model output, a slice, a reshape that splits channels unevenly, an
+unknown primitive) is *blocked* with the reason. A parameter axis that must keep its size for
+another reason (contracted against the model input, indexed by a gather) blocks every group it is
+in.
 """
 
 from __future__ import annotations
@@ -82,18 +88,29 @@ def _is_claim(f: Any) -> bool:
 
 
 class Spaces:
-    """Union-find over channel spaces, with members and blocked reasons per space."""
+    """Union-find over channel spaces, with members, units, blocks and blocked reasons per root.
+
+    Spaces in one set are *proportional*: channel ``c`` of a space of ``n`` channels belongs to
+    unit ``c // (n // units)`` of the set, where ``units`` (the group's size) divides every
+    member space's size. Equal-size spaces meeting elementwise are proportional with ratio 1; a
+    channel axis split into ``(outer, inner)`` (GroupNorm's groups, heads out of one Dense, GQA's
+    ``(kv_heads, rep)``) ties the outer axis's new space to the channels in runs of ``inner``.
+    """
 
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.size: list[int] = []
-        self.members: list[list[Member]] = []
+        self.units: list[int] = []
+        self.blocks: list[int] = []
+        self.members: list[list[tuple[Member, int]]] = []
         self.reasons: list[list[str]] = []
         self.fixed: dict[tuple[str, int], str] = {}
 
     def new(self, size: int) -> int:
         self.parent.append(len(self.parent))
         self.size.append(size)
+        self.units.append(size)
+        self.blocks.append(1)
         self.members.append([])
         self.reasons.append([])
         return len(self.parent) - 1
@@ -105,17 +122,38 @@ class Spaces:
         return i
 
     def union(self, a: int, b: int) -> None:
+        """Tie two proportional spaces (equal sizes, or one a coarse view of the other)."""
         ra, rb = sorted((self.find(a), self.find(b)))
         if ra == rb:
             return
         self.parent[rb] = ra
+        self.units[ra] = math.gcd(self.units[ra], self.units[rb])
+        self.blocks[ra] = math.lcm(self.blocks[ra], self.blocks[rb])
         self.members[ra] += self.members[rb]
         self.reasons[ra] += self.reasons[rb]
         self.members[rb], self.reasons[rb] = [], []
 
-    def add(self, seg: Seg, claim: frozenset) -> None:
+    def coarse(self, space: int, inner: int) -> int:
+        """A new space of ``size // inner`` channels: runs of ``inner`` channels of ``space``."""
+        out = self.new(self.size[space] // inner)
+        self.union(space, out)
+        return out
+
+    def fine(self, space: int, inner: int) -> int:
+        """A new space of ``size * inner`` channels, ``inner`` per channel of ``space``."""
+        out = self.new(self.size[space] * inner)
+        self.union(space, out)
+        return out
+
+    def constrain(self, space: int, blocks: int) -> None:
+        """``space``'s channels fall in ``blocks`` runs that must lose equally many channels."""
+        r = self.find(space)
+        self.blocks[r] = math.lcm(self.blocks[r], blocks)
+
+    def add(self, seg: Seg, claim: frozenset, **kw: int) -> None:
         r = self.find(seg.space)
-        self.members[r] += [Member(p, a, seg.offset, seg.stride) for p, a in sorted(claim)]
+        n = self.size[seg.space]
+        self.members[r] += [(Member(p, a, seg.offset, seg.stride, **kw), n) for p, a in claim]
 
     def block(self, layout: tuple[Seg, ...], reason: str) -> None:
         for s in layout:
@@ -129,16 +167,23 @@ class Spaces:
         for i in range(len(self.parent)):
             if self.find(i) != i:
                 continue
+            units, blocks = self.units[i], self.blocks[i]
             members = sorted(
-                set(self.members[i]),
+                {dataclasses.replace(m, width=m.width * n // units) for m, n in self.members[i]},
                 key=lambda m: (order.get(m.path, len(order)), m.path, m.axis, m.offset),
             )
             reasons = list(self.reasons[i])
+            if units % blocks:
+                reasons.append(
+                    f"its {units} channel units cannot be split into the {blocks} equal blocks "
+                    "of its grouped convolutions (GroupNorm groups straddle convolution groups)"
+                )
+                blocks = 1
             for m in members:
                 why = self.fixed.get((m.path, m.axis))
                 if why is not None and why not in reasons:
                     reasons.append(why)
-            out[i] = Group(tuple(members), self.size[i], "; ".join(reasons) or None)
+            out[i] = Group(tuple(members), units, "; ".join(reasons) or None, blocks)
         return out
 
 
@@ -203,9 +248,7 @@ class Dependencies(ip.Interpreter):
         sa, sb = sorted(a, key=lambda s: s.offset), sorted(b, key=lambda s: s.offset)
         sizes = self.spaces.size
         if len(sa) == len(sb) and all(
-            x.offset == y.offset
-            and x.stride == y.stride
-            and sizes[self.spaces.find(x.space)] == sizes[self.spaces.find(y.space)]
+            x.offset == y.offset and x.stride == y.stride and sizes[x.space] == sizes[y.space]
             for x, y in zip(sa, sb)
         ):
             for x, y in zip(sa, sb):
@@ -239,6 +282,31 @@ class Dependencies(ip.Interpreter):
         if _is_layout(f) and all(s.stride == 0 for s in f):
             return tuple(Seg(s.space, s.offset, channels) for s in f)
         self.drop(f, f"is merged with other axes by {why}")
+        return None
+
+    def split(self, f: Any, inner: int, why: str) -> Any:
+        """A channel axis reshaped to ``(outer, inner...)``: the outer axis holds runs of ``inner``.
+
+        Every later use of the inner axes stays inside one run, so the runs are the pruning unit
+        (whole GroupNorm groups, whole heads, a key/value head with its query heads).
+        """
+        sizes = self.spaces.size
+        if _is_layout(f) and all(
+            s.stride == 0 and s.offset % inner == 0 and sizes[s.space] % inner == 0 for s in f
+        ):
+            return tuple(Seg(self.spaces.coarse(s.space, inner), s.offset // inner) for s in f)
+        self.drop(f, f"is split into runs of {inner} that do not align with its channels by {why}")
+        return None
+
+    def refine(self, f: Any, inner: int, why: str) -> Any:
+        """``(outer, inner...)`` merged with channels only on the outer axis: ``inner`` per channel
+        (GroupNorm statistics repeated over a group, ``jnp.repeat`` of key/value heads, a
+        channel-first flatten)."""
+        if inner == 1:
+            return f
+        if _is_layout(f) and all(s.stride == 0 for s in f):
+            return tuple(Seg(self.spaces.fine(s.space, inner), s.offset * inner) for s in f)
+        self.drop(f, f"is merged with inner axes by {why}")
         return None
 
     # -- rules ----------------------------------------------------------------------------------
@@ -348,12 +416,47 @@ class Dependencies(ip.Interpreter):
         elif rs[rin] == 1 and rs[rout] == ls[lf] == groups:  # depthwise, multiplier 1
             out[out_spec[1]] = self.meet(la[lf], ra[rout], groups, groups, why)
         else:
-            reason = f"feeds a grouped convolution {why} (feature_group_count={groups})"
-            self.drop(la[lf], reason)
-            self.drop(ra[rin], reason)
+            self._grouped_input(la[lf], ra[rin], ra[rout], rs[rin], groups, why)
             out[out_spec[1]] = self.born(ra[rout], rs[rout])
-            self.drop(out[out_spec[1]], reason)
+            if _is_layout(out[out_spec[1]]):
+                for seg in out[out_spec[1]]:
+                    self.spaces.constrain(seg.space, groups)
+            else:
+                self.drop(out[out_spec[1]], f"is the output of {why} from a non-parameter kernel")
         return [tuple(out)]
+
+    def _grouped_input(self, f, rows, cols, per_group, groups, why):
+        """The input channels of a grouped convolution: ``groups`` blocks of ``per_group``.
+
+        Each block must lose equally many channels (the groups keep one width); channel ``c``
+        is kernel row ``c % per_group`` for the output columns of block ``c // per_group`` only
+        (a ``Member`` with ``blocks=groups``; the kernel is re-gathered per block by shrink).
+        """
+        sizes = self.spaces.size
+        if f is None or not _is_claim(rows) or not _is_claim(cols):
+            self.drop(f, f"feeds {why} with a kernel that is not a parameter")
+            self.drop(
+                rows, f"meets an axis that cannot lose channels (model input or constant) {why}"
+            )
+            return
+        col_axis = {p: a for p, a in cols}
+        pairs = [(p, a) for p, a in rows if p in col_axis]
+        if (
+            len(pairs) < len(rows)
+            or not _is_layout(f)
+            or not all(
+                s.stride == 0 and s.offset % per_group == 0 and sizes[s.space] % per_group == 0
+                for s in f
+            )
+        ):
+            reason = f"feeds a grouped convolution {why} (feature_group_count={groups}) unaligned"
+            self.drop(f, reason)
+            self.drop(rows, reason)
+            return
+        for seg in f:
+            self.spaces.constrain(seg.space, sizes[seg.space] // per_group)
+            for p, a in pairs:
+                self.spaces.add(seg, frozenset({(p, a)}), blocks=groups, block_axis=col_axis[p])
 
     def _rule_transpose(self, eqn, axes, shapes, why):
         return [tuple(axes[0][d] for d in eqn.params["permutation"])]
@@ -400,6 +503,13 @@ class Dependencies(ip.Interpreter):
             elif len(gj) == 1 and live == [gi[-1]]:
                 outer = math.prod(ins[k] for k in gi[:-1])
                 new.append(self.flatten(a[gi[-1]], outer, ins[gi[-1]], why))
+            elif len(gj) == 1 and live == [gi[0]]:
+                inner = math.prod(ins[k] for k in gi[1:])
+                new.append(self.refine(a[gi[0]], inner, why))
+            elif len(gi) == 1 and live:
+                inner = math.prod(outs[k] for k in gj[1:])
+                new.append(self.split(a[gi[0]], inner, why))
+                new.extend([None] * (len(gj) - 1))
             else:
                 for k in live:
                     self.drop(a[k], f"is split or merged with inner axes by {why}")
@@ -542,7 +652,24 @@ def dependencies(fn: Callable[..., Any], params: Params, *args: Any) -> list[Gro
     * both sides of an elementwise op between activations: a residual add merges the spaces of
       every layer writing into the stream into one group; ``q @ k`` contracts ``q``'s and ``k``'s
       head dimensions together and its batch axes tie their heads; a depthwise convolution
-      (``feature_group_count`` = channels, multiplier 1) passes its input's channels through.
+      (``feature_group_count`` = channels, multiplier 1) passes its input's channels through;
+    * grouped convolutions (``feature_group_count = G``): the output channels and the input
+      channels each form ``G`` blocks (``Group.blocks``) that must lose equally many channels, so
+      every convolution group keeps one width and ``feature_group_count`` stays ``G``; the
+      kernel's input axis is a ``Member(blocks=G, block_axis=out_axis)``: input channel ``c`` is
+      row ``c % (C_in / G)`` of the output columns of block ``c // (C_in / G)`` only, and
+      ``shrink`` gathers the kernel rows block by block;
+    * a channel axis reshaped to ``(outer, inner...)`` makes runs of ``inner`` channels the unit
+      (``Member.width``): GroupNorm(``num_groups=G``) normalises over each run of ``C / G``
+      channels, so removing one channel would change its group's mean and variance (masked
+      would differ from shrunk); its unit is a whole norm group, with every member coupled to it
+      (conv columns, scale, bias, the next layer's rows), and ``num_groups`` shrinks while the
+      group size stays. Heads split out of one Dense output (``(..., H * D) -> (..., H, D)``)
+      are pruned as whole heads; grouped-query attention (``q`` reshaped to
+      ``(..., kv_heads, rep, head_dim)``, or ``k``/``v`` expanded with ``jnp.repeat``) groups
+      each key/value head with its ``rep`` query heads and the output projection's rows;
+    * a channel-first flatten (``(N, C, H, W) -> (N, C * H * W)``): channel ``c`` is the run of
+      ``H * W`` rows ``c * H * W ...`` of the next kernel (``Member(width=H * W)``).
 
     A group is ``blocked`` (with the reason, naming the primitive and the module from JAX's name
     stack) when a space reaches: the model output; a reduction over the channel axis (LayerNorm,
@@ -550,14 +677,17 @@ def dependencies(fn: Callable[..., Any], params: Params, *args: Any) -> list[Gro
     inner axes (channel-first flatten); a slice, pad, reverse, gather or cumulative op along it;
     a grouped convolution (``1 < feature_group_count`` that is not depthwise); a primitive the
     analysis does not know (including ``scan``, ``cond`` and ``while`` bodies: nothing inside them
-    is analysed); or an axis that cannot lose channels (the model input, a constant). Groups
+    is analysed); or an axis that cannot lose channels (the model input, a constant); a grouped
+    convolution whose groups do not align with its input's parts, or whose blocks do not divide
+    the group's units (a GroupNorm group straddling two convolution groups). Groups
     whose member axes are also used where they cannot shrink (contracted against the model input,
     indexed by a gather) are blocked too.
 
     The analysis is conservative, not clever: a constant array of activation shape that meets a
     channel axis (``jnp.ones_like(h)``, a dropout mask in training mode) blocks it, so analyse
-    the inference function; a reshape that splits a channel axis (heads split out of one Dense
-    output, instead of ``DenseGeneral``'s ``(features, heads, head_dim)`` kernel) blocks it.
+    the inference function; the inner part of a split channel axis is never pruned (heads split
+    out of one Dense output lose whole heads, not head dimensions: ``DenseGeneral``'s
+    ``(features, heads, head_dim)`` kernel allows both).
 
     Args:
       fn: ``fn(params, *args)``.
@@ -565,9 +695,10 @@ def dependencies(fn: Callable[..., Any], params: Params, *args: Any) -> list[Gro
       *args: example inputs.
 
     Returns:
-      Every group, in the order spaces were born. Members are sorted by the leaves' tree order,
-      then axis and offset. Pass the list to ``structured_masks(..., groups=...)`` (blocked
-      groups are skipped there) and the masks to :func:`jcompress.structure.shrink`.
+      Every group, in the order spaces were born (``Group.size`` counts its units). Members are
+      sorted by the leaves' tree order, then axis and offset. Pass the list to
+      ``structured_masks(..., groups=...)`` (blocked groups are skipped there) and the masks to
+      :func:`jcompress.structure.shrink`.
 
     >>> import jax.numpy as jnp
     >>> params = {"a": {"kernel": jnp.ones((4, 8)), "bias": jnp.ones(8)},

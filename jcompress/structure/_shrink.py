@@ -1,13 +1,15 @@
 """``shrink``: physically remove pruned channels, and run the function at the smaller shapes.
 
 Channels whose group mask is entirely zero are removed from every member of the group (kernel
-columns, bias, norm parameters and statistics, the next layer's rows). Flax linen checks
-parameter shapes against module attributes at ``apply`` time, so the smaller function cannot
-simply re-run ``fn``: ``small_fn`` re-interprets ``fn``'s jaxpr (traced at the original shapes)
-on the runtime's jaxpr walker, re-emitting every equation with the smaller shapes (``reshape``,
-``broadcast_in_dim``, ``slice``, ``gather`` and ``dynamic_slice`` sizes, depthwise
-``feature_group_count``). The result is an ordinary JAX function of ``(small_params, *args)``:
-jit it, differentiate it, vmap it; a new input shape re-traces ``fn`` once (cached per shape).
+columns, bias, norm parameters and statistics, the next layer's rows). Flax linen checks parameter
+shapes against module attributes at ``apply`` time, so the smaller function cannot simply re-run
+``fn``: ``small_fn`` re-interprets ``fn``'s jaxpr (traced at the original shapes) on the runtime's
+jaxpr walker, re-emitting every equation with the smaller shapes (``reshape``, ``broadcast_in_dim``,
+``slice``, ``gather`` and ``dynamic_slice`` sizes, depthwise ``feature_group_count``; a grouped
+convolution keeps its ``feature_group_count`` and gets its kernel rows gathered per group;
+GroupNorm's reshape gets the new number of groups). The result is an ordinary JAX function of
+``(small_params, *args)``: jit it, differentiate it, vmap it; a new input shape re-traces ``fn``
+once (cached per shape).
 
 Inlined sub-jaxprs lose their custom derivative rules in ``small_fn`` (``jax.nn.relu``'s
 custom JVP becomes the derivative of ``max(x, 0)``, which differs only exactly at 0).
@@ -35,8 +37,25 @@ def _unwrap(x: Any) -> Any:
     return get() if callable(get) and not isinstance(x, jax.Array | np.ndarray) else x
 
 
-def _channel_table(member: Member, size: int, axis_size: int) -> list[list[int]]:
-    return [member.indices(c, axis_size) for c in range(size)]
+def _per_index(m: np.ndarray, member: Member, reduce: Callable[..., np.ndarray]) -> np.ndarray:
+    """``m`` reduced to ``(axis_size, blocks)``: over every other axis (and within each block)."""
+    if member.blocks == 1:
+        other = tuple(a for a in range(m.ndim) if a != member.axis)
+        return reduce(m, axis=other)[:, None]
+    b = member.block_axis % m.ndim
+    other = tuple(a for a in range(m.ndim) if a not in (member.axis, b))
+    x = np.moveaxis(reduce(m, axis=other), (0, 1) if member.axis < b else (1, 0), (0, 1))
+    return reduce(x.reshape(x.shape[0], member.blocks, -1), axis=2)
+
+
+def _per_channel(
+    per_index: np.ndarray, member: Member, size: int, reduce: Callable[..., Any]
+) -> np.ndarray:
+    """Per channel of the group, ``reduce`` over the indices (and block) it occupies."""
+    n = per_index.shape[0]
+    return np.array(
+        [reduce(per_index[member.indices(c, n), member.block(c, n)]) for c in range(size)]
+    )
 
 
 def _member_alive(mask: Any, shape: tuple[int, ...], member: Member, size: int) -> np.ndarray:
@@ -44,18 +63,31 @@ def _member_alive(mask: Any, shape: tuple[int, ...], member: Member, size: int) 
     m = np.asarray(mask, bool)
     if m.ndim == 0:
         return np.full(size, bool(m))
-    m = np.broadcast_to(m, shape)
-    per_index = m.any(axis=tuple(a for a in range(m.ndim) if a != member.axis))
-    return np.array(
-        [per_index[idx].any() for idx in _channel_table(member, size, shape[member.axis])]
-    )
+    per_index = _per_index(np.broadcast_to(m, shape), member, np.any)
+    return _per_channel(per_index, member, size, np.any)
 
 
 def _member_scores(leaf: Any, member: Member, size: int) -> np.ndarray:
     """Per channel, the sum of squares of the member's weights ``(size,)``."""
     x = np.asarray(leaf).astype(np.float32)
-    sq = (x * x).sum(axis=tuple(a for a in range(x.ndim) if a != member.axis))
-    return np.array([sq[idx].sum() for idx in _channel_table(member, size, x.shape[member.axis])])
+    return _per_channel(_per_index(x * x, member, np.sum), member, size, np.sum)
+
+
+def _revive(dead: np.ndarray, score: np.ndarray, size: int, blocks: int, round_to: int):
+    """``dead`` with the highest-scored channels of each block revived, so the kept width is a
+    multiple of ``round_to`` (or full), equal in every block."""
+    per = size // blocks
+    kept = per - len(dead) // blocks
+    extra = 0
+    while (kept + extra) * blocks % round_to and kept + extra < per:
+        extra += 1
+    if not extra:
+        return dead
+    out = []
+    for b in range(blocks):
+        d = dead[dead // per == b]
+        out.append(np.setdiff1d(d, d[np.argsort(-score[d], kind="stable")[:extra]]))
+    return np.concatenate(out)
 
 
 def _removed(
@@ -94,41 +126,63 @@ def _removed(
         if all_alive.all():
             continue
         dead = np.flatnonzero(~all_alive)
-        kept = g.size - len(dead)
-        extra = min(g.size, -(-kept // round_to) * round_to) - kept
-        if extra:
+        counts = np.bincount(dead // (g.size // g.blocks), minlength=g.blocks)
+        if np.any(counts != counts[0]):
+            raise ValueError(
+                f"masks remove {counts.tolist()} channels from the {g.blocks} blocks of a group "
+                f"of {g.size} channels (members {list(g.paths)}); a grouped convolution "
+                "keeps one width per group, so every block must lose the same number; build "
+                "the masks with structured_masks(..., groups=...), which ranks within each block"
+            )
+        if round_to > 1:
             score = sum(_member_scores(leaves[m.path], m, g.size) for m in g.members)
-            revive = dead[np.argsort(-score[dead], kind="stable")[:extra]]
-            dead = np.setdiff1d(dead, revive)
+            dead = _revive(dead, score, g.size, g.blocks, round_to)
         if len(dead):
             out[g] = dead
     return out
 
 
 def _drop_indices(removed: dict[Group, np.ndarray], shapes: dict[str, tuple]) -> dict:
-    """``{(path, axis): sorted indices removed along that axis}``."""
-    out: dict[tuple[str, int], set[int]] = {}
+    """``{(path, axis, block_axis, blocks): (blocks, removed indices along axis per block)}``.
+
+    ``block_axis`` is ``None`` and ``blocks`` 1 for plain members (the same indices everywhere).
+    """
+    out: dict[tuple, list[set[int]]] = {}
     for g, dead in removed.items():
         for m in g.members:
             n = shapes[m.path][m.axis]
-            s = out.setdefault((m.path, m.axis), set())
+            key = (m.path, m.axis, m.block_axis % len(shapes[m.path]) if m.blocks > 1 else None)
+            sets = out.setdefault((*key, m.blocks), [set() for _ in range(m.blocks)])
             for c in dead:
-                s.update(m.indices(int(c), n))
-    return {k: np.array(sorted(v), np.int64) for k, v in out.items()}
+                sets[m.block(int(c), n)].update(m.indices(int(c), n))
+    return {k: [np.array(sorted(s), np.int64) for s in v] for k, v in out.items()}
 
 
-def _shrink_leaf(leaf: Any, mask: Any, drops: list[tuple[int, np.ndarray]]) -> jax.Array:
+def _shrink_leaf(leaf: Any, mask: Any, drops: list[tuple]) -> jax.Array:
     """``leaf`` masked (``where(mask, leaf, 0)``) and with the ``drops`` indices removed.
 
-    NumPy on concrete values (no XLA compile per shape), ``jnp`` otherwise.
+    ``drops``: ``(axis, block_axis, removed indices per block)``; per-block removals (a grouped
+    convolution kernel's input rows) are gathered block by block first, on the original
+    columns. NumPy on concrete values (no XLA compile per shape), ``jnp`` otherwise.
     """
     xp = np if jt.is_concrete(leaf) else jnp
     x = xp.asarray(leaf)
     m = np.asarray(mask, bool)
     if m.ndim or not m:
         x = xp.where(np.broadcast_to(m, x.shape), x, xp.zeros((), x.dtype))
-    for axis, idx in drops:
-        x = xp.take(x, np.setdiff1d(np.arange(x.shape[axis]), idx), axis=axis)
+    for axis, block_axis, per_block in sorted(drops, key=lambda d: d[1] is None):
+        if block_axis is None:
+            [idx] = per_block
+            x = xp.take(x, np.setdiff1d(np.arange(x.shape[axis]), idx), axis=axis)
+            continue
+        parts = xp.split(x, len(per_block), axis=block_axis)
+        x = xp.concatenate(
+            [
+                xp.take(part, np.setdiff1d(np.arange(x.shape[axis]), idx), axis=axis)
+                for part, idx in zip(parts, per_block)
+            ],
+            axis=block_axis,
+        )
     return jnp.asarray(x, dtype=leaf.dtype)
 
 
@@ -158,12 +212,14 @@ class _Program:
     def removed_count(self, layout: tuple, n: int) -> int:
         gone: set[int] = set()
         for seg in layout:
-            dead = self.removed.get(self.spaces.find(seg.space))
+            root = self.spaces.find(seg.space)
+            dead = self.removed.get(root)
             if dead is None:
                 continue
+            width = self.spaces.size[seg.space] // self.spaces.units[root]
             for c in dead:
-                start = seg.offset + int(c)
-                gone.update(range(start, n, seg.stride) if seg.stride else (start,))
+                for start in range(seg.offset + int(c) * width, seg.offset + (int(c) + 1) * width):
+                    gone.update(range(start, n, seg.stride) if seg.stride else (start,))
         return len(gone)
 
 
@@ -210,7 +266,11 @@ class _Shrinker(Dependencies):
                 )
             )
         elif name == "conv_general_dilated" and params["feature_group_count"] > 1:
-            params["feature_group_count"] = new_in[params["dimension_numbers"].lhs_spec[1]]
+            dn = params["dimension_numbers"]
+            kernel = eqn.invars[1].aval.shape
+            if kernel[dn.rhs_spec[1]] == 1 and kernel[dn.rhs_spec[0]] == old_in[dn.lhs_spec[1]]:
+                params["feature_group_count"] = new_in[dn.lhs_spec[1]]  # depthwise: per channel
+            # a grouped convolution keeps its groups (each lost equally many channels)
         outs = ip._bind(eqn.replace(params=params), invals)
         for o, n in zip(outs, new):
             if tuple(np.shape(o)) != n:
@@ -299,8 +359,10 @@ def shrink(
 
     Raises:
       ValueError: masks that disagree within a group (naming the members on each side), masks
-        removing every channel of a group, masks that do not match ``params`` by path, NaN/Inf
-        in ``params``, a ``round_to`` below 1, a result that fails the ``jax.eval_shape`` check.
+      removing different numbers of channels from the blocks of a grouped convolution's group
+      (naming the members and the counts), masks removing every channel of a group, masks that do
+      not match ``params`` by path, NaN/Inf in ``params``, a ``round_to`` below 1, a result that
+      fails the ``jax.eval_shape`` check.
 
     >>> import jax, jax.numpy as jnp
     >>> from jcompress.pruning import apply_masks, structured_masks
@@ -331,7 +393,9 @@ def shrink(
     shapes = {p: tuple(np.shape(x)) for p, x in leaves.items()}
     drops = _drop_indices(removed, shapes)
     small_params = jt.map_with_paths(
-        lambda p, x: _shrink_leaf(x, by_path[p], [(a, i) for (q, a), i in drops.items() if q == p]),
+        lambda p, x: _shrink_leaf(
+            x, by_path[p], [(a, b, i) for (q, a, b, _), i in drops.items() if q == p]
+        ),
         params,
     )
     param_structs = _abstract(params)
@@ -359,7 +423,9 @@ def shrink_linen(
     with those attributes (``MLP(features=(150, 50, 10))``) and ``apply`` the returned variables
     to it. Widths written as literals inside an ``@nn.compact`` method cannot be rewritten from
     outside; expose them as attributes, or use :func:`shrink`'s ``small_fn``, which needs no
-    rebuilt module.
+    rebuilt module. A grouped ``Conv`` keeps its ``feature_group_count``; a ``GroupNorm`` loses
+    whole groups, so rebuild it with ``num_groups = new channels // channels per group`` (or
+    keep ``group_size=``).
 
     >>> import jax, jax.numpy as jnp
     >>> from jcompress.demo import MLP
@@ -397,8 +463,10 @@ def shrink_nnx(model: Any, masks: Params, *args: Any, round_to: int = 1) -> Any:
     ``structured_masks(nnx.state(model), s, groups=dependencies(fn, nnx.state(model), *args))``
     with ``fn = lambda s, *a: nnx.merge(nnx.graphdef(model), s)(*a)``. Run the model in
     inference mode (``model.eval()``) first. The new model's ``Linear`` / ``Conv``
-    ``in_features`` / ``out_features`` and norm ``num_features`` are updated to the new
-    shapes; widths stored in other attributes of your own modules are not.
+    ``in_features`` / ``out_features`` (a grouped ``Conv`` keeps its ``feature_group_count``),
+    norm ``num_features`` and ``GroupNorm.num_groups`` (whole norm groups go; ``group_size``
+    stays) are updated to the new shapes; widths stored in other attributes of your own modules
+    are not.
 
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -426,8 +494,15 @@ def shrink_nnx(model: Any, masks: Params, *args: Any, round_to: int = 1) -> Any:
     _, small_state = shrink(fn, state, masks, *args, round_to=round_to)
     small = nnx.merge(graphdef, small_state)
     for _, m in nnx.iter_modules(small):
-        if isinstance(m, nnx.Linear | nnx.Conv):
+        if isinstance(m, nnx.Conv):
+            m.in_features = m.kernel.shape[-2] * m.feature_group_count
+            m.out_features, m.kernel_shape = m.kernel.shape[-1], tuple(m.kernel.shape)
+        elif isinstance(m, nnx.Linear):
             m.in_features, m.out_features = m.kernel.shape[-2], m.kernel.shape[-1]
+        elif isinstance(m, nnx.GroupNorm):
+            v = m.scale if m.scale is not None else m.bias
+            if v is not None:
+                m.num_groups = v.shape[0] // m.group_size
         elif isinstance(m, nnx.BatchNorm | nnx.LayerNorm | nnx.RMSNorm) and m.scale is not None:
             m.num_features = m.scale.shape[0]
     return small

@@ -1,0 +1,475 @@
+"""Grouped convolutions, GroupNorm and GQA: groups, per-block ranking, shrunken == masked."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_structure import filled, fine_tune, n_params, shrink_in_dtype
+
+from jcompress.pruning import Channels, _masks, apply_masks, magnitude_masks, structured_masks
+from jcompress.structure import dependencies, shrink, shrink_nnx
+from jcompress.tree import Member
+
+
+def members(group):
+    return [
+        (m.path, m.axis, m.offset, m.stride, m.width, m.blocks, m.block_axis) for m in group.members
+    ]
+
+
+def conv_groups(fn, params, x):
+    """``feature_group_count`` of every convolution ``fn`` runs, in order."""
+    jaxpr = jax.make_jaxpr(fn)(params, x)
+    out = []
+
+    def walk(j):
+        for e in j.eqns:
+            if e.primitive.name == "conv_general_dilated":
+                out.append(e.params["feature_group_count"])
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return out
+
+
+def removed_per_block(mask, axis, blocks):
+    """How many channels along ``axis`` a channel mask removes in each of ``blocks`` blocks."""
+    m = np.asarray(mask)
+    alive = m.any(axis=tuple(a for a in range(m.ndim) if a != axis))
+    return (~alive).reshape(blocks, -1).sum(1).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+class GroupedCNN(nn.Module):
+    """conv -> grouped conv (4 groups) -> 1x1 conv -> spatial mean."""
+
+    features: tuple[int, int] = (8, 12)
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(self.features[0], (3, 3))(x))
+        x = nn.relu(nn.Conv(self.features[1], (3, 3), feature_group_count=4)(x))
+        return nn.Conv(3, (1, 1))(x).mean((1, 2))
+
+
+class GNCNN(nn.Module):
+    """conv -> GroupNorm(4) -> conv -> GroupNorm(3) -> flatten -> Dense."""
+
+    features: tuple[int, int] = (8, 6)
+    groups: tuple[int, int] = (4, 3)
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.GroupNorm(num_groups=self.groups[0])(nn.Conv(self.features[0], (3, 3))(x)))
+        x = nn.relu(nn.GroupNorm(num_groups=self.groups[1])(nn.Conv(self.features[1], (3, 3))(x)))
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+HKV, REP, HEAD = 2, 3, 4
+
+
+def gqa(p, x, *, repeat=False):
+    """Grouped-query attention, 2 key/value heads shared by 3 query heads each, residual."""
+    q = jnp.einsum("bte,ehd->bthd", x, p["q"]) + p["q_bias"]
+    k = jnp.einsum("bte,ehd->bthd", x, p["k"])
+    v = jnp.einsum("bte,ehd->bthd", x, p["v"])
+    b, t = x.shape[:2]
+    if repeat:  # k and v expanded to the query heads
+        k, v = jnp.repeat(k, REP, axis=2), jnp.repeat(v, REP, axis=2)
+        a = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k) / 2.0, -1)
+        o = jnp.einsum("bhts,bshd->bthd", a, v)
+    else:  # q reshaped to (kv_heads, rep)
+        q = q.reshape(b, t, HKV, REP, HEAD)
+        a = jax.nn.softmax(jnp.einsum("btgrd,bsgd->bgrts", q, k) / 2.0, -1)
+        o = jnp.einsum("bgrts,bsgd->btgrd", a, v).reshape(b, t, HKV * REP, HEAD)
+    return x + jnp.einsum("bthd,hde->bte", o, p["o"])
+
+
+def linen_case(model, x, seed=0):
+    v = filled(jax.eval_shape(model.init, jax.random.key(0), x), seed)["params"]
+    return (lambda p, x: model.apply({"params": p}, x)), v, x
+
+
+@pytest.fixture(scope="module")
+def cases():
+    rng = np.random.default_rng(3)
+    e = 8
+    gqa_params = {
+        "q": rng.uniform(-1, 1, (e, HKV * REP, HEAD)),
+        "q_bias": rng.uniform(-1, 1, (HKV * REP, HEAD)),
+        "k": rng.uniform(-1, 1, (e, HKV, HEAD)),
+        "v": rng.uniform(-1, 1, (e, HKV, HEAD)),
+        "o": rng.uniform(-1, 1, (HKV * REP, HEAD, e)),
+    }
+    gqa_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), gqa_params)
+    x = jnp.asarray(rng.uniform(-1, 1, (2, 5, e)), jnp.float32)
+    return {
+        "grouped": linen_case(GroupedCNN(), jnp.asarray(rng.uniform(-1, 1, (2, 6, 6, 2)))),
+        "groupnorm": linen_case(GNCNN(), jnp.asarray(rng.uniform(-1, 1, (2, 4, 4, 2)))),
+        "gqa": (gqa, gqa_params, x),
+        "gqa_repeat": (lambda p, x: gqa(p, x, repeat=True), gqa_params, x),
+    }
+
+
+GQA_WHERE = {"where": lambda path, leaf: path in ("q", "k", "v")}
+
+
+@pytest.fixture(scope="module")
+def shrunk(cases):
+    out = {}
+    for name, (fn, params, x) in cases.items():
+        groups = dependencies(fn, params, x)
+        kw = GQA_WHERE if name.startswith("gqa") else {}
+        masks = structured_masks(params, 0.5, groups=groups, **kw)
+        small_fn, small = shrink(fn, params, masks, x)
+        out[name] = (fn, params, groups, masks, x, small_fn, small)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Groups
+# ----------------------------------------------------------------------------------------------
+
+
+def test_grouped_conv_groups(shrunk):
+    g0, g1, g2 = shrunk["grouped"][2]
+    assert members(g0) == [
+        ("Conv_0/bias", 0, 0, 0, 1, 1, -1),
+        ("Conv_0/kernel", 3, 0, 0, 1, 1, -1),
+        ("Conv_1/kernel", 2, 0, 0, 1, 4, 3),  # input row c % 2, in output block c // 2 only
+    ]
+    assert members(g1) == [
+        ("Conv_1/bias", 0, 0, 0, 1, 1, -1),
+        ("Conv_1/kernel", 3, 0, 0, 1, 1, -1),
+        ("Conv_2/kernel", 2, 0, 0, 1, 1, -1),
+    ]
+    assert [(g.size, g.blocks, g.blocked) for g in (g0, g1)] == [(8, 4, None), (12, 4, None)]
+    assert "model output" in g2.blocked
+    kernel_rows = g0.members[2]
+    assert [(kernel_rows.indices(c, 2), kernel_rows.block(c, 2)) for c in (0, 3, 6)] == [
+        ([0], 0),
+        ([1], 1),
+        ([0], 3),
+    ]
+
+
+def test_groupnorm_groups_are_whole_norm_groups(shrunk):
+    g0, g1, out = shrunk["groupnorm"][2]
+    assert members(g0) == [  # 4 norm groups of 2 channels: every member moves in runs of 2
+        ("Conv_0/bias", 0, 0, 0, 2, 1, -1),
+        ("Conv_0/kernel", 3, 0, 0, 2, 1, -1),
+        ("Conv_1/kernel", 2, 0, 0, 2, 1, -1),
+        ("GroupNorm_0/bias", 0, 0, 0, 2, 1, -1),
+        ("GroupNorm_0/scale", 0, 0, 0, 2, 1, -1),
+    ]
+    assert members(g1) == [  # flatten: runs of 2 channels at every one of the 16 positions
+        ("Conv_1/bias", 0, 0, 0, 2, 1, -1),
+        ("Conv_1/kernel", 3, 0, 0, 2, 1, -1),
+        ("Dense_0/kernel", 0, 0, 6, 2, 1, -1),
+        ("GroupNorm_1/bias", 0, 0, 0, 2, 1, -1),
+        ("GroupNorm_1/scale", 0, 0, 0, 2, 1, -1),
+    ]
+    assert [(g.size, g.blocks, g.blocked) for g in (g0, g1)] == [(4, 1, None), (3, 1, None)]
+    assert Member("d", 0, 0, 6, width=2).indices(1, 24) == [2, 3, 8, 9, 14, 15, 20, 21]
+    assert "model output" in out.blocked
+
+
+@pytest.mark.parametrize("name", ["gqa", "gqa_repeat"])
+def test_gqa_groups(shrunk, name):
+    heads, qk, vo, stream = shrunk[name][2]
+    assert members(heads) == [  # a key/value head with its 3 query heads and their o rows
+        ("k", 1, 0, 0, 1, 1, -1),
+        ("o", 0, 0, 0, 3, 1, -1),
+        ("q", 1, 0, 0, 3, 1, -1),
+        ("q_bias", 0, 0, 0, 3, 1, -1),
+        ("v", 1, 0, 0, 1, 1, -1),
+    ]
+    assert [m[:2] for m in members(qk)] == [("k", 2), ("q", 2), ("q_bias", 1)]
+    assert [m[:2] for m in members(vo)] == [("o", 1), ("v", 2)]
+    assert [g.size for g in (heads, qk, vo)] == [HKV, HEAD, HEAD]
+    assert [g.blocked for g in (heads, qk, vo)] == [None] * 3
+    assert stream.blocked is not None
+
+
+def test_groupnorm_straddling_conv_groups_is_blocked():
+    def fn(p, x):
+        y = jax.lax.conv_general_dilated(
+            x, p["a"], (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC")
+        )
+        n, w, c = y.shape
+        z = y.reshape(n, w, 2, c // 2)  # a GroupNorm-like split into 2 groups of 4
+        z = (z - z.mean((1, 3), keepdims=True)).reshape(n, w, c)
+        return jax.lax.conv_general_dilated(
+            z, p["b"], (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=4
+        ).sum()
+
+    params = {"a": jnp.ones((1, 2, 8)), "b": jnp.ones((1, 2, 4))}
+    g = dependencies(fn, params, jnp.ones((1, 3, 2)))[0]
+    assert (g.size, g.blocks) == (2, 1)
+    assert "cannot be split into the 4 equal blocks" in g.blocked
+
+    def unaligned(p, x):
+        y = jnp.concatenate([x @ p["a"], x], -1)  # 4 prunable channels, then 2 input channels
+        y = jax.lax.conv_general_dilated(
+            y, p["b"], (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=2
+        )
+        return y.sum()
+
+    params = {"a": jnp.ones((2, 4)), "b": jnp.ones((1, 3, 4))}
+    g = dependencies(unaligned, params, jnp.ones((1, 3, 2)))[0]
+    assert "feature_group_count=2" in g.blocked and "unaligned" in g.blocked
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranking within blocks, one compiled program
+# ----------------------------------------------------------------------------------------------
+
+
+def test_grouped_ranking_is_per_block_and_lowest_norm(shrunk):
+    _, params, _, masks, _, _, _ = shrunk["grouped"]
+    # 8 channels in 4 blocks of 2: round(0.5 * 2) = 1 each; 12 in blocks of 3: round(1.5) = 2
+    assert removed_per_block(masks["Conv_0"]["kernel"], 3, 4) == [1, 1, 1, 1]
+    assert removed_per_block(masks["Conv_1"]["kernel"], 3, 4) == [2, 2, 2, 2]
+    # NumPy reference: per channel, the sum over selected members (kernels) of its L2 norm
+    k1 = np.asarray(params["Conv_1"]["kernel"])
+    score = np.sqrt(np.sum(k1**2, (0, 1, 2)))
+    score += np.sqrt(np.sum(np.asarray(params["Conv_2"]["kernel"]) ** 2, (0, 1, 3)))
+    want = np.ones(12, bool)
+    for b in range(4):
+        block = np.arange(3 * b, 3 * b + 3)
+        want[block[np.argsort(score[block])[:2]]] = False
+    np.testing.assert_array_equal(np.asarray(masks["Conv_1"]["kernel"]).any((0, 1, 2)), want)
+    # the grouped kernel's input rows follow the previous layer's channels block by block
+    alive0 = np.asarray(masks["Conv_0"]["kernel"]).reshape(-1)
+    rows = np.broadcast_to(masks["Conv_1"]["kernel"], k1.shape)[0, 0]  # (2, 12)
+    for c in range(8):
+        cols = slice(3 * (c // 2), 3 * (c // 2) + 3)
+        np.testing.assert_array_equal(rows[c % 2, cols], want[cols] & alive0[c])
+
+
+def test_group_masks_compile_once(cases):
+    fn, params, x = cases["groupnorm"]
+    groups = dependencies(fn, params, x)
+    structured_masks(params, 0.5, groups=groups)
+    before = _masks._group_program.cache_info()
+    program_count = before.currsize
+    a = structured_masks(params, 0.25, groups=groups)
+    b = jax.jit(lambda s: structured_masks(params, s, groups=groups))(0.25)
+    after = _masks._group_program.cache_info()
+    assert after.currsize == program_count and after.hits >= before.hits + 2
+    jax.tree.map(np.testing.assert_array_equal, a, b)  # jit == eager
+    dead = np.flatnonzero(~np.asarray(a["Conv_0"]["kernel"]).reshape(-1))
+    assert len(dead) == 2 and dead[0] % 2 == 0 and dead[1] == dead[0] + 1  # 1 of 4 norm groups
+
+
+def test_global_scope_with_blocks_is_an_error(cases):
+    fn, params, x = cases["grouped"]
+    with pytest.raises(ValueError, match="use scope='layer'"):
+        magnitude_masks(
+            params, 0.5, scope="global", structure=Channels(groups=dependencies(fn, params, x))
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Shrinking: masked == shrunk, counts, groups kept
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["grouped", "groupnorm", "gqa", "gqa_repeat"])
+def test_shrunken_equals_masked(shrunk, name):
+    fn, params, _, masks, x, small_fn, small = shrunk[name]
+    want = jax.jit(fn)(apply_masks(params, masks), x)
+    np.testing.assert_allclose(jax.jit(small_fn)(small, x), want, rtol=1e-5, atol=1e-5)
+    assert n_params(small) < n_params(params)
+
+
+def test_grouped_conv_counts_and_feature_group_count(shrunk):
+    fn, params, _, _, x, small_fn, small = shrunk["grouped"]
+    assert small["Conv_0"]["kernel"].shape == (3, 3, 2, 4)  # 8 - 4 * 1
+    assert small["Conv_1"]["kernel"].shape == (3, 3, 1, 4)  # 4 inputs / 4 groups, 12 - 4 * 2
+    assert small["Conv_2"]["kernel"].shape == (1, 1, 4, 3)
+    assert n_params(small) == (9 * 2 * 4 + 4) + (9 * 1 * 4 + 4) + (4 * 3 + 3)
+    assert conv_groups(small_fn, small, x) == conv_groups(fn, params, x) == [1, 4, 1]
+
+
+def test_grouped_conv_rebuilt_module_runs_small_params(shrunk):
+    """The per-block kernel gather matches flax's grouped-conv layout: the small parameters run
+    in ``GroupedCNN(features=(4, 4))`` with the masked model's outputs."""
+    _, params, _, masks, x, _, small = shrunk["grouped"]
+    want = GroupedCNN().apply({"params": apply_masks(params, masks)}, x)
+    got = GroupedCNN(features=(4, 4)).apply({"params": small}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_groupnorm_counts_and_rebuilt_module(shrunk):
+    _, params, _, masks, x, _, small = shrunk["groupnorm"]
+    # round(0.5 * 4) = 2 of 4 norm groups (4 channels), round(0.5 * 3) = 2 of 3 (2 channels)
+    assert small["GroupNorm_0"]["scale"].shape == (4,) and small["Conv_1"]["kernel"].shape == (
+        3,
+        3,
+        4,
+        2,
+    )
+    assert small["Dense_0"]["kernel"].shape == (16 * 2, 3)
+    assert n_params(small) == (9 * 2 * 4 + 4 + 8) + (9 * 4 * 2 + 2 + 4) + (32 * 3 + 3)
+    want = GNCNN().apply({"params": apply_masks(params, masks)}, x)
+    got = GNCNN(features=(4, 2), groups=(2, 1)).apply({"params": small}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gqa", "gqa_repeat"])
+def test_gqa_counts(shrunk, name):
+    _, _, _, _, _, _, small = shrunk[name]
+    # one kv head of 2 and its 3 query heads go; 2 of 4 head dims of q/k and of v/o
+    assert {k: v.shape for k, v in small.items()} == {
+        "q": (8, 3, 2),
+        "q_bias": (3, 2),
+        "k": (8, 1, 2),
+        "v": (8, 1, 2),
+        "o": (3, 2, 8),
+    }
+
+
+def test_violating_per_block_counts_is_an_error(cases):
+    fn, params, x = cases["grouped"]
+    masks = jax.tree.map(lambda a: np.ones(np.shape(a), bool), params)
+    masks["Conv_1"]["kernel"] = np.ones((1, 1, 1, 12), bool)
+    masks["Conv_1"]["kernel"][..., [0, 1]] = False  # 2 from block 0, none from the others
+    masks["Conv_1"]["bias"][[0, 1]] = False
+    masks["Conv_2"]["kernel"][:, :, [0, 1]] = False
+    with pytest.raises(ValueError, match=r"remove \[2, 0, 0, 0\] channels from the 4 blocks") as e:
+        shrink(fn, params, masks, x)
+    assert "'Conv_1/bias', 'Conv_1/kernel', 'Conv_2/kernel'" in str(e.value)
+
+
+def test_fine_tune_small_params_under_jit(shrunk):
+    _, _, _, _, x, small_fn, small = shrunk["grouped"]
+    losses, p, step = fine_tune(small_fn, small, x, jnp.array([0, 2]), 15)
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, small)
+    assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_grouped_dtypes_and_strict(cases, strict, dtype):
+    small = shrink_in_dtype(strict, *cases["grouped"], dtype, 5e-2)
+    assert small["Conv_1"]["kernel"].shape == (3, 3, 1, 4)
+
+
+class NnxGrouped(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Conv(2, 8, (3, 3), rngs=rngs)
+        self.gn = nnx.GroupNorm(8, num_groups=4, rngs=rngs)
+        self.b = nnx.Conv(8, 8, (3, 3), feature_group_count=2, rngs=rngs)
+        self.out = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.gn(self.a(x)))
+        return self.out(nnx.relu(self.b(x)).mean((1, 2)))
+
+
+def test_shrink_nnx_grouped_and_groupnorm():
+    model = NnxGrouped(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    state = filled(jax.eval_shape(lambda: state), seed=4)
+    nnx.update(model, state)
+    x = jnp.linspace(-1, 1, 72).reshape(2, 6, 6, 1).repeat(2, -1)
+
+    def fn(s, x):
+        return nnx.merge(graphdef, s)(x)
+
+    groups = dependencies(fn, state, x)
+    # GroupNorm groups of 2 inside the grouped conv's 2 blocks of 4: 4 units, 2 blocks
+    assert [(g.size, g.blocks, g.blocked) for g in groups[:2]] == [(4, 2, None), (8, 2, None)]
+    masks = structured_masks(state, 0.5, groups=groups)
+    small = shrink_nnx(model, masks, x)
+    assert small.a.out_features == 4 and small.gn.num_groups == 2
+    assert small.b.kernel.shape == (3, 3, 2, 4) and small.b.in_features == 4
+    assert small.b.feature_group_count == 2 and small.out.in_features == 4
+    np.testing.assert_allclose(small(x), fn(apply_masks(state, masks), x), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Property: random grouped convolutions against a NumPy reference
+# ----------------------------------------------------------------------------------------------
+
+
+def _conv1d(x, w, groups):
+    """NumPy VALID 1-D grouped convolution: x (N, W, C_in), w (K, C_in / G, C_out)."""
+    k, cin_g, cout = w.shape
+    cout_g = cout // groups
+    out = np.zeros((x.shape[0], x.shape[1] - k + 1, cout))
+    for o in range(cout):
+        g = o // cout_g
+        for t in range(k):
+            out[:, :, o] += x[:, t : t + out.shape[1], g * cin_g : (g + 1) * cin_g] @ w[t, :, o]
+    return out
+
+
+def _grouped_fn(groups):
+    def fn(p, x):
+        dn = ("NWC", "WIO", "NWC")
+        h = jnp.tanh(jax.lax.conv_general_dilated(x, p["a"], (1,), "VALID", dimension_numbers=dn))
+        h = jax.lax.conv_general_dilated(
+            h, p["b"], (1,), "VALID", dimension_numbers=dn, feature_group_count=groups
+        )
+        return jnp.tanh(h + p["b_bias"]).mean(1) @ p["c"]
+
+    return fn
+
+
+def _grouped_numpy(p, x, groups):
+    p = {k: np.float64(v) for k, v in p.items()}
+    h = np.tanh(_conv1d(np.float64(x), p["a"], 1))
+    h = np.tanh(_conv1d(h, p["b"], groups) + p["b_bias"])
+    return h.mean(1) @ p["c"]
+
+
+@settings()
+@given(
+    groups=st.sampled_from([2, 4]),
+    widths=st.sampled_from([(2, 3), (3, 2)]),
+    sparsity=st.sampled_from([0.0, 0.34, 0.5]),
+    scale=st.sampled_from([1e-30, 1.0, 1e30]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_grouped_shrink_equals_numpy(groups, widths, sparsity, scale, seed):
+    """Random grouped convolutions (bucketed shapes), fractions, tiny and huge weights: each
+    block loses exactly round(sparsity * block) channels, the groups stay, and the shrunken
+    function equals a NumPy grouped convolution of the masked weights."""
+    cin_g, cout_g = widths
+    c1, c2 = groups * cin_g, groups * cout_g
+    rng = np.random.default_rng(seed)
+    params = {
+        "a": rng.normal(size=(2, 3, c1)) * scale,
+        "b": rng.normal(size=(2, cin_g, c2)) * scale,
+        "b_bias": rng.normal(size=(c2,)),
+        "c": rng.normal(size=(c2, 2)),
+    }
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    x = jnp.asarray(rng.uniform(-1, 1, (2, 5, 3)), jnp.float32)
+    fn = _grouped_fn(groups)
+    deps = dependencies(fn, params, x)
+    assert [(g.size, g.blocks) for g in deps[:2]] == [(c1, groups), (c2, groups)]
+    masks = structured_masks(params, sparsity, groups=deps, where=lambda p, _: p in ("a", "b"))
+    small_fn, small = shrink(fn, params, masks, x)
+    lost1, lost2 = round(sparsity * cin_g), round(sparsity * cout_g)
+    assert removed_per_block(masks["a"], 2, groups) == [lost1] * groups
+    assert removed_per_block(masks["b"], 2, groups) == [lost2] * groups
+    assert small["b"].shape == (2, cin_g - lost1, c2 - groups * lost2)
+    assert conv_groups(small_fn, small, x) == [1, groups]
+    masked = {k: np.where(np.asarray(masks[k]), v, 0) for k, v in params.items()}
+    want = _grouped_numpy(masked, x, groups)
+    np.testing.assert_allclose(np.float64(small_fn(small, x)), want, rtol=1e-4, atol=1e-5)
