@@ -30,9 +30,10 @@ Model level (used by ``jc.quantization.gptq`` and ``jc.pruning.sparsegpt``):
 * :class:`LeafMatrices`: any matmul/conv leaf as ``(S, C, O)`` stacked ``(in, out)`` matrices
   (stacked slices, contracting axes flattened in leaf order as ``InputStats`` orders its
   channels, output axes flattened) and back, and its per-slice Hessians.
-* :func:`run_layers`: the loop over layers with a ``rich`` progress bar. One-pass mode walks
-  the batches once and holds every selected layer's Gram matrix (``C²`` floats per slice);
-  sequential mode walks them once per layer, with earlier layers already compressed.
+* :func:`run_layers`: the loop over layers with a ``rich`` progress bar. By default the Gram
+  matrix of one layer is alive at a time (``jc.capture(..., paths=[layer])``, one walk over
+  the batches per layer); ``layers_per_pass=k`` holds ``k`` at once (``None``: all, one walk).
+  Sequential mode calibrates each pass on the outputs of the already compressed earlier layers.
 
 References:
   Frantar, Ashkboos, Hoefler, Alistarh, 2022, "GPTQ: Accurate Post-Training Quantization for
@@ -47,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -65,6 +66,7 @@ __all__ = [
     "Prepared",
     "accumulate",
     "block_rows",
+    "check_batches",
     "check_layer",
     "check_stats",
     "hessian",
@@ -335,18 +337,27 @@ def _arguments(batch: Any) -> tuple:
     return batch if isinstance(batch, tuple) else (batch,)
 
 
-def accumulate(fn: Callable[..., Any], params: Any, batches: Iterable[Any], what: str) -> dict:
-    """``{path: InputStats}`` with Gram matrices, merged over every batch of ``batches``."""
+def accumulate(
+    fn: Callable[..., Any],
+    params: Any,
+    batches: Iterable[Any],
+    what: str,
+    *,
+    paths: Collection[str] | None = None,
+    gram: bool = True,
+) -> dict:
+    """``{path: InputStats}`` merged over every batch of ``batches`` (Gram matrices of the
+    leaves at ``paths`` only, or of every leaf with ``paths=None``)."""
     from jcompress.runtime import capture  # calibration imports runtime, never the reverse
 
     total = None
     for batch in batches:
-        stats = capture(fn, params, *_arguments(batch), gram=True)
+        stats = capture(fn, params, *_arguments(batch), gram=gram, paths=paths)
         total = stats if total is None else {k: total[k].merge(v) for k, v in stats.items()}
     if total is None:
         raise ValueError(
             f"{what}: batches gave no batch; pass a re-iterable of argument tuples (a list, "
-            "not a generator: sequential calibration walks it once per layer)"
+            "not a generator: calibration walks it once per layer)"
         )
     return total
 
@@ -369,7 +380,8 @@ class LeafMatrices:
     def of(cls, path: str, shape: Sequence[int], role: Role) -> LeafMatrices:
         shape = tuple(int(d) for d in shape)
         axes = (*role.stacked, *sorted(role.contracting), *sorted(role.output))
-        if role.kind not in ("matmul", "conv") or sorted(axes) != list(range(len(shape))):
+        # "gather": a tied embedding, also consumed by a product (its statistics come from there)
+        if role.kind not in ("matmul", "conv", "gather") or sorted(axes) != list(range(len(shape))):
             raise ValueError(
                 f"{path}: calibrated compression needs a matmul/conv leaf whose every axis is "
                 f"stacked, contracting or output; got role {role} for shape {shape}; pass "
@@ -435,6 +447,31 @@ class LeafMatrices:
         return jax.vmap(hessian)(jnp.reshape(gram, (s, c, c)), count)
 
 
+def _pass_groups(order: list[str], layers_per_pass: int | None) -> list[list[str]]:
+    if layers_per_pass is None:
+        return [order] if order else []
+    return [order[i : i + layers_per_pass] for i in range(0, len(order), layers_per_pass)]
+
+
+def check_batches(batches: Any, layers_per_pass: Any, what: str) -> None:
+    """``batches`` must be re-iterable; ``layers_per_pass`` a positive int or ``None``."""
+    if iter(batches) is batches:
+        raise ValueError(
+            f"{what}: batches is a one-shot iterator ({type(batches).__name__}); calibration "
+            "walks the batches once per pass over the layers: pass a re-iterable of argument "
+            "tuples (a list)"
+        )
+    if layers_per_pass is not None and (
+        isinstance(layers_per_pass, bool)
+        or not isinstance(layers_per_pass, int)
+        or layers_per_pass < 1
+    ):
+        raise ValueError(
+            f"{what}: layers_per_pass must be a positive int (Gram matrices held at once) or "
+            f"None (every layer in one pass), got {layers_per_pass!r}"
+        )
+
+
 def run_layers(
     fn: Callable[..., Any],
     params: Any,
@@ -445,28 +482,40 @@ def run_layers(
     sequential: bool,
     quiet: bool,
     what: str,
+    layers_per_pass: int | None = 1,
 ) -> dict[str, Any]:
     """Calibrate and compress the leaves at ``paths``; ``{path: result}``.
 
-    ``compress(path, leaf, stats) -> (result, float_value)``. One-pass mode: statistics of
-    every layer from one walk over ``batches`` (the Gram matrices of all selected layers are held
-    at once). Sequential mode: the layers in the order ``fn`` consumes them, each calibrated on
-    the outputs of the already-compressed earlier layers (``float_value`` replaces the leaf),
-    one walk over ``batches`` per layer.
+    ``compress(path, leaf, stats) -> (result, float_value)``. The leaves are taken in the order
+    ``fn`` consumes them (found by one forward pass on the first batch, without Gram
+    matrices), ``layers_per_pass`` at a time: each group's Gram matrices are accumulated by one
+    walk over ``batches`` with ``jc.capture(..., paths=group)``, so at most
+    ``layers_per_pass`` Gram matrices are alive (``None``: one walk for every leaf, all Grams
+    at once, the fastest and most memory). Cost: ``ceil(L / layers_per_pass)`` walks over the
+    batches (plus one forward pass), each a separately compiled program. Sequential mode: each
+    group is calibrated on the outputs of the already-compressed earlier groups
+    (``float_value`` replaces the leaf); otherwise on the original ``params``.
     """
     from rich.progress import track
 
-    leaves = dict(leaves_with_paths(params))
-    stats = dict(accumulate(fn, params, batches, what))
-    check_stats(list(paths), stats, what)
+    from jcompress.runtime import capture
+
+    check_batches(batches, layers_per_pass, what)
+    first = next(iter(batches), None)
+    if first is None:
+        accumulate(fn, params, batches, what)  # raises "no batch"
     chosen = set(paths)
-    order = [p for p in stats if p in chosen]
+    seen = capture(fn, params, *_arguments(first), paths=chosen)
+    check_stats(list(paths), seen, what)
+    order = [p for p in seen if p in chosen]
+    leaves = dict(leaves_with_paths(params))
     results: dict[str, Any] = {}
     current = params
-    for i, path in enumerate(track(order, description=what, disable=quiet, transient=True)):
-        if sequential and i:
-            stats = dict(accumulate(fn, current, batches, what))
-        results[path], value = compress(path, leaves[path], stats.pop(path))  # frees its Gram
-        if sequential:
-            current = map_with_paths(lambda p, x, v=value, q=path: v if p == q else x, current)
+    groups = _pass_groups(order, layers_per_pass)
+    for group in track(groups, description=what, disable=quiet, transient=True):
+        stats = accumulate(fn, current if sequential else params, batches, what, paths=group)
+        for path in group:
+            results[path], value = compress(path, leaves[path], stats.pop(path))  # frees it
+            if sequential:
+                current = map_with_paths(lambda p, x, v=value, q=path: v if p == q else x, current)
     return results

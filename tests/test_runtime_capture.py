@@ -180,3 +180,66 @@ def test_tap_property(rows, width, dtype):
     assert acts["a"].dtype == dtype and out.shape == (rows, 2)
     expect = np.float32(x) @ np.float32(params["a"])
     np.testing.assert_allclose(np.float32(acts["a"]), expect, rtol=2e-2, atol=2e-2)
+
+
+def test_capture_paths_selects_leaves_and_validates(mlp):
+    fn, params, x = mlp
+    whole = capture(fn, params, x, gram=True)
+    only = capture(fn, params, x, gram=True, paths=["Dense_1/kernel"])
+    assert list(only) == ["Dense_1/kernel"]
+    for f in ("absmax", "sumsq", "count", "gram"):
+        np.testing.assert_array_equal(
+            getattr(only["Dense_1/kernel"], f), getattr(whole["Dense_1/kernel"], f)
+        )
+    assert capture(fn, params, x, paths=["Dense_0/bias"]) == {}  # a leaf no product consumes
+    with pytest.raises(ValueError, match=r"Dense_2/kernel.*nearest.*Dense_[01]/kernel"):
+        capture(fn, params, x, paths=["Dense_2/kernel"])
+    with pytest.raises(TypeError, match="collection of path strings"):
+        capture(fn, params, x, paths="Dense_0/kernel")
+
+
+def test_capture_traces_once_per_shape():
+    """New batches of the same shape reuse the traced and compiled program."""
+    traces = []
+
+    def fn(p, x):
+        traces.append(1)  # runs only while tracing
+        return jnp.tanh(x @ p["w"])
+
+    w = jax.random.normal(jax.random.key(6), (4, 3))
+    for i in range(3):
+        x = jax.random.normal(jax.random.key(i), (5, 4))
+        stats = capture(fn, {"w": w}, x)["w"]
+        np.testing.assert_array_equal(stats.absmax, np.abs(np.asarray(x)).max(0))
+    assert len(traces) == 1
+    capture(fn, {"w": w}, jnp.ones((2, 4)))  # a new shape is a new trace
+    assert len(traces) == 2
+
+
+def test_leaf_consumed_by_several_products_gets_merged_stats(strict):
+    """A tied embedding (gather + Embed.attend, here attended twice) and a reused kernel."""
+    import flax.linen as nn
+
+    class Tied(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            embed = nn.Embed(11, 6)
+            h = jnp.tanh(nn.Dense(6)(embed(tokens)))
+            return embed.attend(h) + embed.attend(2.0 * h)
+
+    model = Tied()
+    tokens = jnp.arange(8).reshape(2, 4) % 11
+    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+    fn = lambda p, t: model.apply({"params": p}, t)
+    with strict():
+        stats = capture(fn, params, tokens, gram=True)
+    table = np.asarray(params["Embed_0"]["embedding"], np.float64)
+    dense = params["Dense_0"]
+    e = table[np.asarray(tokens)].reshape(-1, 6)
+    h = np.tanh(e @ np.asarray(dense["kernel"], np.float64) + np.asarray(dense["bias"]))
+    _assert_stats(stats["Embed_0/embedding"], np.concatenate([h, 2.0 * h]))
+    _assert_stats(stats["Dense_0/kernel"], e)
+
+    w = jnp.ones((3, 3))
+    with pytest.raises(ValueError, match="w: consumed by several products with different"):
+        capture(lambda p, x: x @ p["w"] + x @ p["w"].T, {"w": w}, jnp.ones((2, 3)))

@@ -176,6 +176,7 @@ def sparsegpt(
     block_size: int = 128,
     percdamp: float = 0.01,
     sequential: bool = False,
+    layers_per_pass: int | None = 1,
     quiet: bool = False,
 ) -> tuple[Params, Any]:
     """Prune a model with SparseGPT (Frantar & Alistarh, 2023): masks and reconstructed weights.
@@ -195,7 +196,10 @@ def sparsegpt(
       roles: ``{path: Role}``; default: Flax layouts.
       block_size, percdamp: as in :func:`sparsegpt_layer`.
       sequential: calibrate each layer on the outputs of the already-pruned earlier layers
-        (one walk over ``batches`` per layer); default: one walk for all layers.
+        (one walk over ``batches`` per layer); default: on the original ``params``.
+      layers_per_pass: Gram matrices held at once, as in :func:`jcompress.quantization.gptq`
+        (default: one layer's, with one walk over ``batches`` per layer; ``None``: all, one
+        walk).
       quiet: no ``rich`` progress bar.
 
     Returns:
@@ -256,7 +260,15 @@ def sparsegpt(
         return (weights, mask), weights
 
     results = _hessian.run_layers(
-        fn, params, batches, paths, compress, sequential=sequential, quiet=quiet, what=what
+        fn,
+        params,
+        batches,
+        paths,
+        compress,
+        sequential=sequential,
+        quiet=quiet,
+        what=what,
+        layers_per_pass=layers_per_pass,
     )
     pruned = jt.map_with_paths(lambda path, x: results[path][0] if path in results else x, params)
     masks = [results[path][1] if path in results else True for path, _ in pairs]

@@ -261,6 +261,7 @@ def gptq(
     percdamp: float = 0.01,
     act_order: bool = False,
     sequential: bool = False,
+    layers_per_pass: int | None = 1,
     quiet: bool = False,
 ) -> jtree.Params:
     """Calibrated post-training quantization with GPTQ (Frantar et al., 2022) over a model.
@@ -282,7 +283,13 @@ def gptq(
       roles: ``{path: Role}``; default: Flax layouts.
       block_size, percdamp, act_order: as in :func:`gptq_layer`.
       sequential: calibrate each layer on the outputs of the already-quantized earlier layers
-        (one walk over ``batches`` per layer); default: one walk for all layers.
+        (one walk over ``batches`` per layer); default: on the original ``params``.
+      layers_per_pass: Gram matrices (``C²`` floats per stacked slice) held at once: each walk
+        over ``batches`` captures them for this many leaves (``jc.capture(..., paths=)``), in
+        the order ``fn`` consumes them, so memory is bounded by one layer's Hessian by default;
+        ``None`` captures every leaf in one walk (fewest forward passes, most memory).
+        Without ``sequential`` the result does not depend on it; with it, the leaves of one
+        pass are calibrated together on the outputs of the earlier passes.
       quiet: no ``rich`` progress bar.
 
     Returns:
@@ -325,6 +332,14 @@ def gptq(
         return qa, qa.dequantize()
 
     results = _hessian.run_layers(
-        fn, params, batches, list(resolved), compress, sequential=sequential, quiet=quiet, what=what
+        fn,
+        params,
+        batches,
+        list(resolved),
+        compress,
+        sequential=sequential,
+        quiet=quiet,
+        what=what,
+        layers_per_pass=layers_per_pass,
     )
     return jtree.map_with_paths(lambda p, x: results.get(p, x), params)

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import difflib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jcompress.runtime import _interpret as ip
 from jcompress.runtime._roles import consumer_role, trace_params
-from jcompress.tree import Params
+from jcompress.tree import Params, leaves_with_paths
 
-__all__ = ["InputStats", "capture", "consumer_inputs"]
+__all__ = ["InputStats", "Moments", "capture", "collect_inputs", "consumer_inputs"]
 
 
 @functools.partial(
@@ -127,34 +130,36 @@ def consumer_inputs(eqn: Any, invals: list[Any], facts: list[ip.View | None]):
     return view.path, patches.reshape(-1, c_in * math.prod(spatial))
 
 
-class _Capture(ip.Interpreter):
-    def __init__(self, gram: bool):
-        super().__init__()
-        self.gram = gram
-        self.stacked: set[str] = set()
+@dataclasses.dataclass(frozen=True)
+class Moments:
+    """The :class:`InputStats` summary of a consumer's input ``X (stacked..., rows, channels)``.
 
-    def consume(self, eqn, invals, facts):
-        got = consumer_inputs(eqn, invals, facts)
-        if got is not None:
-            path, x = got
-            x = x.astype(jnp.float32)
-            stats = InputStats(
-                absmax=jnp.max(jnp.abs(x), axis=-2),
-                sumsq=jnp.sum(x * x, axis=-2),
-                count=jnp.full(x.shape[:-2], x.shape[-2], jnp.int32),
-                gram=(
-                    jnp.einsum("...rc,...rd->...cd", x, x, precision=lax.Precision.HIGHEST)
-                    if self.gram
-                    else None
-                ),
-            )
-            self.emit(path, stats)
-        return super().consume(eqn, invals, facts)
+    A summary (hashable: it keys the compiled-program cache) says which consumers it reads
+    (``primitives``), how it summarizes one use (``of``), how it merges two uses of one leaf in
+    a body (``merge``, e.g. a tied embedding's two logits products) and how it merges the
+    iterations of a ``scan`` that reuses an unstacked leaf (``over_iterations``, leading axis).
+    """
 
-    def unstack(self, key, value, stacked):
-        if stacked:
-            return value
-        # a leaf reused by every iteration: merge the iterations
+    gram: bool = False
+    primitives: tuple[str, ...] = (ip.DOT, ip.CONV)
+
+    def of(self, x: jax.Array) -> InputStats:
+        x = x.astype(jnp.float32)
+        return InputStats(
+            absmax=jnp.max(jnp.abs(x), axis=-2),
+            sumsq=jnp.sum(x * x, axis=-2),
+            count=jnp.full(x.shape[:-2], x.shape[-2], jnp.int32),
+            gram=(
+                jnp.einsum("...rc,...rd->...cd", x, x, precision=lax.Precision.HIGHEST)
+                if self.gram
+                else None
+            ),
+        )
+
+    def merge(self, a: InputStats, b: InputStats) -> InputStats:
+        return a.merge(b)
+
+    def over_iterations(self, value: InputStats) -> InputStats:
         return jax.tree.map(
             lambda f, v: f(v, axis=0),
             InputStats(jnp.max, jnp.sum, jnp.sum, None if value.gram is None else jnp.sum),
@@ -162,8 +167,113 @@ class _Capture(ip.Interpreter):
         )
 
 
+class _Collect(ip.Interpreter):
+    """Summaries of the inputs of the chosen leaves' consumers, repeated uses merged."""
+
+    def __init__(self, summary: Any, paths: frozenset[str] | None):
+        super().__init__()
+        self.summary = summary
+        self.paths = paths
+        self.layouts: dict[str, tuple] = {}
+
+    def consume(self, eqn, invals, facts):
+        if eqn.primitive.name in self.summary.primitives:
+            _, view, role = consumer_role(eqn, facts)
+            if role is not None and (self.paths is None or view.path in self.paths):
+                layout = (role.contracting, role.output, role.stacked)
+                seen = self.layouts.setdefault(view.path, layout)
+                if seen != layout:
+                    raise ValueError(
+                        f"{view.path}: consumed by several products with different layouts "
+                        f"(contracting, output, stacked axes {seen} and {layout}); statistics "
+                        "can only be merged over uses that contract the same axes: exclude "
+                        "the leaf from paths="
+                    )
+                got = consumer_inputs(eqn, invals, facts)
+                if got is not None:
+                    self.emit(got[0], self.summary.of(got[1]))
+        return super().consume(eqn, invals, facts)
+
+    def emit(self, key, value):
+        frame = self._frames[-1]
+        frame[key] = self.summary.merge(frame[key], value) if key in frame else value
+
+    def unstack(self, key, value, stacked):
+        # a leaf reused by every iteration (not sliced by the scan): merge the iterations
+        return value if stacked else self.summary.over_iterations(value)
+
+
+_TRACES: collections.OrderedDict = collections.OrderedDict()
+_MAX_TRACES = 32
+
+
+def _signature(x: Any) -> Any:
+    if ip.is_compressed(x):
+        return (jax.tree.structure(x), tuple((a.shape, a.dtype) for a in jax.tree.leaves(x)))
+    if ip.is_array_like(x):
+        return (tuple(x.shape), np.dtype(x.dtype), getattr(x, "weak_type", False))
+    return ("static", x)
+
+
+def _trace_cached(fn: Callable[..., Any], params: Params, args: tuple) -> ip.Traced:
+    """``trace_params`` once per ``fn``, tree structure, shapes and static values (what
+    ``jax.jit`` keys its cache on), so calls on new batches reuse the compiled program."""
+    flat, treedef = jax.tree_util.tree_flatten(((params, *args), {}), is_leaf=ip.is_compressed)
+    key = (fn, treedef, tuple(_signature(x) for x in flat))
+    try:
+        hit = _TRACES.get(key)
+    except TypeError:  # an unhashable static value: trace every time
+        return trace_params(fn, params, args)
+    if hit is None:
+        hit = trace_params(fn, params, args)
+        _TRACES[key] = hit
+        if len(_TRACES) > _MAX_TRACES:
+            _TRACES.popitem(last=False)
+    else:
+        _TRACES.move_to_end(key)
+    leaves = tuple(x for x in flat if ip.is_array_like(x))
+    return dataclasses.replace(hit, leaves=leaves)
+
+
+def collect_inputs(
+    fn: Callable[..., Any],
+    params: Params,
+    args: tuple,
+    summary: Any,
+    paths: Collection[str] | None = None,
+) -> dict[str, Any]:
+    """``{path: summary.of(X)}`` for every consumer of a leaf (``paths``: only those leaves).
+
+    The engine of :func:`capture` for any hashable ``summary`` (see :class:`Moments`); one
+    compiled program per traced function, summary and set of paths.
+    """
+    traced = _trace_cached(fn, params, args)
+    if paths is not None:
+        if isinstance(paths, str) or not all(isinstance(p, str) for p in paths):
+            raise TypeError(
+                f"paths= must be a collection of path strings (e.g. ['Dense_0/kernel']), got "
+                f"{paths!r}"
+            )
+        names = [p for p, _ in leaves_with_paths(params)]
+        unknown = [p for p in paths if p not in set(names)]
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], names, n=3, cutoff=0.5)
+            raise ValueError(
+                f"paths= names {unknown[:3]}, not leaves of params"
+                + (f" (nearest: {near})" if near else "")
+                + "; paths are '/'-joined key paths as jc.tree.leaves_with_paths names them"
+            )
+        paths = frozenset(paths)
+    run = _collect_jit(traced.jaxpr, tuple(traced.facts()), summary, paths)
+    return run(list(traced.leaves))
+
+
 def capture(
-    fn: Callable[..., Any], params: Params, *args: Any, gram: bool = False
+    fn: Callable[..., Any],
+    params: Params,
+    *args: Any,
+    gram: bool = False,
+    paths: Collection[str] | None = None,
 ) -> dict[str, InputStats]:
     """Statistics of the input of every matmul/conv that consumes a parameter leaf.
 
@@ -171,17 +281,30 @@ def capture(
     ``X`` is laid out as ``(rows, channels)`` over the leaf's contracting axes (conv: the
     ``kh·kw·in`` patches of ``lax.conv_general_dilated_patches``) and summarized per channel.
     Leaves sliced by ``scan`` (``nn.scan`` stacks) get one slice of statistics per layer (a
-    leading stacked axis). Accumulate batches with :meth:`InputStats.merge`. ``fn`` is called as
-    ``fn(params, *args)`` (linen: ``lambda p, x: model.apply({"params": p}, x)``).
+    leading stacked axis). A leaf consumed by several products with the same contracting
+    layout (a tied embedding: the gather of ``nn.Embed`` is no product, ``Embed.attend``'s
+    ``x @ E.T`` is) gets the statistics of all its inputs together (as :meth:`InputStats.merge`
+    of each use); different layouts are an error. Accumulate batches with
+    :meth:`InputStats.merge`. ``fn`` is called as ``fn(params, *args)`` (linen:
+    ``lambda p, x: model.apply({"params": p}, x)``).
 
     Args:
       fn: ``fn(params, *args)``.
       params: the parameter tree.
       *args: one batch of inputs.
       gram: also accumulate ``XᵀX`` (for GPTQ / SparseGPT).
+      paths: only these leaves (exact paths; default: every leaf). A Gram matrix is ``C²``
+        floats per leaf: calibrating layer by layer with ``paths=[path]`` keeps one alive at a
+        time, at the price of one forward pass per layer.
 
     Returns:
-      ``{path: InputStats}`` for every consumed leaf.
+      ``{path: InputStats}`` for every consumed (chosen) leaf, in the order ``fn`` consumes
+      them.
+
+    Raises:
+      ValueError: a leaf consumed with different contracting layouts, ``paths`` naming no leaf
+        of ``params`` (with the nearest names), grouped convolutions.
+      TypeError: ``paths`` not a collection of strings.
 
     >>> import jax.numpy as jnp
     >>> params = {"w": jnp.ones((2, 3))}
@@ -189,15 +312,14 @@ def capture(
     >>> stats["w"].absmax, stats["w"].sumsq, stats["w"].count
     (Array([2., 4.], dtype=float32), Array([ 5., 16.], dtype=float32), Array(2, dtype=int32))
     """
-    traced = trace_params(fn, params, args)
-    return _capture_jit(traced.jaxpr, tuple(traced.facts()), gram)(list(traced.leaves))
+    return collect_inputs(fn, params, args, Moments(gram=bool(gram)), paths)
 
 
-@functools.lru_cache(maxsize=32)
-def _capture_jit(jaxpr, facts, gram):
+@functools.lru_cache(maxsize=64)
+def _collect_jit(jaxpr, facts, summary, paths):
     @jax.jit
     def run(leaves):
-        interp = _Capture(gram)
+        interp = _Collect(summary, paths)
         values = [ip.Deferred(x) if ip.is_compressed(x) else x for x in leaves]
         interp.run(jaxpr, values, list(facts))
         return interp.records
