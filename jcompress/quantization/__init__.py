@@ -9,6 +9,8 @@
 * :func:`nonfinite`: the flag for NaN/Inf weights met inside ``jit``.
 * Calibrated post-training quantization: :func:`gptq` (Frantar et al. 2022) and :func:`awq`
   (Lin et al. 2023, :class:`AWQArray` leaves), from input statistics of ``jc.capture``.
+* :func:`calibrate_activations`: static int8 activation steps (abs-max / percentile ranges) for
+  ``jc.compressed(fn, mode="int8")`` (W8A8 static).
 """
 
 from jcompress.quantization._calibration import Scales
@@ -29,6 +31,7 @@ from jcompress.quantization._spec import (
 # Calibrated post-training quantization.
 from jcompress.quantization._awq import AWQArray, awq, awq_layer
 from jcompress.quantization._gptq import gptq, gptq_layer
+from jcompress.quantization._static import calibrate_activations
 
 __all__ = [
     "MSE",
@@ -48,6 +51,7 @@ __all__ = [
     "AWQArray",
     "awq",
     "awq_layer",
+    "calibrate_activations",
     "gptq",
     "gptq_layer",
 ]
