@@ -513,6 +513,64 @@ def test_check_finite_off_checks_only_at_recomputes():
     assert bool(nonfinite(state))
 
 
+# The per-step check must see one bad value anywhere in a leaf large enough for XLA:CPU's
+# vectorized reductions (some of which drop NaN), in float32 and bfloat16, and must not overflow
+# on huge finite values.
+CHECK_SHAPES = {"big": (384, 520), "odd": (5, 7)}
+SPECIAL = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
+
+
+@functools.cache
+def check_update(dtype):
+    params = {name: {"kernel": jnp.ones(shape, dtype)} for name, shape in CHECK_SHAPES.items()}
+    masks = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.bool_), params)
+    tx = prune(optax.sgd(0.1), masks=masks)
+    grads = jax.tree.map(
+        lambda p: jax.random.normal(jax.random.key(p.size), p.shape).astype(dtype), params
+    )
+    return params, grads, tx.init(params), jax.jit(tx.update)
+
+
+@settings()
+@given(
+    dtype=st.sampled_from(["float32", "bfloat16"]),
+    name=st.sampled_from(sorted(CHECK_SHAPES)),
+    index=st.integers(0, 2**31 - 1) | st.sampled_from([0, -1]),
+    value=st.sampled_from([*SPECIAL, "max", "-max", "tiny", "all-max"]),
+)
+def test_nonfinite_check_finds_one_bad_value_anywhere(dtype, name, index, value):
+    params, grads, state, update = check_update(jnp.dtype(dtype))
+    finfo = jnp.finfo(dtype)
+    g = grads[name]["kernel"]
+    if value == "all-max":  # a sum of these would overflow; the check must not
+        g = jnp.full(g.shape, finfo.max, g.dtype) * jnp.sign(g)
+    else:
+        number = {"max": finfo.max, "-max": -finfo.max, "tiny": finfo.smallest_subnormal}
+        flat = g.ravel().at[index % g.size].set(SPECIAL.get(value, number.get(value)))
+        g = flat.reshape(g.shape)
+    _, state = update({**grads, name: {"kernel": g}}, state, params)
+    assert bool(nonfinite(state)) == (value in SPECIAL)
+
+
+def test_donated_step_with_fixed_masks_keeps_user_masks():
+    """``jax.jit(step, donate_argnums=(0, 1))`` gives the plain step's results bit for bit, and
+    donating the state never deletes the user's ``masks=`` arrays (the state owns copies)."""
+    params = init_params()
+    user_masks = magnitude_masks(params, 0.5)
+    tx = prune(optax.sgd(0.1, momentum=0.9), masks=user_masks)
+    plain = jax.jit(make_step(tx))
+    donated = jax.jit(make_step(tx), donate_argnums=(0, 1))
+    p1, s1 = params, tx.init(params)
+    p2, s2 = jax.tree.map(jnp.copy, params), tx.init(params)
+    for _ in range(3):
+        p1, s1 = plain(p1, s1, X, Y)
+        p2, s2 = donated(p2, s2, X, Y)
+    for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert n_pruned(leaf(user_masks, "Dense_1/kernel")) == 16 * 8 // 2  # not deleted
+    assert n_pruned(leaf(masks_of(tx.init(params)), "Dense_1/kernel")) == 16 * 8 // 2
+
+
 def test_masks_of_finds_wrapped_state_and_errors():
     tx = prune(optax.sgd(0.1), schedule=constant_schedule(0.5))
     params = init_params()
