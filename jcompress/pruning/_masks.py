@@ -421,29 +421,37 @@ def _channels(entries, sparsity, scope, channels: Channels):
 
 
 def _per_index(x: jax.Array, member: _MemberIndex, reduce) -> jax.Array:
-    """``x`` reduced over every axis but the member's: ``(axis_size, blocks)``."""
+    """``x`` reduced over every axis but the member's: ``(axis_size,)``, or
+    ``(axis_size * blocks,)`` (index-major) for a grouped-convolution member."""
     if member.blocks == 1:
-        other = tuple(a for a in range(x.ndim) if a != member.axis)
-        return reduce(x, axis=other)[:, None]
+        return reduce(x, axis=tuple(a for a in range(x.ndim) if a != member.axis))
     b = member.block_axis
     other = tuple(a for a in range(x.ndim) if a not in (member.axis, b))
     y = reduce(x, axis=other)
     y = y if member.axis < b else y.T
-    return reduce(y.reshape(y.shape[0], member.blocks, -1), axis=2)
+    return reduce(y.reshape(y.shape[0], member.blocks, -1), axis=2).reshape(-1)
+
+
+def _flat_index(member: _MemberIndex, size: int) -> np.ndarray:
+    """``(channels, J)`` positions in :func:`_per_index`'s output; out-of-range pads."""
+    if member.blocks == 1:
+        return member.index
+    flat = member.index * member.blocks + member.block[:, None]
+    return np.where(member.index < size, flat, size * member.blocks)
 
 
 def _member_vectors(x: jax.Array, member: _MemberIndex, norm: str) -> jax.Array:
     """Per channel of a group, the member's sum of |x| (l1) or of x**2 (l2): shape (size,)."""
     per_index = _per_index(x if norm == "l1" else x * x, member, jnp.sum)
-    cells = per_index.at[member.index, member.block[:, None]].get(mode="fill", fill_value=0)
-    return jnp.sum(cells, axis=1)
+    index = _flat_index(member, x.shape[member.axis])
+    return jnp.sum(per_index.at[index].get(mode="fill", fill_value=0), axis=1)
 
 
 def _member_alive(prev: jax.Array, member: _MemberIndex) -> jax.Array:
     """Per channel of a group: does the previous mask keep anything of it here? ``(size,)``."""
     per_index = _per_index(prev, member, jnp.any)
-    cells = per_index.at[member.index, member.block[:, None]].get(mode="fill", fill_value=False)
-    return jnp.any(cells, axis=1)
+    index = _flat_index(member, prev.shape[member.axis])
+    return jnp.any(per_index.at[index].get(mode="fill", fill_value=False), axis=1)
 
 
 def _member_mask(keep: jax.Array, member: _MemberIndex, shape: tuple[int, ...]) -> jax.Array:
@@ -451,15 +459,15 @@ def _member_mask(keep: jax.Array, member: _MemberIndex, shape: tuple[int, ...]) 
     size, blocks = shape[member.axis], member.blocks
     width = member.index.shape[1]
     vec = (
-        jnp.ones((size, blocks), bool)
-        .at[member.index.reshape(-1), np.repeat(member.block, width)]
+        jnp.ones((size * blocks,), bool)
+        .at[_flat_index(member, size).reshape(-1)]
         .set(jnp.repeat(keep, width), mode="drop")
     )
     out = [1] * len(shape)
     out[member.axis] = size
     if blocks == 1:
         return vec.reshape(out)
-    vec = jnp.repeat(vec, shape[member.block_axis] // blocks, axis=1)
+    vec = jnp.repeat(vec.reshape(size, blocks), shape[member.block_axis] // blocks, axis=1)
     out[member.block_axis] = shape[member.block_axis]
     return (vec if member.axis < member.block_axis else vec.T).reshape(out)
 
@@ -481,7 +489,6 @@ def _channel_groups(pairs, scores, previous, selected, sparsity, plan_: Plan):
         key,
         plan_.structure.norm,
         plan_.scope,
-        tuple(previous[i] is not None for i in leaves),
     )
     score_in = [scores.get(i) for i in leaves]
     prev_in = [None if previous[i] is None else jnp.asarray(previous[i]) for i in leaves]
@@ -489,15 +496,29 @@ def _channel_groups(pairs, scores, previous, selected, sparsity, plan_: Plan):
     return dict(zip(leaves, masks))
 
 
+def _lowest_sorted(keys: list[jax.Array], sparsity: jax.Array) -> list[jax.Array]:
+    """:func:`_lowest` by a stable sort, for the small pools of channel groups.
+
+    Same contract (``round(s * N)`` of each row's pooled ``(B, N_i)`` keys removed, or every
+    :data:`PRUNED_KEY` if more; ties: lowest position first, arrays in order); a sort of a few
+    thousand channels compiles several times faster than the histogram passes.
+    """
+    flat = jnp.concatenate(keys, axis=1)
+    k = jnp.maximum(exact_count(sparsity, flat.shape[1]), jnp.sum(flat == PRUNED_KEY, axis=1))
+    order = jnp.argsort(flat, axis=1, stable=True)
+    position = jnp.argsort(order, axis=1, stable=True)
+    keep = position >= k[:, None]
+    return jnp.split(keep, np.cumsum([x.shape[1] for x in keys])[:-1].tolist(), axis=1)
+
+
 @functools.lru_cache(maxsize=32)
-def _group_program(key: tuple, norm: str, scope: str, has_prev: tuple[bool, ...]):
+def _group_program(key: tuple, norm: str, scope: str):
     """``(scores, previous, sparsity) -> masks`` for the groups of ``key``, jitted."""
     layouts = _layouts(*key)
     shapes = [shape for _, shape in key[1]]
     selected = key[2]
     leaves = sorted({m.leaf for _, members in layouts for m in members})
     slot = {leaf: k for k, leaf in enumerate(leaves)}
-    pruned = any(has_prev)
 
     def program(score_in, prev_in, sparsity):
         values, prevs = {}, {}
@@ -525,9 +546,9 @@ def _group_program(key: tuple, norm: str, scope: str, has_prev: tuple[bool, ...]
                 key_ = jnp.where(functools.reduce(jnp.logical_or, alive), key_, PRUNED_KEY)
             keys.append(key_.reshape(group.blocks, -1))
         if scope == "layer":
-            keeps = [_lowest([k], sparsity, pruned)[0] for k in keys]
+            keeps = [_lowest_sorted([k], sparsity)[0] for k in keys]
         else:
-            keeps = _lowest(keys, sparsity, pruned)
+            keeps = _lowest_sorted(keys, sparsity)
         out = {}
         for (_, members), keep in zip(layouts, keeps):
             keep = keep.reshape(-1)
