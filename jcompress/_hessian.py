@@ -29,7 +29,8 @@ Model level (used by ``jc.quantization.gptq`` and ``jc.pruning.sparsegpt``):
 * :func:`accumulate`: ``jc.capture(fn, params, *batch, gram=True)`` merged over the batches.
 * :class:`LeafMatrices`: any matmul/conv leaf as ``(S, C, O)`` stacked ``(in, out)`` matrices
   (stacked slices, contracting axes flattened in leaf order as ``InputStats`` orders its
-  channels, output axes flattened) and back, and its per-slice Hessians.
+  channels, output axes flattened) and back, and its per-slice Hessians; :func:`per_slice`
+  runs a layer-level method on every slice inside one compiled program.
 * :func:`run_layers`: the loop over layers with a ``rich`` progress bar. By default the Gram
   matrix of one layer is alive at a time (``jc.capture(..., paths=[layer])``, one walk over
   the batches per layer); ``layers_per_pass=k`` holds ``k`` at once (``None``: all, one walk).
@@ -68,9 +69,12 @@ __all__ = [
     "block_rows",
     "check_batches",
     "check_layer",
+    "check_options",
     "check_stats",
     "hessian",
+    "per_slice",
     "prepare",
+    "raise_if_any_failed",
     "raise_if_failed",
     "run_layers",
     "sweep",
@@ -127,15 +131,9 @@ def hessian(gram: ArrayLike, count: ArrayLike) -> jax.Array:
     return gram * (jnp.float32(2.0) / jnp.maximum(jnp.asarray(count, jnp.float32), 1.0))
 
 
-def check_layer(
-    path: str, w: ArrayLike, h: ArrayLike, *, block_size: Any, percdamp: Any, what: str
-) -> tuple[jax.Array, jax.Array]:
-    """Validate a layer-level call eagerly; returns ``(w, h)`` as arrays.
-
-    Raises ``ValueError`` / ``TypeError`` naming ``path`` unless ``W`` is a float ``(in, out)``
-    kernel without NaN/Inf (checked when concrete), ``H`` is ``(in, in)``, ``block_size`` a
-    positive int and ``percdamp`` a finite float ``>= 0``.
-    """
+def check_options(path: str, *, block_size: Any, percdamp: Any, what: str) -> None:
+    """Raise ``ValueError`` naming ``path`` unless ``block_size`` is a positive int and
+    ``percdamp`` a finite float ``>= 0``."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"{path}: {what} needs block_size a positive int, got {block_size!r}")
     if (
@@ -146,6 +144,18 @@ def check_layer(
         raise ValueError(
             f"{path}: {what} needs percdamp a finite float >= 0 (e.g. 0.01), got {percdamp!r}"
         )
+
+
+def check_layer(
+    path: str, w: ArrayLike, h: ArrayLike, *, block_size: Any, percdamp: Any, what: str
+) -> tuple[jax.Array, jax.Array]:
+    """Validate a layer-level call eagerly; returns ``(w, h)`` as arrays.
+
+    Raises ``ValueError`` / ``TypeError`` naming ``path`` unless ``W`` is a float ``(in, out)``
+    kernel without NaN/Inf (checked when concrete), ``H`` is ``(in, in)``, ``block_size`` a
+    positive int and ``percdamp`` a finite float ``>= 0``.
+    """
+    check_options(path, block_size=block_size, percdamp=percdamp, what=what)
     w, h = jnp.asarray(w), jnp.asarray(h)
     if w.ndim != 2 or h.ndim != 2 or h.shape != (w.shape[0], w.shape[0]):
         raise ValueError(
@@ -433,8 +443,8 @@ class LeafMatrices:
         y = m.reshape(*self.sizes(self.stacked), *c, *o)
         return jnp.transpose(y, tuple(np.argsort(self.perm)))
 
-    def hessians(self, stats: Any) -> jax.Array:
-        """``(S, C, C)`` Hessians ``2 XᵀX / n`` from ``InputStats`` of this leaf."""
+    def check_gram(self, stats: Any) -> None:
+        """Raise ``ValueError`` naming the path unless ``stats`` hold this leaf's Gram matrix."""
         s, c, _ = self.dims
         gram = getattr(stats, "gram", None)
         if gram is None or math.prod(np.shape(gram)) != s * c * c:
@@ -443,8 +453,36 @@ class LeafMatrices:
                 f"(got {None if gram is None else np.shape(gram)}); capture them with "
                 "jc.capture(fn, params, *batch, gram=True) from the same fn and params"
             )
+
+    def hessians(self, stats: Any) -> jax.Array:
+        """``(S, C, C)`` Hessians ``2 XᵀX / n`` from ``InputStats`` of this leaf."""
+        self.check_gram(stats)
+        s, c, _ = self.dims
+        gram = stats.gram
         count = jnp.broadcast_to(jnp.asarray(stats.count), np.shape(gram)[:-2]).reshape(s)
         return jax.vmap(hessian)(jnp.reshape(gram, (s, c, c)), count)
+
+
+def per_slice(layer: Callable[..., Any], lay: LeafMatrices, leaf: Any, stats: Any, *extra: Any):
+    """``layer(w, h, *extra_slice)`` on every stacked slice of a leaf (``lax.map``; traceable).
+
+    ``w`` is the slice's ``(C, O)`` matrix, ``h`` its ``(C, C)`` Hessian from ``stats``, and
+    each of ``extra`` an ``(S, ...)`` array sliced alongside. Outputs gain a leading ``S`` axis.
+    Jitted with ``lay`` static, one leaf is one compiled program, shared by every leaf of the
+    same shape and layout.
+    """
+    w3, h3 = lay.to_matrices(leaf), lay.hessians(stats)
+    return lax.map(lambda a: layer(*a), (w3, h3, *extra))
+
+
+def raise_if_any_failed(path: str, stats: LayerStats, what: str, percdamp: float) -> None:
+    """:func:`raise_if_failed` for stacked ``stats`` (one entry per slice), naming the slice."""
+    ok = np.asarray(stats.ok).reshape(-1)
+    if ok.all():
+        return
+    s = int(np.argmin(ok))
+    one = jax.tree.map(lambda f: np.asarray(f).reshape(-1)[s], stats)
+    raise_if_failed(path if ok.size == 1 else f"{path}[slice {s}]", one, what, percdamp)
 
 
 def _pass_groups(order: list[str], layers_per_pass: int | None) -> list[list[str]]:

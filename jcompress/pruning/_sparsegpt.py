@@ -21,6 +21,7 @@ Pruned in One-Shot", arXiv:2301.00774, Algorithm 1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -95,6 +96,19 @@ def _sparsegpt(w, h, sparsity, *, structure, block_size: int, percdamp: float):
     weights = result[:n].astype(w.dtype)
     err = _hessian.output_error(w, weights, h)
     return SparseGPTLayer(weights, keep[:n], _hessian.LayerStats(loss, err, prep.ok))
+
+
+@functools.partial(jax.jit, static_argnames=("lay", "structure", "block_size", "percdamp"))
+def _sparsegpt_stack(leaf, stats, sparsity, *, lay, structure, block_size, percdamp):
+    """SparseGPT on every stacked slice of one leaf (one program per shape and layout)."""
+
+    def one(w, h):
+        return _sparsegpt(
+            w, h, sparsity, structure=structure, block_size=block_size, percdamp=percdamp
+        )
+
+    out = _hessian.per_slice(one, lay, leaf, stats)
+    return lay.from_matrices(out.weights), lay.from_matrices(out.mask), out.stats
 
 
 def _structure_and_sparsity(path: str, sparsity: Any, n: int) -> tuple[Any, Any]:
@@ -239,24 +253,19 @@ def sparsegpt(
     for path in paths:
         jt.check_finite(path, leaves[path], what=what)
         _hessian.LeafMatrices.of(path, np.shape(leaves[path]), p.roles[path])
-    options = {"block_size": block_size, "percdamp": percdamp}
+    _hessian.check_options(what, block_size=block_size, percdamp=percdamp, what=what)
+    options = {"block_size": block_size, "percdamp": float(percdamp)}
 
     def compress(path, leaf, stats):
         leaf = jnp.asarray(leaf)
         lay = _hessian.LeafMatrices.of(path, leaf.shape, p.roles[path])
-        w3, h3 = lay.to_matrices(leaf), lay.hessians(stats)
-        outs = [
-            sparsegpt_layer(
-                w3[s],
-                h3[s],
-                layer_sparsity,
-                path=path if len(w3) == 1 else f"{path}[{s}]",
-                **options,
-            )
-            for s in range(len(w3))
-        ]
-        weights = lay.from_matrices(jnp.stack([o.weights for o in outs]))
-        mask = lay.from_matrices(jnp.stack([o.mask for o in outs]))
+        lay.check_gram(stats)
+        structure, s = _structure_and_sparsity(path, layer_sparsity, lay.dims[1])
+        shared = dataclasses.replace(lay, path="")  # one compiled program across paths
+        weights, mask, st = _sparsegpt_stack(
+            leaf, stats, s, lay=shared, structure=structure, **options
+        )
+        _hessian.raise_if_any_failed(path, st, what, percdamp)
         return (weights, mask), weights
 
     results = _hessian.run_layers(

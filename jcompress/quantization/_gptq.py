@@ -222,30 +222,35 @@ def gptq_layer(
     return qa, stats
 
 
+@functools.partial(jax.jit, static_argnames=("lay", "spec", "block_size", "percdamp", "act_order"))
+def _gptq_stack(leaf, stats, mask, *, lay, spec, block_size, percdamp, act_order):
+    """GPTQ on every stacked slice of one leaf (one program per shape, layout and spec)."""
+    extra = () if mask is None else (lay.to_matrices(jnp.broadcast_to(mask, lay.shape)),)
+
+    def one(w, h, m=None):
+        qa, st = _gptq(
+            w, h, m, spec=spec, block_size=block_size, percdamp=percdamp, act_order=act_order
+        )
+        return qa.values.astype(jnp.int8), qa.scale, qa.zero_point, st
+
+    values, scale, zero_point, st = _hessian.per_slice(one, lay, leaf, stats, *extra)
+    group = spec.granularity.size if isinstance(spec.granularity, PerGroup) else None
+    store = storage_dtype(spec.bits)
+    if zero_point is not None:
+        zero_point = lay.from_matrices(zero_point.astype(jnp.int8), group).astype(store)
+    values = lay.from_matrices(values).astype(store)
+    scale = lay.from_matrices(scale, group)
+    return QArray(values, scale, zero_point, bits=spec.bits, dtype=leaf.dtype), st
+
+
 def _gptq_leaf(path, leaf, stats, spec, role, mask, options) -> QArray:
     """GPTQ on every stacked slice of one leaf, reassembled into the leaf's ``QArray``."""
     lay = _hessian.LeafMatrices.of(path, leaf.shape, role)
-    n_slices = lay.dims[0]
-    w3 = lay.to_matrices(leaf)
-    h3 = lay.hessians(stats)
-    m3 = None if mask is None else lay.to_matrices(jnp.broadcast_to(mask, leaf.shape))
-    group = spec.granularity.size if isinstance(spec.granularity, PerGroup) else None
-    values, scales, zps = [], [], []
-    for s in range(n_slices):
-        name = path if n_slices == 1 else f"{path}[slice {s}]"
-        m = None if m3 is None else m3[s]
-        qa, _ = gptq_layer(w3[s], h3[s], spec, mask=m, path=name, **options)
-        values.append(qa.values.astype(jnp.int8))
-        scales.append(qa.scale)
-        zps.append(qa.zero_point)
-    store = storage_dtype(spec.bits)
-    zero_point = None
-    if zps[0] is not None:
-        zero_point = lay.from_matrices(jnp.stack([z.astype(jnp.int8) for z in zps]), group)
-        zero_point = zero_point.astype(store)
-    values = lay.from_matrices(jnp.stack(values)).astype(store)
-    scale = lay.from_matrices(jnp.stack(scales), group)
-    return QArray(values, scale, zero_point, bits=spec.bits, dtype=leaf.dtype)
+    lay.check_gram(stats)
+    shared = dataclasses.replace(lay, path="")  # the compiled program is shared across paths
+    qa, st = _gptq_stack(leaf, stats, mask, lay=shared, spec=spec, **options)
+    _hessian.raise_if_any_failed(path, st, "GPTQ", options["percdamp"])
+    return qa
 
 
 def gptq(
@@ -321,7 +326,8 @@ def gptq(
         jtree.check_finite(path, leaves[path], what=what)
         layout(path, tuple(leaves[path].shape), spec, role)
         _hessian.LeafMatrices.of(path, leaves[path].shape, role)
-    options = {"block_size": block_size, "percdamp": percdamp, "act_order": act_order}
+    _hessian.check_options(what, block_size=block_size, percdamp=percdamp, what=what)
+    options = {"block_size": block_size, "percdamp": float(percdamp), "act_order": bool(act_order)}
 
     def compress(path, leaf, stats):
         spec, role = resolved[path]
