@@ -288,6 +288,10 @@ def capture(
     :meth:`InputStats.merge`. ``fn`` is called as ``fn(params, *args)`` (linen:
     ``lambda p, x: model.apply({"params": p}, x)``).
 
+    As ``jax.jit`` does, ``fn`` is traced once per function object, tree structure, shapes,
+    dtypes and static (non-array) arguments, and the compiled program is reused for new
+    batches: a ``fn`` that changes behaviour through closed-over Python state is not re-traced.
+
     Args:
       fn: ``fn(params, *args)``.
       params: the parameter tree.
