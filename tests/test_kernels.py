@@ -12,12 +12,13 @@ from test_runtime_compressed import LAYOUTS, SPECS, _quant
 from test_runtime_roles import Stack
 
 from jcompress.quantization import _kernels
-from jcompress.quantization._qarray import QArray
+from jcompress.quantization._qarray import QArray, widen
 from jcompress.runtime import compressed, explain, roles
-from jcompress.runtime._explain import INTEGER_DOT
-from jcompress.tree import is_compressed
+from jcompress.runtime._explain import FLOAT_FALLBACK, FUSED, INTEGER_DOT
+from jcompress.tree import Role, is_compressed
 
 DENSE = LAYOUTS["dense"][1]
+DN = (((1,), (0,)), ((), ()))
 
 
 def _with_step(q: QArray, step) -> QArray:
@@ -215,3 +216,133 @@ def test_static_dense_model_explain(strict):
     np.testing.assert_allclose(got, ref + np.asarray(params["bias"]), rtol=1e-5, atol=1e-5)
     (record,) = explain(run, q, x)
     assert record.intended == record.compiled == INTEGER_DOT and record.formulation == "int8"
+
+
+# ------------------------------------------------------------------------------------------------
+# The looped formulations (K-chunks / one group per step), widened int4, dispatch, explain
+# ------------------------------------------------------------------------------------------------
+
+BIG = {
+    # name: (weight shape, role, lhs shape, dimension numbers, weight_is_rhs); K = 640 or 1024
+    "dense": (lambda k: (k, 6), Role("matmul", (0,), (1,)), lambda k: (3, k), DN, True),
+    "equinox": (lambda k: (6, k), Role("matmul", (1,), (0,)), lambda k: (k, 2), DN, False),
+    "stacked": (
+        lambda k: (2, k, 3),
+        Role("matmul", (1,), (2,), (0,)),
+        lambda k: (2, 1, k),
+        (((2,), (1,)), ((0,), (0,))),
+        True,
+    ),
+}
+
+
+@given(
+    layout=st.sampled_from(sorted(BIG)),
+    k=st.sampled_from([640, 1024]),  # chunks of 320 / 512; groups of 128 / 64
+    spec=st.sampled_from(["pc8", "pc4", "g8", "g4asym", "pc4wide"]),
+    mode=st.sampled_from(["limbs", "chunked", "weight_only", "int8"]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    magnitude=st.sampled_from([0.0, 1e-3, 1.0, 1e4]),
+)
+def test_looped_formulations_equal_reference(layout, k, spec, mode, dtype, magnitude):
+    """Loops over K-chunks (2-3 steps) or groups (5-16 steps) equal the unlooped reference:
+    weight-only modes equal the dequantized matmul, ``int8`` the static NumPy reference."""
+    wshape, role, xshape, dn, rhs = BIG[layout]
+    rng = np.random.default_rng(k)
+    kw = {
+        "pc8": {},
+        "pc4": dict(bits=4),
+        "pc4wide": dict(bits=4),
+        "g8": dict(group=k // 5 if k == 640 else 64),
+        "g4asym": dict(bits=4, group=128, asym=True),
+    }[spec]
+    q = _quant(rng.standard_normal(wshape(k)), role, **kw)
+    if spec == "pc4wide":
+        q = widen(q)
+        assert q.values.dtype == jnp.int8 and q.bits == 4
+    x = jnp.asarray(rng.standard_normal(xshape(k)) * magnitude, dtype)
+    x32 = np.asarray(x, np.float32)
+    if mode == "int8":
+        steps = np.float32([0.01, 0.02])[: 2 if role.stacked else 1]
+        q = _with_step(q, steps)
+        x32 = _fake_quant_lhs(x32, steps, bool(role.stacked))
+    w = q.dequantize()
+    ops = (x32, w) if rhs else (w, x32)
+    ref = np.asarray(lax.dot_general(*(jnp.asarray(o, jnp.float32) for o in ops), dn))
+    got = KERNEL(q, x, dn, weight_is_rhs=rhs, mode=mode)
+    assert got.shape == ref.shape and got.dtype == jnp.float32
+    scale = np.abs(ref).max() + 1e-30
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_chunk_sizes():
+    assert _kernels._chunk(4096) == 512 and _kernels._chunk(640) == 320
+    assert _kernels._chunk(300) == 300  # small axes: one step
+    assert _kernels._chunk(4099) == 4099  # no divisor >= 128: one step
+    assert _kernels._chunk(4096, 64) == 512 and _kernels._chunk(4096, 1024) == 1024
+    assert _kernels._chunk(4100, 41) == 410  # per-group chunks hold whole groups
+
+
+def test_dispatch_per_group_and_batch():
+    size = 4096 * 4096
+    f = _kernels.formulation
+    assert [f("weight_only", r, "cpu", size=size) for r in (1, 16, 256)] == ["limbs"] * 3
+    assert [f("weight_only", r, "cpu", size=size, grouped=True) for r in (1, 32, 33)] == [
+        "limbs",
+        "limbs",
+        "chunked",
+    ]
+    assert f("weight_only", 1, "cpu", size=100, grouped=True) == "dequantize"
+    assert f("weight_only", 1, "gpu", size=size, grouped=True) == "dequantize"
+
+
+def test_widen_nbytes_checkpoint_and_no_retrace(tmp_path):
+    from jcompress import checkpoint
+
+    rng = np.random.default_rng(0)
+    q4 = _quant(rng.standard_normal((1024, 8)), DENSE, bits=4, group=128, asym=True)
+    tree = {"w": q4, "b": jnp.ones(3)}
+    wide = widen(tree)
+    w = wide["w"]
+    assert w.values.dtype == w.zero_point.dtype == jnp.int8 and w.bits == 4
+    assert w.nbytes == q4.nbytes + 1024 * 8 // 2 + 8 * 8 // 2  # values and zero points: 1 B each
+    np.testing.assert_array_equal(w.dequantize(), q4.dequantize())
+    assert widen(wide)["w"] is w  # idempotent
+    checkpoint.save(tmp_path / "c", wide)
+    back = checkpoint.load(tmp_path / "c")
+    assert back["w"].values.dtype == jnp.int8 and back["w"].bits == 4
+    np.testing.assert_array_equal(back["w"].values, w.values)
+    count = []
+
+    def f(p, x):
+        count.append(1)
+        return x @ p["w"]
+
+    run = compressed(f)
+    x = jnp.asarray(rng.standard_normal((2, 1024)), jnp.float32)
+    got = run(back, x)
+    run(back, x + 1)
+    assert len(count) == 1
+    np.testing.assert_allclose(got, run(tree, x), rtol=1e-6, atol=1e-5)
+    with pytest.raises(TypeError, match="int4"):
+        QArray(jnp.zeros((2, 2), jnp.int16), jnp.ones((1, 2)), bits=4, dtype=jnp.float32)
+
+
+def test_explain_looped_paths_and_conv_note():
+    rng = np.random.default_rng(0)
+    q = {"w": _quant(rng.standard_normal((1024, 64)), DENSE, group=128)}
+    x = jnp.asarray(rng.standard_normal((40, 1024)), jnp.float32)
+    f = lambda p, x: x @ p["w"]
+    for formulation, path in (("chunked", FUSED), ("limbs", INTEGER_DOT)):
+        run = compressed(f, formulation=formulation)
+        (record,) = explain(run, q, x)
+        assert record.intended == record.compiled == path, record
+        ref = x @ q["w"].dequantize()
+        np.testing.assert_allclose(run(q, x), ref, rtol=1e-5, atol=1e-4)
+    conv = lambda p, x: lax.conv_general_dilated(
+        x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    role = Role("conv", (0, 1, 2), (3,))
+    qc = {"k": _quant(rng.standard_normal((3, 3, 2, 4)), role)}
+    (record,) = explain(compressed(conv), qc, jnp.ones((1, 5, 5, 2)))
+    assert record.compiled == FLOAT_FALLBACK and "im2col" in record.note

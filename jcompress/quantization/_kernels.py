@@ -54,31 +54,53 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jcompress.quantization._qarray import dequantize_blocks
+
 __all__ = ["MODES", "WEIGHT_ONLY", "dot_general", "formulation"]
 
-MODES = ("weight_only", "dequantize", "limbs", "int8")
+MODES = ("weight_only", "dequantize", "chunked", "limbs", "int8")
 
-# backend -> ((smallest weight size, smallest row count, formulation), ...): the last entry both
-# thresholds admit wins. Measured on a shared 2-core x86 CPU (benchmarks/runtime.py): "limbs"
-# beats float32 from batch 1 to 256 on 1024² and 4096² weights, while "dequantize" is ~0.1-0.6x
-# there; below ~65k weights (the digits MLP) converting the weight costs less than the limbs'
-# extra work. GPU/TPU compilers fuse the dequantization into the dot, so they keep it.
-WEIGHT_ONLY: dict[str, tuple[tuple[int, int, str], ...]] = {
-    "cpu": ((0, 0, "dequantize"), (1 << 16, 1, "limbs")),
-    "gpu": ((0, 0, "dequantize"),),
-    "tpu": ((0, 0, "dequantize"),),
+# backend -> ((smallest weight size, smallest row count, per-channel, per-group formulation), ...):
+# the last entry both thresholds admit wins. Measured on a shared 2-core x86 CPU with 4096²
+# weights (benchmarks/runtime.py): the looped "limbs" beats float32 from batch 1 to 256 per
+# channel and up to batch 16 per group (one loop step per group); from batch 64 per-group weights
+# are faster dequantized chunk by chunk ("chunked"); whole-weight "dequantize" is 0.1-0.7x there.
+# Below ~65k weights (the digits MLP) converting the weight costs less than the limbs' extra work.
+# GPU/TPU compilers fuse the dequantization into the dot, so they keep it.
+WEIGHT_ONLY: dict[str, tuple[tuple[int, int, str, str], ...]] = {
+    "cpu": (
+        (0, 0, "dequantize", "dequantize"),
+        (1 << 16, 1, "limbs", "limbs"),
+        (1 << 16, 33, "limbs", "chunked"),
+    ),
+    "gpu": ((0, 0, "dequantize", "dequantize"),),
+    "tpu": ((0, 0, "dequantize", "dequantize"),),
 }
 _LIMB_BASE = 254.0
+# K-chunks of the loop formulations (CPU): converting or multiplying a whole 4096² weight at once
+# is several times slower on XLA:CPU than the same work in 512-row chunks (benchmarks/runtime.py)
+_CHUNK = 512
+_MIN_CHUNK = 128
+_LOOP_BACKENDS = ("cpu",)
 _MAX_K = (2**31 - 1) // (127 * 128)
 _N_LIMBS = 3
 
 
-def formulation(mode: str, rows: int, backend: str | None = None, size: int | None = None) -> str:
+def formulation(
+    mode: str,
+    rows: int,
+    backend: str | None = None,
+    size: int | None = None,
+    *,
+    grouped: bool = False,
+) -> str:
     """The formulation ``mode`` resolves to for ``rows`` activation rows and a weight of ``size``
-    elements on ``backend`` (default: the default backend).
+    elements (per-group scales: ``grouped=True``) on ``backend`` (default: the default backend).
 
     >>> formulation("weight_only", 4, "cpu", size=4096 * 4096)
     'limbs'
+    >>> formulation("weight_only", 256, "cpu", size=4096 * 4096, grouped=True)
+    'chunked'
     >>> formulation("weight_only", 4, "gpu", size=4096 * 4096)
     'dequantize'
     >>> formulation("int8", 4, "cpu")
@@ -88,12 +110,12 @@ def formulation(mode: str, rows: int, backend: str | None = None, size: int | No
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode != "weight_only":
         return mode
-    table = WEIGHT_ONLY.get(backend or jax.default_backend(), ((0, 0, "dequantize"),))
+    table = WEIGHT_ONLY.get(backend or jax.default_backend(), ((0, 0, "dequantize", "dequantize"),))
     size = (1 << 62) if size is None else size
     chosen = "dequantize"
-    for min_size, min_rows, name in table:
+    for min_size, min_rows, per_channel, per_group in table:
         if size >= min_size and rows >= min_rows:
-            chosen = name
+            chosen = per_group if grouped else per_channel
     return chosen
 
 
@@ -180,7 +202,7 @@ def dot_general(
     dn = jax.tree.map(int, dimension_numbers)  # hashable nested tuples
     dn = tuple(tuple(tuple(side) for side in pair) for pair in dn)
     with jax.named_scope(f"jc.kernel={chosen}"):
-        if chosen == "dequantize":  # differentiable as it is
+        if chosen in ("dequantize", "chunked"):  # differentiable as they are
             return _dot(qarray, lhs, dn, weight_is_rhs, preferred_element_type, chosen)
         return _integer_dot(qarray, lhs, dn, weight_is_rhs, preferred_element_type, chosen)
 
@@ -209,23 +231,18 @@ def _integer_dot_jvp(dimension_numbers, weight_is_rhs, preferred_element_type, c
 def _resolve(qarray, lhs, dimension_numbers, weight_is_rhs, mode, rows) -> str:
     """The formulation actually used: the dispatch, then what the weight's layout allows."""
     values = qarray.values
-    chosen = formulation(mode, rows, size=math.prod(values.shape))
     _, wc, _, wb = _split(dimension_numbers, weight_is_rhs)
     wf = [d for d in range(values.ndim) if d not in wc and d not in wb]
     ga = _group_axis(qarray, wc)
+    chosen = formulation(mode, rows, size=math.prod(values.shape), grouped=ga is not None)
     k_total = math.prod(values.shape[a] for a in wc)
-    group = k_total if ga in (None, "bad") else values.shape[ga] // qarray.scale.shape[ga]
-    n_groups = k_total // group
+    group = k_total if ga in (None, "bad") else k_total // qarray.scale.shape[ga]
     if (
         ga == "bad"
         or any(qarray.scale.shape[d] not in (1, values.shape[d]) for d in (*wb, *wf))
-        or group > _MAX_K
+        or (group > _MAX_K and chosen != "chunked")
         or not jnp.issubdtype(values.dtype, jnp.integer)
     ):
-        return "dequantize"
-    if mode == "weight_only" and chosen == "limbs" and n_groups > 1 and rows > 1:
-        # per-group scales need a (groups, rows, out) integer intermediate: measured on 4096²
-        # and 1024² weights with groups of 64 and 128, only a single row beats the float path
         return "dequantize"
     return chosen
 
@@ -263,6 +280,35 @@ def _static_step(qarray, wb, bt: int) -> jax.Array:
     return a.reshape(bt, 1, 1)
 
 
+def _chunk(size: int, multiple: int = 1) -> int:
+    """The K-chunk of the loop formulations along a contracting axis of ``size``: the largest
+    divisor <= 512 that is a multiple of ``multiple`` (the group size; a larger group is one
+    chunk), or the whole axis when there is none >= 128 or the backend does not loop."""
+    if jax.default_backend() not in _LOOP_BACKENDS or size <= _CHUNK:
+        return size
+    if multiple >= _CHUNK:
+        return multiple
+    best = max(c for c in range(multiple, _CHUNK + 1, multiple) if size % c == 0)
+    return best if best >= _MIN_CHUNK or multiple > 1 else size
+
+
+def _canonical(t, values_shape, wb, wf) -> jax.Array:
+    """A scale-like array (size 1 or blocks on contracting axes, size 1 or full elsewhere) as
+    ``(groups, bt, 1, n)``, broadcast over stacked and output axes."""
+    wc = [d for d in range(t.ndim) if d not in wb and d not in wf]
+    t = jnp.broadcast_to(t, [t.shape[d] if d in wc else values_shape[d] for d in range(t.ndim)])
+    g = math.prod(t.shape[d] for d in wc)
+    bt = math.prod(values_shape[d] for d in wb)
+    return jnp.transpose(t, [*wc, *wb, *wf]).reshape(g, bt, 1, -1)
+
+
+def _loop(n: int, body, init):
+    """``body(i, carry)`` for ``i < n``: a rolled loop (one compiled body), inline when n == 1."""
+    if n == 1:
+        return body(0, init)
+    return lax.fori_loop(0, n, body, init)
+
+
 def _dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, chosen):
     xc, wc, xb, wb = _split(dimension_numbers, weight_is_rhs)
     values = qarray.values
@@ -272,62 +318,96 @@ def _dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, 
     xf = [d for d in range(lhs.ndim) if d not in xc and d not in xb]
     wf = [d for d in range(values.ndim) if d not in wc and d not in wb]
     ga = _group_axis(qarray, wc)
-    k_total = int(np.prod([values.shape[a] for a in wc], dtype=np.int64))
-    group = k_total if ga is None else values.shape[ga] // qarray.scale.shape[ga]
+    bshape = [values.shape[a] for a in wb]
+    kshape = [values.shape[a] for a in wc]
+    bt, n, k_total = math.prod(bshape), math.prod(values.shape[a] for a in wf), math.prod(kshape)
+    m = math.prod(lhs.shape[d] for d in xf)
+    nb = len(wb)
+    # the loop runs along one contracting axis: the group axis, else the longest one
+    ka = ga if ga is not None else max(wc, key=lambda a: values.shape[a])
+    j = wc.index(ka)
+    n_groups = 1 if ga is None else qarray.scale.shape[ga]
+    group = values.shape[ka] // n_groups
+    s = _canonical(qarray.scale.astype(jnp.float32), values.shape, wb, wf)  # (G, bt, 1, n)
+    zp = getattr(qarray, "zero_point", None)
+    x = jnp.transpose(lhs.astype(jnp.float32), [*xb, *xf, *xc]).reshape(*bshape, m, *kshape)
+    # contracting: x axes nb+1.. <-> wc, batch: x axes ..nb <-> wb; out (*b, rows, *free)
+    dims = ((tuple(range(nb + 1, nb + 1 + len(wc))), tuple(wc)), (tuple(range(nb)), tuple(wb)))
 
-    if ga is not None:  # the group axis goes last among the contracting pairs
-        j = wc.index(ga)
-        xc = xc[:j] + xc[j + 1 :] + [xc[j]]
-        wc = wc[:j] + wc[j + 1 :] + [ga]
-    bt = int(np.prod([values.shape[a] for a in wb], dtype=np.int64))
-    n = int(np.prod([values.shape[a] for a in wf], dtype=np.int64))
-    m = int(np.prod([lhs.shape[d] for d in xf], dtype=np.int64))
-    n_groups = k_total // group
+    def w_slice(t, i, c, axis=ka):
+        return lax.dynamic_slice_in_dim(t, i * c, c, axis=axis)
 
-    def to_groups(t):
-        """A weight-shaped tensor (scales: size 1 or groups on contracting axes) laid out as
-        (bt, groups, per-group, n); non-group contracting axes broadcast so groups line up."""
-        target = [
-            values.shape[d] if d not in wc or (ga is not None and d != ga) else t.shape[d]
-            for d in range(t.ndim)
-        ]
-        t = jnp.broadcast_to(t, target)
-        t = jnp.transpose(t, [*wb, *wc, *wf])
-        return t.reshape(bt, n_groups, -1, n)
+    if chosen == "chunked":  # float: dequantize one K-chunk at a time (cache-sized)
+        c = _chunk(values.shape[ka], group if n_groups > 1 else 1)
+        per = c // group  # scale entries per chunk along ka (1 for per-channel)
+        n_s = qarray.scale.shape[ka] > 1
 
-    # sub-byte values are widened to int8 first: XLA:CPU's s4 x s8 dot is ~30x slower than this
-    v = to_groups(values.astype(jnp.int8))  # (bt, G, g, n)
-    s = to_groups(qarray.scale.astype(jnp.float32))  # (bt, G, 1, n)
-    x = jnp.transpose(lhs.astype(jnp.float32), [*xb, *xf, *xc]).reshape(bt, m, n_groups, group)
+        def body(i, y):
+            zc = None if zp is None else (w_slice(zp, i, per) if n_s else zp)
+            sc = w_slice(qarray.scale, i, per) if n_s else qarray.scale
+            w = dequantize_blocks(w_slice(values, i, c), sc, zc, jnp.float32)
+            xi = w_slice(x, i, c, axis=nb + 1 + j)
+            return y + lax.dot_general(xi, w, dims).reshape(bt, m, n)
+
+        y = _loop(values.shape[ka] // c, body, jnp.zeros((bt, m, n), jnp.float32))
+        return _to_output(y, values, lhs, wb, wf, xf, weight_is_rhs, out_dtype)
+
     n_limbs = 1 if chosen == "int8" else _N_LIMBS
+    xk = x.reshape(bt, m, k_total)
     if chosen == "int8" and getattr(qarray, "act_scale", None) is not None:
         step = _static_step(qarray, wb, bt)  # (bt, 1, 1): calibrated, saturating
-        q = jnp.clip(jnp.round(x.reshape(bt, m, k_total) / step), -127, 127)
+        q = jnp.clip(jnp.round(xk / step), -127, 127)
         q, weights = q.astype(jnp.int8)[None], [1.0]
-        finite = jnp.all(jnp.isfinite(x), axis=(2, 3))[..., None] & (step > 0)
+        finite = jnp.all(jnp.isfinite(xk), axis=2, keepdims=True) & (step > 0)
     else:
-        q, step, weights = _limbs(x.reshape(bt, m, k_total), n_limbs)  # (L, bt, m, K)
+        q, step, weights = _limbs(xk, n_limbs)  # (L, bt, m, K)
         finite = jnp.isfinite(step)
-    xq = q[0].reshape(bt, m, n_groups, group)
-    q = jnp.moveaxis(q, 0, 1).reshape(bt, n_limbs * m, n_groups, group)
-    pad = 2 - n_limbs * m  # XLA:CPU's one-row integer dot is slow: use two rows
-    if pad > 0:
-        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    acc = lax.dot_general(
-        q, v, (((3,), (2,)), ((0, 2), (0, 1))), preferred_element_type=jnp.int32
-    )  # (bt, G, L*m, n)
-    y = acc.astype(jnp.float32) * s  # scales after the integer reduction
-    y = jnp.sum(y, axis=1)[:, : n_limbs * m].reshape(bt, n_limbs, m, n)
+    xq = q[0]  # the quantized activations (int8 mode: all of them)
+    rows = max(n_limbs * m, 2)  # XLA:CPU's one-row integer dot is slow: use two rows
+    q = jnp.moveaxis(q, 0, 1).reshape(bt, n_limbs * m, k_total)
+    q = jnp.pad(q, ((0, 0), (0, rows - n_limbs * m), (0, 0))).reshape(*bshape, rows, *kshape)
+
+    def int_dot(i, c):
+        v = w_slice(values, i, c)
+        if v.dtype != jnp.int8:  # sub-byte values widen per chunk (int8 containers: no-op)
+            v = v.astype(jnp.int8)
+        acc = lax.dot_general(
+            w_slice(q, i, c, axis=nb + 1 + j), v, dims, preferred_element_type=jnp.int32
+        )
+        return acc.reshape(bt, rows, n)
+
+    if n_groups == 1:  # exact int32 accumulation across chunks, scales after the loop
+        c = _chunk(values.shape[ka])
+        body = lambda i, acc: acc + int_dot(i, c)
+        acc = _loop(values.shape[ka] // c, body, jnp.zeros((bt, rows, n), jnp.int32))
+        y = acc.astype(jnp.float32) * s[0]
+    else:  # one group per step: its scale applied to its integer partial sum
+        body = lambda i, y: y + int_dot(i, group).astype(jnp.float32) * s[i]
+        y = _loop(n_groups, body, jnp.zeros((bt, rows, n), jnp.float32))
+    y = y[:, : n_limbs * m].reshape(bt, n_limbs, m, n)
     y = sum(y[:, i] * w for i, w in enumerate(weights)) * step
-    zp = getattr(qarray, "zero_point", None)
     if zp is not None:
-        z = to_groups(zp.astype(jnp.float32))  # (bt, G, 1, n)
+        z = _canonical(zp.astype(jnp.float32), values.shape, wb, wf)[:, :, 0]  # (G, bt, n)
         if n_limbs == 1:  # the quantized activations, exactly: (q·step) @ dequantize(w)
-            xsum = jnp.sum(xq, axis=-1, dtype=jnp.int32).astype(jnp.float32) * step
+            xsum = _group_sums(xq.astype(jnp.int32), kshape, j, n_groups).astype(jnp.float32)
+            xsum = xsum * step
         else:
-            xsum = jnp.sum(x, axis=-1)  # (bt, m, G)
-        y = y - jnp.einsum("bmg,bgn->bmn", xsum, (z * s)[:, :, 0])
+            xsum = _group_sums(xk, kshape, j, n_groups)  # (bt, m, G)
+        y = y - jnp.einsum("bmg,gbn->bmn", xsum, z * s[:, :, 0])
     y = jnp.where(finite, y, jnp.nan)
+    return _to_output(y, values, lhs, wb, wf, xf, weight_is_rhs, out_dtype)
+
+
+def _group_sums(xk, kshape, j: int, n_groups: int) -> jax.Array:
+    """Row sums of ``xk (bt, m, K)`` per group along contracting axis ``j``: ``(bt, m, G)``."""
+    bt, m = xk.shape[:2]
+    shape = [*kshape[:j], n_groups, kshape[j] // n_groups, *kshape[j + 1 :]]
+    t = xk.reshape(bt, m, *shape)
+    return jnp.sum(t, axis=[2 + a for a in range(len(shape)) if a != j])
+
+
+def _to_output(y, values, lhs, wb, wf, xf, weight_is_rhs, out_dtype) -> jax.Array:
+    """``y (bt, m, n)`` in ``lax.dot_general``'s output layout and dtype."""
     out_shape = (
         *[values.shape[a] for a in wb],
         *[lhs.shape[d] for d in xf],

@@ -13,7 +13,14 @@ from jax.typing import ArrayLike
 
 from jcompress import tree as jtree
 
-__all__ = ["QArray", "block_shapes", "broadcast_apply", "dequantize_blocks", "storage_dtype"]
+__all__ = [
+    "QArray",
+    "block_shapes",
+    "broadcast_apply",
+    "dequantize_blocks",
+    "storage_dtype",
+    "widen",
+]
 
 
 def storage_dtype(bits: int) -> np.dtype:
@@ -89,7 +96,8 @@ class QArray(jtree.Compressed):
     Children (pytree leaves; ``jit``, ``vmap``, ``scan``, sharding and orbax see them):
 
     * ``values``: the integers, the full shape of the float array, signed ``int2`` (``bits == 2``),
-      ``int4`` (3-4) or ``int8`` (5-8).
+      ``int4`` (3-4) or ``int8`` (5-8); sub-byte values may also sit in ``int8`` containers (the
+      runtime layout made by :func:`widen`).
     * ``scale``: ``float32``, the same rank as ``values``. Along each axis its size is 1 (shared),
       the values' size (per channel / stacked layer), or a divisor ``n`` (``PerGroup``: blocks of
       ``values.shape[a] // n`` consecutive elements).
@@ -137,10 +145,12 @@ class QArray(jtree.Compressed):
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"QArray.dtype must be a float dtype, got {dtype}")
         store = storage_dtype(bits)
-        if np.dtype(values.dtype) != store:
+        if np.dtype(values.dtype) not in (store, np.dtype(jnp.int8)):
             raise TypeError(
-                f"QArray: {bits}-bit values must be stored as {store}, got {values.dtype}"
+                f"QArray: {bits}-bit values must be stored as {store} (or int8: see widen), got "
+                f"{values.dtype}"
             )
+        store = np.dtype(values.dtype)
         if len(scale.shape) != len(values.shape) or any(
             s < 1 or v % s for v, s in zip(values.shape, scale.shape)
         ):
@@ -228,6 +238,29 @@ class QArray(jtree.Compressed):
         out._set(*children, self._bits, self._dtype)
         return out
 
+    def widen(self) -> QArray:
+        """The same array with sub-byte ``values`` (and ``zero_point``) in ``int8`` containers.
+
+        A runtime layout: XLA:CPU holds int4/int2 buffers at one byte per element between calls
+        anyway, but converts them to int8 on every matmul (slowly); widened values are read by
+        the integer kernels directly. ``bits`` and ``dequantize()`` are unchanged; ``nbytes``
+        counts the containers (one byte per value). Already-int8 values return ``self``.
+
+        >>> import jax.numpy as jnp
+        >>> qa = QArray(jnp.array([[-7, 7]], jnp.int4), jnp.array([[0.5, 1.0]]), bits=4,
+        ...             dtype=jnp.float32)
+        >>> wide = qa.widen()
+        >>> wide.values.dtype, wide.bits, wide.nbytes
+        (dtype('int8'), 4, 10)
+        """
+        if np.dtype(self._values.dtype) == np.dtype(jnp.int8):
+            return self
+        zp = None if self._zero_point is None else self._zero_point.astype(jnp.int8)
+        out = object.__new__(type(self))  # subclasses (AWQArray) keep their type
+        values = self._values.astype(jnp.int8)
+        out._set(values, self._scale, zp, self._act_scale, self._bits, self._dtype)
+        return out
+
     def take(self, indices: ArrayLike, axis: int = 0) -> jax.Array:
         """``jnp.take(self.dequantize(), indices, axis)``, dequantizing only the rows it takes.
 
@@ -259,6 +292,28 @@ class QArray(jtree.Compressed):
         from jcompress.quantization import _kernels
 
         return _kernels.dot_general(self, lhs, dimension_numbers, **options)
+
+
+def widen(tree: Any) -> Any:
+    """``tree`` with every ``QArray``'s sub-byte values in int8 containers (``QArray.widen``).
+
+    The runtime layout for XLA:CPU, where int4/int2 buffers take one byte per element between
+    calls anyway and ``jc.compressed`` would otherwise convert them to int8 on every matmul: with
+    4096² weights the widened int4 model runs at int8 speed (``benchmarks/runtime.py``). Widen once
+    after loading, not inside the jitted function. Checkpoints of widened trees round-trip as
+    widened (``nbytes`` and the files count one byte per value: save the packed tree instead).
+
+    >>> import jax.numpy as jnp
+    >>> tree = {"w": QArray(jnp.array([[3]], jnp.int4), jnp.ones((1, 1)), bits=4,
+    ...                    dtype=jnp.float32), "b": jnp.zeros(1)}
+    >>> widen(tree)["w"].values.dtype
+    dtype('int8')
+    """
+    return jax.tree.map(
+        lambda x: x.widen() if isinstance(x, QArray) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, QArray),
+    )
 
 
 def _index_leading(x, idx, pos: int, axis: int, shape: tuple[int, ...]):

@@ -15,7 +15,7 @@ from jcompress.tree import is_compressed
 __all__ = ["compressed", "filter_jit", "marker"]
 
 _MODES = ("weight_only", "int8")
-_FORMULATIONS = (None, "dequantize", "limbs")
+_FORMULATIONS = (None, "dequantize", "chunked", "limbs")
 # View primitives a compressed leaf may pass through on its way into a dot: pure relabelings.
 _PERMUTING = {"transpose", "convert_element_type", "copy", "copy_p", "sharding_constraint"}
 
@@ -81,7 +81,8 @@ class _Runner(ip.Interpreter):
             if out is not None:
                 return [out.astype(out_aval.dtype)]
         path = next((f.path for f in facts if f is not None), "?")
-        with jax.named_scope(marker(path, "dequantize")):
+        how = "dequantize_conv" if name == ip.CONV else "dequantize"  # explain says why
+        with jax.named_scope(marker(path, how)):
             return super().consume(eqn, invals, facts)
 
     def _dot(self, eqn, w: ip.Deferred, lhs, i: int, path: str):
@@ -228,7 +229,8 @@ def compressed(
     * a ``dot_general`` reading a compressed leaf (possibly through transposes or dtype casts)
       calls the leaf's own ``dot_general`` (for ``QArray``: the formulation chosen for the
       backend and batch size, see ``jcompress.quantization._kernels``);
-    * a ``conv_general_dilated`` calls the leaf's ``conv`` if it has one;
+    * a ``conv_general_dilated`` calls the leaf's ``conv`` if it has one (``QArray`` has none:
+      convolutions dequantize their kernel, see ``jcompress.quantization._kernels``);
     * an embedding ``gather`` calls the leaf's ``take`` (only the rows taken are dequantized);
     * any other use (and any leaf without the method) gets ``leaf.dequantize()``.
 
@@ -250,8 +252,8 @@ def compressed(
         ``clip(round(x / a), -127, 127)`` instead: no per-token absmax, and inputs beyond
         ``127·a`` saturate. Per-input-channel ``act_scale`` raises ``ValueError`` there. In
         ``"weight_only"`` mode ``act_scale`` is ignored (results stay ``fn(dequantize(tree))``).
-      formulation: force a weight-only formulation (``"dequantize"`` or ``"limbs"``) instead of
-        the per-backend dispatch; for benchmarks and tests.
+      formulation: force a weight-only formulation (``"dequantize"``, ``"chunked"`` or
+        ``"limbs"``) instead of the per-backend dispatch; for benchmarks and tests.
 
     Returns:
       The compiled function; ``.lower(*args)`` lowers it (for :func:`explain`).
