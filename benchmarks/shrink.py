@@ -9,10 +9,18 @@ side in one process, ``fn(apply_masks(params, masks), x)`` (masked dense) agains
 * an MLP 784-1024-1024-10 (``jcompress.demo.MLP``), batch 256;
 * a CNN on 8x8x1 images, convs of 32 and 64 channels, Dense 128, Dense 10
   (``jcompress.demo.CNN``), batch 256;
+* a ResNeXt-style CNN on 16x16x3 images: conv 64, grouped conv 128 (``feature_group_count=8``;
+  every group loses the same number of channels and the count stays 8), 1x1 conv 10, batch 64;
+* a GroupNorm CNN on 16x16x3 images: conv 64 + GroupNorm(8), conv 128 + GroupNorm(16), mean,
+  Dense 10 (whole norm groups removed), batch 64;
 
 with 50% and 75% of every prunable group's channels removed (the output layer is blocked and
 keeps its width). Times are medians of interleaved repeats; the machine is shared and noisy, so
 read the ratios. Parameters are random (speed does not depend on the values).
+
+It also times building the channel-group masks (``structured_masks(..., groups=...)``) for the CNN
+of ``examples/05_shrink_cnn.py``: the first call (one compiled program for the model's groups)
+and a second call at a new sparsity (no recompilation).
 
     python benchmarks/shrink.py [--quick]
 
@@ -27,6 +35,7 @@ import platform
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +45,41 @@ from jcompress.pruning import apply_masks, structured_masks
 from jcompress.structure import dependencies, shrink
 
 RESULTS = Path(__file__).parent / "results" / "shrink.json"
+
+
+class GroupedCNN(nn.Module):
+    """conv 64 -> grouped conv 128 (8 groups) -> 1x1 conv 10 -> spatial mean."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(64, (3, 3))(x))
+        x = nn.relu(nn.Conv(128, (3, 3), feature_group_count=8)(x))
+        return nn.Conv(10, (1, 1))(x).mean((1, 2))
+
+
+class GroupNormCNN(nn.Module):
+    """conv 64 + GroupNorm(8) -> conv 128 + GroupNorm(16) -> spatial mean -> Dense 10."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.GroupNorm(num_groups=8)(nn.Conv(64, (3, 3))(x)))
+        x = nn.relu(nn.GroupNorm(num_groups=16)(nn.Conv(128, (3, 3))(x)))
+        return nn.Dense(10)(x.mean((1, 2)))
+
+
+def mask_build_times() -> dict[str, float]:
+    """Seconds for ``structured_masks(..., groups=...)`` on the CNN of examples/05: the first
+    call (compiles the group program) and a second call at another sparsity (cached)."""
+    model = CNN()
+    x = jnp.ones((1, 8, 8, 1))
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    groups = dependencies(lambda p, x: model.apply({"params": p}, x), params, x)
+    out = {}
+    for name, s in (("first_call_s", 0.5), ("second_call_s", 0.25)):
+        t = time.perf_counter()
+        jax.block_until_ready(structured_masks(params, s, groups=groups))
+        out[name] = time.perf_counter() - t
+    return out
 
 
 def median_times(fns: dict, repeats: int) -> dict[str, float]:
@@ -124,6 +168,25 @@ def main() -> None:
         (0.5, 0.75),
         repeats,
     )
+    rows += case(
+        "grouped CNN 16x16 64-g8:128",
+        GroupedCNN(),
+        jnp.asarray(rng.uniform(size=(64, 16, 16, 3)), jnp.float32),
+        (0.5, 0.75),
+        repeats,
+    )
+    rows += case(
+        "GroupNorm CNN 16x16x3 64-128",
+        GroupNormCNN(),
+        jnp.asarray(rng.uniform(size=(64, 16, 16, 3)), jnp.float32),
+        (0.5, 0.75),
+        repeats,
+    )
+    build = mask_build_times()
+    print(
+        f"channel-group masks, CNN of examples/05: first call {build['first_call_s']:.2f} s "
+        f"(compile), second call {1e3 * build['second_call_s']:.1f} ms"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
@@ -137,6 +200,7 @@ def main() -> None:
                 "jax": jax.__version__,
                 "note": "shared, noisy machine: read the ratios",
                 "rows": rows,
+                "group_masks_cnn05": build,
             },
             indent=2,
         )

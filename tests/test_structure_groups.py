@@ -473,3 +473,93 @@ def test_property_grouped_shrink_equals_numpy(groups, widths, sparsity, scale, s
     masked = {k: np.where(np.asarray(masks[k]), v, 0) for k, v in params.items()}
     want = _grouped_numpy(masked, x, groups)
     np.testing.assert_allclose(np.float64(small_fn(small, x)), want, rtol=1e-4, atol=1e-5)
+
+
+def test_round_to_revives_equally_per_block(shrunk):
+    fn, params, _, masks, x, _, _ = shrunk["grouped"]
+    small_fn, small = shrink(fn, params, masks, x, round_to=8)
+    # Conv_1: 1 of 3 kept per block (4 in all), 1 revived per block (the highest norm) -> 8;
+    # Conv_0: 1 of 2 kept per block, 1 revived per block -> all 8 (as masked zeros)
+    assert small["Conv_1"]["kernel"].shape == (3, 3, 2, 8)
+    assert small["Conv_0"]["kernel"].shape == (3, 3, 2, 8)
+    score = np.sum(np.float32(params["Conv_1"]["kernel"]) ** 2, (0, 1, 2))
+    score += np.float32(params["Conv_1"]["bias"]) ** 2
+    score += np.sum(np.float32(params["Conv_2"]["kernel"]) ** 2, (0, 1, 3))
+    alive = np.asarray(masks["Conv_1"]["kernel"]).any((0, 1, 2))
+    for b in range(4):
+        block = np.arange(3 * b, 3 * b + 3)
+        dead = block[~alive[block]]
+        revived = dead[np.argmax(score[dead])]
+        kept = np.sort([*block[alive[block]], revived])
+        np.testing.assert_array_equal(
+            small["Conv_1"]["bias"][2 * b : 2 * b + 2],
+            apply_masks(params, masks)["Conv_1"]["bias"][kept],
+        )
+    np.testing.assert_allclose(
+        small_fn(small, x), fn(apply_masks(params, masks), x), rtol=1e-5, atol=1e-5
+    )
+
+
+def _group_norm_fn(groups):
+    def fn(p, x):
+        h = jax.lax.conv_general_dilated(
+            x, p["a"], (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC")
+        )
+        n, w, c = h.shape
+        g = h.reshape(n, w, groups, c // groups)
+        g = g - g.mean((1, 3), keepdims=True)  # (jnp.var's NaN guard would block the axis)
+        g = g * jax.lax.rsqrt(jnp.square(g).mean((1, 3), keepdims=True) + 1e-5)
+        h = jnp.tanh(g.reshape(n, w, c) * p["scale"] + p["bias"])
+        return h.mean(1) @ p["c"]
+
+    return fn
+
+
+def _group_norm_numpy(p, x, groups):
+    p = {k: np.float64(v) for k, v in p.items()}
+    h = _conv1d(np.float64(x), p["a"], 1)
+    n, w, c = h.shape
+    g = h.reshape(n, w, groups, c // groups)
+    g = (g - g.mean((1, 3), keepdims=True)) / np.sqrt(g.var((1, 3), keepdims=True) + 1e-5)
+    return np.tanh(g.reshape(n, w, c) * p["scale"] + p["bias"]).mean(1) @ p["c"]
+
+
+@settings()
+@given(
+    groups=st.sampled_from([2, 4]),
+    group_size=st.sampled_from([1, 3]),
+    sparsity=st.sampled_from([0.0, 0.25, 0.5]),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_group_norm_shrink_equals_numpy(groups, group_size, sparsity, scale, seed):
+    """A GroupNorm (written out: reshape to groups, normalise per group): whole norm groups are
+    the unit, exactly round(sparsity * groups) go, and the shrunken function (fewer groups, same
+    group size) equals NumPy's GroupNorm of the masked weights."""
+    c = groups * group_size
+    rng = np.random.default_rng(seed)
+    params = {
+        "a": rng.normal(size=(2, 3, c)) * scale,
+        "scale": rng.uniform(0.5, 1.5, c),
+        "bias": rng.normal(size=c),
+        "c": rng.normal(size=(c, 2)),
+    }
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    x = jnp.asarray(rng.uniform(-1, 1, (2, 5, 3)), jnp.float32)
+    fn = _group_norm_fn(groups)
+    [g, _] = dependencies(fn, params, x)
+    assert (g.size, g.blocked) == (groups, None)
+    assert {m.path: m.width for m in g.members} == {
+        "a": group_size,
+        "bias": group_size,
+        "c": group_size,
+        "scale": group_size,
+    }
+    masks = structured_masks(params, sparsity, groups=[g], where=lambda p, _: p == "a")
+    small_fn, small = shrink(_group_norm_fn(groups), params, masks, x)
+    kept = groups - round(sparsity * groups)
+    assert small["a"].shape == (2, 3, kept * group_size)
+    masked = {k: np.where(np.asarray(masks[k]), v, 0) for k, v in params.items()}
+    # the masked model normalises zero groups to zero, then adds the (masked) bias: as NumPy
+    want = _group_norm_numpy(masked, x, groups)
+    np.testing.assert_allclose(np.float64(small_fn(small, x)), want, rtol=1e-4, atol=1e-4)

@@ -73,7 +73,12 @@ class Channels:
       groups: ``None`` (each selected leaf's output channels on their own) or a sequence of
         :class:`jcompress.tree.Group` from ``jc.structure.dependencies``: then channels are
         removed group-wise, scored by the sum of the member channel scores, and the masks cover
-        every member of the group (bias, norm statistics, the next layer's rows).
+        every member of the group (bias, norm statistics, the next layer's rows). A group's
+        channel is its unit (a whole GroupNorm group, a key/value head with its query heads);
+        a group with ``blocks > 1`` (a grouped convolution's channels) loses
+        ``round(sparsity * size / blocks)`` channels in each block, so every convolution group
+        keeps one width (``scope="layer"`` only). The ranking runs as one compiled program per
+        model layout (cached).
 
     >>> Channels(norm="l1")
     Channels(norm='l1', groups=None)
