@@ -182,7 +182,7 @@ def test_errors_name_the_path(model):
 @given(
     shape=st.sampled_from([(4, 8, 3), (7, 5, 2)]),  # (rows, in, out)
     magnitude=st.sampled_from([0.0, 1e-30, 1e-3, 1.0, 1e4]),
-    q=st.sampled_from([None, 90.0, 99.9, 100.0]),
+    q=st.sampled_from([None, 99.9]),  # each q is one more compiled program per shape
     dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
     seed=st.integers(0, 2**16),
 )
@@ -208,3 +208,39 @@ def test_static_step_property(shape, magnitude, q, dtype, seed):
         exact = np.asarray(x, np.float64) @ w
         bound = step / 2 * np.abs(w).sum(0) + 1e-2 * np.abs(exact) + 1e-30
         assert np.all(np.abs(got - exact) <= bound)
+
+
+def test_nnx_state_and_dense_general_layouts(strict):
+    """nnx.State trees keep their type; an attention-style DenseGeneral kernel (features,
+    heads, head_dim) gets a step of its rank; int8 static outputs follow the NumPy model."""
+    from flax import nnx
+
+    class Attn(nnx.Module):
+        def __init__(self, rngs):
+            self.qkv = nnx.LinearGeneral(8, (2, 4), rngs=rngs)  # kernel (8, 2, 4)
+            self.out = nnx.LinearGeneral((2, 4), 8, axis=(-2, -1), rngs=rngs)  # (2, 4, 8)
+
+        def __call__(self, x):
+            return self.out(jnp.tanh(self.qkv(x)))
+
+    graphdef, state = nnx.split(Attn(nnx.Rngs(0)))
+    fn = lambda s, x: nnx.merge(graphdef, s)(x)
+    x = jax.random.normal(jax.random.key(1), (6, 8))
+    roles = jc_roles(fn, state, x)
+    q = quantize(state, QuantSpec(bits=8), roles=roles)
+    with strict():
+        out = calibrate_activations(fn, q, [(x,)])
+    assert isinstance(out, nnx.State)
+    qkv, o = out["qkv"]["kernel"].get_value(), out["out"]["kernel"].get_value()
+    assert qkv.act_scale.shape == (1, 1, 1) and o.act_scale.shape == (1, 1, 1)
+    a0, a1 = float(qkv.act_scale.reshape(())), float(o.act_scale.reshape(()))
+    w0 = np.asarray(qkv.dequantize(), np.float64).reshape(8, 8)
+    w1 = np.asarray(o.dequantize(), np.float64).reshape(8, 8)
+    b0 = np.asarray(state["qkv"]["bias"].get_value(), np.float64).reshape(8)
+    b1 = np.asarray(state["out"]["bias"].get_value(), np.float64)
+    xn = np.asarray(x, np.float64)
+    h = np.tanh(xn @ w0 + b0)
+    np.testing.assert_allclose([a0, a1], [np.abs(xn).max() / 127, np.abs(h).max() / 127], rtol=1e-5)
+    expect = np_static(np.tanh(np_static(xn, a0) @ w0 + b0), a1) @ w1 + b1
+    got = np.asarray(compressed(fn, mode="int8")(out, x), np.float64)
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
