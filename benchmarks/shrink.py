@@ -154,34 +154,16 @@ def main() -> None:
         "shrunk ms | speedup  | max diff |"
     )
     print("|" + "|".join("-" * w for w in (30, 9, 11, 11, 11, 11, 10, 10)) + "|")
-    rows = case(
-        "MLP 784-1024-1024-10",
-        MLP((1024, 1024, 10)),
-        jnp.asarray(rng.uniform(size=(batch, 784)), jnp.float32),
-        (0.5, 0.75),
-        repeats,
-    )
-    rows += case(
-        "CNN 8x8x1 32-64ch Dense128",
-        CNN(channels=(32, 64), hidden=128),
-        jnp.asarray(rng.uniform(size=(batch, 8, 8, 1)), jnp.float32),
-        (0.5, 0.75),
-        repeats,
-    )
-    rows += case(
-        "grouped CNN 16x16 64-g8:128",
-        GroupedCNN(),
-        jnp.asarray(rng.uniform(size=(64, 16, 16, 3)), jnp.float32),
-        (0.5, 0.75),
-        repeats,
-    )
-    rows += case(
-        "GroupNorm CNN 16x16x3 64-128",
-        GroupNormCNN(),
-        jnp.asarray(rng.uniform(size=(64, 16, 16, 3)), jnp.float32),
-        (0.5, 0.75),
-        repeats,
-    )
+    models = [
+        ("MLP 784-1024-1024-10", MLP((1024, 1024, 10)), (batch, 784)),
+        ("CNN 8x8x1 32-64ch Dense128", CNN(channels=(32, 64), hidden=128), (batch, 8, 8, 1)),
+        ("grouped CNN 16x16 64-g8:128", GroupedCNN(), (64, 16, 16, 3)),
+        ("GroupNorm CNN 16x16x3 64-128", GroupNormCNN(), (64, 16, 16, 3)),
+    ]
+    rows = []
+    for name, model, shape in models:
+        x = jnp.asarray(rng.uniform(size=shape), jnp.float32)
+        rows += case(name, model, x, (0.5, 0.75), repeats)
     build = mask_build_times()
     print(
         f"channel-group masks, CNN of examples/05: first call {build['first_call_s']:.2f} s "

@@ -15,7 +15,7 @@ from test_structure import filled, fine_tune, n_params, shrink_in_dtype
 
 from jcompress.pruning import Channels, _masks, apply_masks, magnitude_masks, structured_masks
 from jcompress.structure import dependencies, shrink, shrink_nnx
-from jcompress.tree import Member
+from jcompress.tree import Member, Role
 
 
 def members(group):
@@ -563,3 +563,65 @@ def test_property_group_norm_shrink_equals_numpy(groups, group_size, sparsity, s
     # the masked model normalises zero groups to zero, then adds the (masked) bias: as NumPy
     want = _group_norm_numpy(masked, x, groups)
     np.testing.assert_allclose(np.float64(small_fn(small, x)), want, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# nn.scan layer stacks
+# ----------------------------------------------------------------------------------------------
+
+
+class ScanLayer(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return h + nn.Dense(8)(nn.relu(nn.Dense(16)(h))), None
+
+
+class ScanStack(nn.Module):
+    """Dense in, 3 residual MLP layers stacked by ``nn.scan``, Dense out."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(8)(x)
+        layers = nn.scan(
+            ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        h, _ = layers()(h, None)
+        return nn.Dense(2)(nn.relu(h))
+
+
+def test_nn_scan_stack_groups_and_shrink(strict):
+    """Channels through an ``nn.scan`` stack: the residual stream threaded through the layers is
+    one group with every layer's output Dense; each layer's hidden units form a group over the
+    stacked kernels (the same units removed from every layer)."""
+    fn, params, x = linen_case(ScanStack(), jnp.linspace(-1, 1, 10).reshape(2, 5))
+    stream, hidden, out = dependencies(fn, params, x)
+    s = "ScanScanLayer_0"
+    assert [m[:2] for m in members(stream)] == [
+        ("Dense_0/bias", 0),
+        ("Dense_0/kernel", 1),
+        ("Dense_1/kernel", 0),
+        (f"{s}/Dense_0/bias", 1),
+        (f"{s}/Dense_0/kernel", 2),
+        (f"{s}/Dense_1/kernel", 1),
+    ]
+    assert [m[:2] for m in members(hidden)] == [
+        (f"{s}/Dense_0/kernel", 1),
+        (f"{s}/Dense_1/bias", 1),
+        (f"{s}/Dense_1/kernel", 2),
+    ]
+    assert (stream.blocked, hidden.blocked, stream.size, hidden.size) == (None, None, 8, 16)
+    assert "model output" in out.blocked
+    roles = {
+        f"{s}/{d}/kernel": Role("matmul", contracting=(1,), output=(2,), stacked=(0,))
+        for d in ("Dense_0", "Dense_1")
+    }
+    with strict():
+        masks = structured_masks(params, 0.5, groups=[stream, hidden, out], roles=roles)
+        small_fn, small = shrink(fn, params, masks, x)
+    assert small[s]["Dense_1"]["kernel"].shape == (3, 4, 8)  # 3 layers, 8 - 4 in, 16 - 8 out
+    assert small[s]["Dense_0"]["kernel"].shape == (3, 8, 4)
+    assert small["Dense_1"]["kernel"].shape == (4, 2)
+    want = jax.jit(fn)(apply_masks(params, masks), x)
+    np.testing.assert_allclose(jax.jit(small_fn)(small, x), want, rtol=1e-5, atol=1e-5)
+    losses, _, _ = fine_tune(small_fn, small, x, jnp.array([0, 1]), 10)
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]

@@ -146,7 +146,7 @@ def _group_layouts(
 
 def _layouts_key(pairs, selected, structure: Channels, roles: dict) -> tuple:
     """The hashable arguments of :func:`_layouts`."""
-    stacked = tuple(bool(s and roles[p].stacked) for (p, _), s in zip(pairs, selected))
+    stacked = tuple(tuple(roles[p].stacked) if s else () for (p, _), s in zip(pairs, selected))
     shapes = tuple((p, tuple(np.shape(x))) for p, x in pairs)
     return (structure.groups, shapes, tuple(selected), stacked)
 
@@ -174,10 +174,11 @@ def _layouts(groups, shapes, selected, stacked):
                 raise ValueError(
                     f"{mem.path}: group member axis {mem.axis} is outside the leaf's shape {shape}"
                 )
-            if stacked[i]:
+            if mem.axis in stacked[i]:
                 raise ValueError(
-                    f"{mem.path}: channel groups over stacked leaves are not supported; exclude "
-                    "it with where= or prune without groups="
+                    f"{mem.path}: a channel group runs along the stacked axis {mem.axis} of the "
+                    "leaf; stacked layers are pruned alike (groups from jc.structure.dependencies "
+                    "index the other axes): check roles= or recompute the groups"
                 )
             size = shape[mem.axis]
             rows = [mem.indices(c, size) for c in range(group.size)]

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from jcompress.runtime import _interpret as ip
 from jcompress.runtime._roles import trace_params
@@ -206,8 +207,60 @@ class Dependencies(ip.Interpreter):
             return ip._bind(eqn, [self.materialize(v) for v in invals]), [None] * len(eqn.outvars)
         if eqn.primitive.name in ip.INLINED:
             return self._inline(eqn, invals, infacts)
+        if eqn.primitive.name == ip.SCAN:
+            return self._scan_body(eqn, invals, infacts)
         outfacts = self.rule(eqn, infacts)
         return self.bind(eqn, [self.materialize(v) for v in invals], outfacts), outfacts
+
+    def _scan_body(self, eqn, invals, infacts):
+        """A ``scan`` (``nn.scan`` layer stacks, loops over steps): its body is analysed once.
+
+        A parameter sliced by ``xs`` enters the body without its leading (layer) axis; the
+        channels born from it are shared by every iteration, so a group over a stacked kernel
+        removes the same channels from every layer (members index the leaf's own axes). The
+        carry's facts in and out of the body are tied (a residual stream threaded through the
+        layers is one group with the layers writing into it). Channels in the stacked outputs
+        ``ys`` (and on the ``xs`` slicing axis) are blocked.
+        """
+        p = eqn.params
+        nc, nk = p["num_consts"], p["num_carry"]
+        vals = [self.materialize(v) for v in invals]
+        consts, carry, xs = vals[:nc], vals[nc : nc + nk], vals[nc + nk :]
+        why = _at(eqn)
+        facts_in = list(infacts)
+        for i in range(nc + nk, len(facts_in)):
+            f = facts_in[i]
+            if f is not None:
+                self.drop(f.axes[0], f"is the axis {why} slices")
+                facts_in[i] = Fact(f.axes[1:], f.param)
+        seen: list[list[Fact | None]] = []
+
+        def fn(c, x):
+            outs, facts = self.run(p["jaxpr"], [*consts, *c, *x], facts_in)
+            seen.append(facts)
+            return outs[:nk], outs[nk:]
+
+        c_out, ys = jax.lax.scan(
+            fn, carry, xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+        )
+        if len(seen) != 1:
+            raise RuntimeError(f"dependencies: the body of {why} was traced {len(seen)} times")
+        [body_out] = seen
+        outfacts: list[Fact | None] = []
+        for k, (f_in, f_out, v) in enumerate(zip(facts_in[nc : nc + nk], body_out, carry)):
+            shape = np.shape(v)
+            a = f_in.axes if f_in is not None else (None,) * len(shape)
+            b = f_out.axes if f_out is not None else (None,) * len(shape)
+            tied = tuple(
+                self.meet(x, y, n, n, f"(carry {k}) {why}") for x, y, n in zip(a, b, shape)
+            )
+            outfacts.append(Fact(tied, False))
+        for f in body_out[nk:]:
+            if f is not None:
+                for a in f.axes:
+                    self.drop(a, f"is stacked into the outputs of {why}")
+            outfacts.append(None)
+        return [*c_out, *ys], outfacts
 
     def bind(self, eqn: Any, invals: list[Any], outfacts: list[Fact | None]) -> list[Any]:
         """Evaluate the equation (the shrinking pass re-emits it with new shapes)."""
@@ -669,22 +722,27 @@ def dependencies(fn: Callable[..., Any], params: Params, *args: Any) -> list[Gro
       ``(..., kv_heads, rep, head_dim)``, or ``k``/``v`` expanded with ``jnp.repeat``) groups
       each key/value head with its ``rep`` query heads and the output projection's rows;
     * a channel-first flatten (``(N, C, H, W) -> (N, C * H * W)``): channel ``c`` is the run of
-      ``H * W`` rows ``c * H * W ...`` of the next kernel (``Member(width=H * W)``).
+      ``H * W`` rows ``c * H * W ...`` of the next kernel (``Member(width=H * W)``);
+    * ``scan`` bodies (``nn.scan`` layer stacks): a kernel stacked along ``xs`` has its members on
+      its own axes (``(layers, in, out)``: axis 2), shared by every layer, so the same channels
+      go from every layer; the carry's channels in and out of the body are one group (a residual
+      stream through the stack). Give ``structured_masks`` the stacked kernels' roles
+      (``Role(..., stacked=(0,))``).
 
     A group is ``blocked`` (with the reason, naming the primitive and the module from JAX's name
     stack) when a space reaches: the model output; a reduction over the channel axis (LayerNorm,
-    RMSNorm, softmax, a mean over features); a reshape that splits channels or merges them with
-    inner axes (channel-first flatten); a slice, pad, reverse, gather or cumulative op along it;
-    a grouped convolution (``1 < feature_group_count`` that is not depthwise); a primitive the
-    analysis does not know (including ``scan``, ``cond`` and ``while`` bodies: nothing inside them
-    is analysed); or an axis that cannot lose channels (the model input, a constant); a grouped
-    convolution whose groups do not align with its input's parts, or whose blocks do not divide
-    the group's units (a GroupNorm group straddling two convolution groups). Groups
-    whose member axes are also used where they cannot shrink (contracted against the model input,
-    indexed by a gather) are blocked too.
+    RMSNorm, softmax, a mean over features); a reshape that splits channels into runs that do not
+    align with its parts, or merges them with inner axes that carry channels; a slice, pad, reverse,
+    gather or cumulative op along it; a grouped convolution whose groups do not align with its
+    input's parts, or whose blocks do not divide the group's units (a GroupNorm group straddling two
+    convolution groups); the stacked outputs ``ys`` of a ``scan``; a primitive the analysis does not
+    know (including ``cond`` and ``while`` bodies: nothing inside them is analysed); or an axis that
+    cannot lose channels (the model input, a constant). Groups whose member axes are also used where
+    they cannot shrink (contracted against the model input, indexed by a gather) are blocked too.
 
     The analysis is conservative, not clever: a constant array of activation shape that meets a
-    channel axis (``jnp.ones_like(h)``, a dropout mask in training mode) blocks it, so analyse
+    channel axis (``jnp.ones_like(h)``, a dropout mask in training mode, ``jnp.var``'s NaN
+    guard) blocks it, so analyse
     the inference function; the inner part of a split channel axis is never pruned (heads split
     out of one Dense output lose whole heads, not head dimensions: ``DenseGeneral``'s
     ``(features, heads, head_dim)`` kernel allows both).

@@ -7,7 +7,8 @@ shapes against module attributes at ``apply`` time, so the smaller function cann
 jaxpr walker, re-emitting every equation with the smaller shapes (``reshape``, ``broadcast_in_dim``,
 ``slice``, ``gather`` and ``dynamic_slice`` sizes, depthwise ``feature_group_count``; a grouped
 convolution keeps its ``feature_group_count`` and gets its kernel rows gathered per group;
-GroupNorm's reshape gets the new number of groups). The result is an ordinary JAX function of
+GroupNorm's reshape gets the new number of groups; a ``scan`` is re-emitted with its body at
+the smaller shapes). The result is an ordinary JAX function of
 ``(small_params, *args)``: jit it, differentiate it, vmap it; a new input shape re-traces ``fn``
 once (cached per shape).
 
