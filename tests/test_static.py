@@ -244,3 +244,27 @@ def test_nnx_state_and_dense_general_layouts(strict):
     expect = np_static(np.tanh(np_static(xn, a0) @ w0 + b0), a1) @ w1 + b1
     got = np.asarray(compressed(fn, mode="int8")(out, x), np.float64)
     np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
+
+
+@given(
+    n=st.sampled_from([1, 6, 257]),
+    q=st.sampled_from([0.5, 50.0, 99.0, 99.99, 100.0]),
+    magnitude=st.sampled_from([1e-30, 1.0, 1e30]),  # XLA:CPU flushes subnormals to zero
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_percentile_by_bisection_equals_numpy(n, q, magnitude, ties, seed):
+    """The sort-free percentile (bisection over float bit patterns) is NumPy's (linear)."""
+    from jcompress.quantization._static import _percentile
+
+    rng = np.random.default_rng(seed)
+    a = np.abs(rng.standard_normal((2, n))).astype(np.float32)
+    if ties:
+        a = np.round(a)  # many equal values, zeros among them
+    a = (a * np.float32(magnitude)).astype(np.float32)
+    got = np.asarray(jax.jit(_percentile, static_argnums=1)(jnp.asarray(a), q))
+    expect = np.percentile(a.astype(np.float64), q, axis=-1).astype(np.float32)
+    np.testing.assert_allclose(got, expect, rtol=1e-6)
+    a[1, -1] = np.nan  # NaN anywhere in a slice: NaN (an error for calibrate_activations)
+    got = np.asarray(jax.jit(_percentile, static_argnums=1)(jnp.asarray(a), q))
+    assert np.isnan(got[1]) and np.isfinite(got[0])

@@ -61,7 +61,7 @@ class _Range:
 
     def of(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         a = jnp.abs(x.astype(jnp.float32)).reshape(*x.shape[:-2], -1)
-        r = jnp.max(a, axis=-1) if self.q is None else jnp.percentile(a, self.q, axis=-1)
+        r = jnp.max(a, axis=-1) if self.q is None else _percentile(a, self.q)
         return r, jnp.full(r.shape, x.shape[-2], jnp.float32)
 
     def merge(self, a: tuple, b: tuple) -> tuple[jax.Array, jax.Array]:
@@ -76,6 +76,36 @@ class _Range:
         if self.q is None:
             return jnp.max(r, axis=0), total
         return jnp.sum(r * n, axis=0) / jnp.maximum(total, 1.0), total
+
+
+def _order_statistic(bits: jax.Array, rank: int) -> jax.Array:
+    """The ``rank``-th smallest (0-based) of non-negative floats given as their int32 bit
+    patterns (monotonic for non-negative floats) along the last axis: a bisection over bit
+    patterns, 31 counting passes instead of a sort."""
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits <= mid[..., None], axis=-1, dtype=jnp.int32) > rank
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    lo = jnp.zeros(bits.shape[:-1], jnp.int32)
+    hi = jnp.full(bits.shape[:-1], np.iinfo(np.int32).max, jnp.int32)
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def _percentile(a: jax.Array, q: float) -> jax.Array:
+    """``np.percentile(a, q, axis=-1)`` (linear interpolation) of ``a >= 0``, NaN if any NaN."""
+    n = a.shape[-1]
+    position = q / 100.0 * (n - 1)
+    below = int(np.floor(position))
+    frac = np.float32(position - below)
+    bits = jax.lax.bitcast_convert_type(a, jnp.int32)
+    low = _order_statistic(bits, below)
+    high = _order_statistic(bits, min(below + 1, n - 1)) if frac else low
+    r = low + (high - low) * frac
+    return jnp.where(jnp.any(jnp.isnan(a), axis=-1), jnp.float32(jnp.nan), r)
 
 
 def _chosen_paths(qparams: jt.Params, where: jt.Where) -> tuple[list[str], bool]:
