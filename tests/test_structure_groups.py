@@ -591,8 +591,9 @@ class ScanStack(nn.Module):
 
 def test_nn_scan_stack_groups_and_shrink(strict):
     """Channels through an ``nn.scan`` stack: the residual stream threaded through the layers is
-    one group with every layer's output Dense; each layer's hidden units form a group over the
-    stacked kernels (the same units removed from every layer)."""
+    one group with every layer's output Dense (the same channels in every layer); the hidden
+    units are one group over the stacked kernels in which every layer loses its own units, as
+    many in each layer (blocks along the stacked axis), so the stack stays rectangular."""
     fn, params, x = linen_case(ScanStack(), jnp.linspace(-1, 1, 10).reshape(2, 5))
     stream, hidden, out = dependencies(fn, params, x)
     s = "ScanScanLayer_0"
@@ -604,12 +605,13 @@ def test_nn_scan_stack_groups_and_shrink(strict):
         (f"{s}/Dense_0/kernel", 2),
         (f"{s}/Dense_1/kernel", 1),
     ]
-    assert [m[:2] for m in members(hidden)] == [
-        (f"{s}/Dense_0/kernel", 1),
-        (f"{s}/Dense_1/bias", 1),
-        (f"{s}/Dense_1/kernel", 2),
+    assert members(hidden) == [  # per layer: 3 blocks (layers) of 16 along the stacked axis 0
+        (f"{s}/Dense_0/kernel", 1, 0, 0, 1, 3, 0),
+        (f"{s}/Dense_1/bias", 1, 0, 0, 1, 3, 0),
+        (f"{s}/Dense_1/kernel", 2, 0, 0, 1, 3, 0),
     ]
-    assert (stream.blocked, hidden.blocked, stream.size, hidden.size) == (None, None, 8, 16)
+    assert (stream.blocked, hidden.blocked, stream.size, hidden.size) == (None, None, 8, 48)
+    assert (stream.blocks, hidden.blocks) == (1, 3)
     assert "model output" in out.blocked
     roles = {
         f"{s}/{d}/kernel": Role("matmul", contracting=(1,), output=(2,), stacked=(0,))
@@ -618,6 +620,8 @@ def test_nn_scan_stack_groups_and_shrink(strict):
     with strict():
         masks = structured_masks(params, 0.5, groups=[stream, hidden, out], roles=roles)
         small_fn, small = shrink(fn, params, masks, x)
+    alive = np.asarray(masks[s]["Dense_1"]["kernel"]).any(1)  # (layers, 16)
+    assert alive.sum(1).tolist() == [8, 8, 8] and len({tuple(a) for a in alive}) == 3
     assert small[s]["Dense_1"]["kernel"].shape == (3, 4, 8)  # 3 layers, 8 - 4 in, 16 - 8 out
     assert small[s]["Dense_0"]["kernel"].shape == (3, 8, 4)
     assert small["Dense_1"]["kernel"].shape == (4, 2)

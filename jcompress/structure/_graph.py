@@ -103,9 +103,13 @@ class Spaces:
         self.size: list[int] = []
         self.units: list[int] = []
         self.blocks: list[int] = []
-        self.members: list[list[tuple[Member, int]]] = []
+        self.members: list[list[tuple[Member, int, int]]] = []  # (member, space size, layers)
         self.reasons: list[list[str]] = []
         self.fixed: dict[tuple[str, int], str] = {}
+        # parameters sliced by a scan's xs: {path: (stacked axis, layers)}; their axis sizes
+        self.stacked: dict[str, tuple[int, int]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.scan: list[set[str]] = []  # the stacked paths of the scan bodies being analysed
 
     def new(self, size: int) -> int:
         self.parent.append(len(self.parent))
@@ -154,13 +158,33 @@ class Spaces:
     def add(self, seg: Seg, claim: frozenset, **kw: int) -> None:
         r = self.find(seg.space)
         n = self.size[seg.space]
-        self.members[r] += [(Member(p, a, seg.offset, seg.stride, **kw), n) for p, a in claim]
+        inner = self.scan[-1] if self.scan else set()
+        self.members[r] += [
+            (Member(p, a, seg.offset, seg.stride, **kw), n, self.stacked[p][1] if p in inner else 0)
+            for p, a in claim
+        ]
 
     def block(self, layout: tuple[Seg, ...], reason: str) -> None:
         for s in layout:
             r = self.find(s.space)
             if reason not in self.reasons[r]:
                 self.reasons[r].append(reason)
+
+    def layers(self, root: int) -> int:
+        """``L`` if every member of the set is a layer-stacked kernel axis of one ``scan`` of
+        ``L`` layers (whole axis, no offset): each layer may lose its own channels; else 1."""
+        found = set()
+        for m, n, layers in self.members[root]:
+            if (
+                layers < 2
+                or m.offset
+                or m.stride
+                or m.blocks > 1
+                or self.shapes[m.path][m.axis] != n
+            ):
+                return 1
+            found.add(layers)
+        return found.pop() if len(found) == 1 else 1
 
     def groups(self, order: dict[str, int]) -> dict[int, Group]:
         """``{root: Group}`` in creation order, members sorted by tree order, then axis."""
@@ -169,8 +193,20 @@ class Spaces:
             if self.find(i) != i:
                 continue
             units, blocks = self.units[i], self.blocks[i]
+            layers = self.layers(i)
             members = sorted(
-                {dataclasses.replace(m, width=m.width * n // units) for m, n in self.members[i]},
+                {
+                    dataclasses.replace(
+                        m,
+                        width=m.width * n // units,
+                        **(
+                            {"blocks": layers, "block_axis": self.stacked[m.path][0]}
+                            if layers > 1
+                            else {}
+                        ),
+                    )
+                    for m, n, _ in self.members[i]
+                },
                 key=lambda m: (order.get(m.path, len(order)), m.path, m.axis, m.offset),
             )
             reasons = list(self.reasons[i])
@@ -184,7 +220,9 @@ class Spaces:
                 why = self.fixed.get((m.path, m.axis))
                 if why is not None and why not in reasons:
                     reasons.append(why)
-            out[i] = Group(tuple(members), units, "; ".join(reasons) or None, blocks)
+            out[i] = Group(
+                tuple(members), units * layers, "; ".join(reasons) or None, math.lcm(blocks, layers)
+            )
         return out
 
 
@@ -215,12 +253,12 @@ class Dependencies(ip.Interpreter):
     def _scan_body(self, eqn, invals, infacts):
         """A ``scan`` (``nn.scan`` layer stacks, loops over steps): its body is analysed once.
 
-        A parameter sliced by ``xs`` enters the body without its leading (layer) axis; the
-        channels born from it are shared by every iteration, so a group over a stacked kernel
-        removes the same channels from every layer (members index the leaf's own axes). The
-        carry's facts in and out of the body are tied (a residual stream threaded through the
-        layers is one group with the layers writing into it). Channels in the stacked outputs
-        ``ys`` (and on the ``xs`` slicing axis) are blocked.
+        A parameter sliced by ``xs`` enters the body without its leading (layer) axis and is
+        recorded as stacked (:meth:`Spaces.layers` lets a group of only such members lose
+        different channels per layer). The carry's facts in and out of the body are tied (a
+        residual stream threaded through the layers is one group with the layers writing into
+        it). Channels in the stacked outputs ``ys`` (and on the ``xs`` slicing axis) are
+        blocked.
         """
         p = eqn.params
         nc, nk = p["num_consts"], p["num_carry"]
@@ -231,12 +269,25 @@ class Dependencies(ip.Interpreter):
         for i in range(nc + nk, len(facts_in)):
             f = facts_in[i]
             if f is not None:
+                if _is_claim(f.axes[0]) and len(f.axes[0]) == 1:
+                    [(path, axis)] = f.axes[0]
+                    self.spaces.stacked.setdefault(path, (axis, p["length"]))
                 self.drop(f.axes[0], f"is the axis {why} slices")
                 facts_in[i] = Fact(f.axes[1:], f.param)
         seen: list[list[Fact | None]] = []
+        sliced = {
+            path
+            for f in infacts[nc + nk :]
+            if f is not None and _is_claim(f.axes[0])
+            for path, _ in f.axes[0]
+        }
 
         def fn(c, x):
-            outs, facts = self.run(p["jaxpr"], [*consts, *c, *x], facts_in)
+            self.spaces.scan.append(sliced)
+            try:
+                outs, facts = self.run(p["jaxpr"], [*consts, *c, *x], facts_in)
+            finally:
+                self.spaces.scan.pop()
             seen.append(facts)
             return outs[:nk], outs[nk:]
 
@@ -656,6 +707,8 @@ class Dependencies(ip.Interpreter):
         out = []
         for path, leaf in zip(traced.paths, traced.leaves):
             ndim = len(leaf.shape)
+            if path is not None:
+                self.spaces.shapes[path] = tuple(leaf.shape)
             if path is None:
                 out.append(Fact((None,) * ndim, False))
             else:
@@ -724,10 +777,13 @@ def dependencies(fn: Callable[..., Any], params: Params, *args: Any) -> list[Gro
     * a channel-first flatten (``(N, C, H, W) -> (N, C * H * W)``): channel ``c`` is the run of
       ``H * W`` rows ``c * H * W ...`` of the next kernel (``Member(width=H * W)``);
     * ``scan`` bodies (``nn.scan`` layer stacks): a kernel stacked along ``xs`` has its members on
-      its own axes (``(layers, in, out)``: axis 2), shared by every layer, so the same channels
-      go from every layer; the carry's channels in and out of the body are one group (a residual
-      stream through the stack). Give ``structured_masks`` the stacked kernels' roles
-      (``Role(..., stacked=(0,))``).
+      its own axes (``(layers, in, out)``: axis 2). A group whose members are all whole axes of
+      kernels stacked by one scan of ``L`` layers (an MLP's hidden units inside each layer) has
+      ``L * units`` channels in ``L`` blocks along the stacked axis (``Member(blocks=L,
+      block_axis=0)``): each layer loses its own channels, as many in every layer, so the stack
+      stays rectangular. Any other group through the body (the carry: a residual stream through
+      the stack, tied in and out of the body) loses the same channels in every layer. Give
+      ``structured_masks`` the stacked kernels' roles (``Role(..., stacked=(0,))``).
 
     A group is ``blocked`` (with the reason, naming the primitive and the module from JAX's name
     stack) when a space reaches: the model output; a reduction over the channel axis (LayerNorm,

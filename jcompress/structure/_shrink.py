@@ -217,7 +217,10 @@ class _Program:
             dead = self.removed.get(root)
             if dead is None:
                 continue
-            width = self.spaces.size[seg.space] // self.spaces.units[root]
+            units = self.spaces.units[root]
+            width = self.spaces.size[seg.space] // units
+            if self.spaces.layers(root) > 1:  # one layer's channels (every layer loses as many)
+                dead = dead[dead < units]
             for c in dead:
                 for start in range(seg.offset + int(c) * width, seg.offset + (int(c) + 1) * width):
                     gone.update(range(start, n, seg.stride) if seg.stride else (start,))
