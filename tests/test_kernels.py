@@ -317,10 +317,13 @@ def test_widen_nbytes_checkpoint_and_no_retrace(tmp_path):
     assert w.nbytes == q4.nbytes + 1024 * 8 // 2 + 8 * 8 // 2  # values and zero points: 1 B each
     np.testing.assert_array_equal(w.dequantize(), q4.dequantize())
     assert widen(wide)["w"] is w  # idempotent
-    checkpoint.save(tmp_path / "c", wide)
-    back = checkpoint.load(tmp_path / "c")
+    checkpoint.save(tmp_path / "c", tree)  # save packed, widen after loading
+    back = widen(checkpoint.load(tmp_path / "c"))
     assert back["w"].values.dtype == jnp.int8 and back["w"].bits == 4
     np.testing.assert_array_equal(back["w"].values, w.values)
+    checkpoint.save(tmp_path / "wide", wide)
+    with pytest.raises(ValueError, match="widen after loading"):  # never a silent re-typing
+        checkpoint.load(tmp_path / "wide")
     count = []
 
     def f(p, x):
@@ -333,8 +336,6 @@ def test_widen_nbytes_checkpoint_and_no_retrace(tmp_path):
     run(back, x + 1)
     assert len(count) == 1
     np.testing.assert_allclose(got, run(tree, x), rtol=1e-6, atol=1e-5)
-    with pytest.raises(TypeError, match="int4"):
-        QArray(jnp.zeros((2, 2), jnp.int16), jnp.ones((1, 2)), bits=4, dtype=jnp.float32)
 
 
 def test_explain_looped_paths():

@@ -7,18 +7,38 @@ group axis, the last contracting axis, has ``in / size`` entries).
 Formulations (``mode=``):
 
 * ``"dequantize"``: materialize the float weight, then a float ``dot_general``. Exact reference;
-  on XLA:CPU converting a 4096² int8 weight costs several float matvecs, so this is slow there,
-  while GPU/TPU compilers fuse the conversion into the dot.
+  on XLA:CPU converting a whole 4096² int8 weight costs several float matvecs (0.1-0.6x of
+  float32 end to end), while GPU/TPU compilers fuse the conversion into the dot.
+* ``"chunked"`` (weight-only, exact to float rounding): the same, one K-chunk at a time inside
+  a loop (512 rows of a 4096² weight per step): each float chunk stays in cache, which makes the
+  conversion cheap on XLA:CPU (about 1.0-1.6x of float32 from batch 16). The CPU choice for
+  per-group weights at batch >= 33.
 * ``"limbs"`` (weight-only, exact to float rounding): each activation row is split into three
   int8 limbs ``x ≈ a·(q₀ + q₁/254 + q₂/254²)/127`` (``a`` the row's absolute maximum; residual
-  ``<= a·2⁻²⁴``), the limbs are stacked as extra rows and multiplied by the int8 weight in ONE
-  ``s8 x s8 -> s32`` dot; scales are applied after the integer reduction (per group for per-group
-  scales). The integer GEMM of XLA:CPU is so much faster than its float GEMV/GEMM that three
-  integer rows beat one float row.
+  ``<= a·2⁻²⁴``), the limbs are stacked as extra rows and multiplied by the int8 weight in
+  ``s8 x s8 -> s32`` dots; scales are applied after the integer reduction. The integer GEMM of
+  XLA:CPU is so much faster than its float GEMV/GEMM that three integer rows beat one float row.
 * ``"int8"`` (weight and activation quantization, W8A8): one limb, i.e. dynamic per-token
-  activation quantization ``x ≈ a·q/127``. Outputs change by the activation rounding
-  (relative error ~``1/254`` per element): a different model, chosen explicitly.
-* ``"weight_only"``: the measured dispatch table :data:`WEIGHT_ONLY` for the backend and batch.
+  activation quantization ``x ≈ a·q/127`` (or a static step, below). Outputs change by the
+  activation rounding (relative error ~``1/254`` per element): a different model, chosen
+  explicitly.
+* ``"weight_only"``: the measured dispatch table :data:`WEIGHT_ONLY` for the backend, batch and
+  granularity.
+
+The integer formulations loop on CPU (measured, ``benchmarks/runtime.py``, 4096² weights):
+
+* per channel: over 512-wide K-chunks, accumulating ``int32`` (exact); one 4096-deep integer dot
+  is 2-6x slower than the loop at batch 1-64 on XLA:CPU;
+* per group: one group per step, its scales applied to its integer partial sum; the former
+  batched ``(groups, rows, out)`` dot was 0.02-0.5x of float32;
+* sub-byte values are widened to int8 chunk by chunk, but XLA:CPU's int4 -> int8 conversion
+  stays slow (int4 0.3-1.1x): keep 4-bit values in int8 containers at run time
+  (``jcompress.quantization.widen``: the same RAM as int4 buffers on XLA:CPU, int8 speed).
+
+Convolutions have no integer path: ``jc.compressed`` dequantizes their kernels. An im2col +
+``"limbs"`` (or ``"int8"``) formulation measured 0.1x (0.15x) of the float convolution (3x3,
+64->64, 32x32 maps, batch 1 and 16), dequantize-then-convolve 0.7-1.1x: conv kernels are small,
+the convolution itself dominates.
 
 Static activation steps (``mode="int8"`` only): a plain ``QArray`` whose ``act_scale`` is not
 ``None`` carries the calibrated activation step ``a`` (``float32``, ``values``' rank, size 1 on
@@ -30,16 +50,17 @@ static range means, so calibrate ``a`` on representative inputs. Per-input-chann
 on a contracting axis) are rejected with a ``ValueError``: per-channel smoothing belongs in an
 input scale folded into the weight (``AWQArray``, which divides the activations itself and hands a
 plain ``QArray`` without ``act_scale`` to these kernels). A step that is not finite or not positive
-gives NaN outputs. In the weight-only modes (``"weight_only"``, ``"limbs"``, ``"dequantize"``)
-``act_scale`` is ignored, as by ``QArray.dequantize``; without it ``"int8"`` uses dynamic
-per-token scales. In both ``"int8"`` variants the zero-point correction uses the quantized
-activations, so the result is exactly ``(q·step) @ dequantize(w)`` up to float rounding.
+gives NaN outputs. In the weight-only modes (``"weight_only"``, ``"limbs"``, ``"chunked"``,
+``"dequantize"``) ``act_scale`` is ignored, as by ``QArray.dequantize``; without it ``"int8"``
+uses dynamic per-token scales. In both ``"int8"`` variants the zero-point correction uses the
+quantized activations, so the result is exactly ``(q·step) @ dequantize(w)`` up to float
+rounding.
 
 Scales blocked along a non-contracting axis, or blocked along several contracting axes, use
 ``"dequantize"`` (in every mode: the activations are then not quantized).
 
-Integer accumulation is exact while ``127·128·K < 2³¹`` (``K`` the contracted size per group
-step, up to 131072); larger reductions fall back to ``"dequantize"``. Rows holding NaN/Inf give
+Integer accumulation is exact while ``127·128·K < 2³¹`` (``K`` the contracted size per group,
+up to 131072); larger reductions fall back to ``"dequantize"``. Rows holding NaN/Inf give
 NaN rows (the float reference gives NaN or Inf there).
 """
 
@@ -178,8 +199,8 @@ def dot_general(
       weight_is_rhs: which side the weight is on; the output order follows ``lax.dot_general``
         (batch, left free, right free).
       preferred_element_type: the output dtype (default: the promoted float dtype).
-      mode: ``"weight_only"`` (dispatch), ``"dequantize"``, ``"limbs"`` or ``"int8"`` (see the
-        module docstring).
+      mode: ``"weight_only"`` (dispatch), ``"dequantize"``, ``"chunked"``, ``"limbs"`` or
+        ``"int8"`` (see the module docstring).
       batch_hint: the number of activation rows to dispatch on (default: read from ``lhs``).
 
     Returns:

@@ -96,8 +96,9 @@ class QArray(jtree.Compressed):
     Children (pytree leaves; ``jit``, ``vmap``, ``scan``, sharding and orbax see them):
 
     * ``values``: the integers, the full shape of the float array, signed ``int2`` (``bits == 2``),
-      ``int4`` (3-4) or ``int8`` (5-8); sub-byte values may also sit in ``int8`` containers (the
-      runtime layout made by :func:`widen`).
+      ``int4`` (3-4) or ``int8`` (5-8); sub-byte values sit in ``int8`` containers only in the
+      runtime layout made by :func:`widen` (not accepted by this constructor, hence not by
+      checkpoint loading: save the packed tree).
     * ``scale``: ``float32``, the same rank as ``values``. Along each axis its size is 1 (shared),
       the values' size (per channel / stacked layer), or a divisor ``n`` (``PerGroup``: blocks of
       ``values.shape[a] // n`` consecutive elements).
@@ -145,12 +146,12 @@ class QArray(jtree.Compressed):
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"QArray.dtype must be a float dtype, got {dtype}")
         store = storage_dtype(bits)
-        if np.dtype(values.dtype) not in (store, np.dtype(jnp.int8)):
+        if np.dtype(values.dtype) != store:
             raise TypeError(
-                f"QArray: {bits}-bit values must be stored as {store} (or int8: see widen), got "
-                f"{values.dtype}"
+                f"QArray: {bits}-bit values must be stored as {store}, got {values.dtype} (int8 "
+                "containers of sub-byte values exist only as the runtime layout made by widen(): "
+                "save and load the packed tree, widen after loading)"
             )
-        store = np.dtype(values.dtype)
         if len(scale.shape) != len(values.shape) or any(
             s < 1 or v % s for v, s in zip(values.shape, scale.shape)
         ):
@@ -300,8 +301,8 @@ def widen(tree: Any) -> Any:
     The runtime layout for XLA:CPU, where int4/int2 buffers take one byte per element between
     calls anyway and ``jc.compressed`` would otherwise convert them to int8 on every matmul: with
     4096² weights the widened int4 model runs at int8 speed (``benchmarks/runtime.py``). Widen once
-    after loading, not inside the jitted function. Checkpoints of widened trees round-trip as
-    widened (``nbytes`` and the files count one byte per value: save the packed tree instead).
+    after loading, not inside the jitted function, and save the packed tree, not the widened one
+    (the constructor, which checkpoint loading calls, accepts only packed sub-byte values).
 
     >>> import jax.numpy as jnp
     >>> tree = {"w": QArray(jnp.array([[3]], jnp.int4), jnp.ones((1, 1)), bits=4,
