@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from test_structure import filled, fine_tune, n_params, shrink_in_dtype
 
 from jcompress.pruning import Channels, _masks, apply_masks, magnitude_masks, structured_masks
+from jcompress.pruning._masks import masks_from_scores, plan
 from jcompress.structure import dependencies, shrink, shrink_nnx
 from jcompress.tree import Member, Role
 
@@ -272,6 +273,21 @@ def test_group_masks_compile_once(cases):
     jax.tree.map(np.testing.assert_array_equal, a, b)  # jit == eager
     dead = np.flatnonzero(~np.asarray(a["Conv_0"]["kernel"]).reshape(-1))
     assert len(dead) == 2 and dead[0] % 2 == 0 and dead[1] == dead[0] + 1  # 1 of 4 norm groups
+
+
+def test_previous_masks_stay_pruned_per_block(shrunk):
+    """Gradual pruning (``previous=``): channels pruned before stay pruned, every block still
+    loses the same number, the count is exact."""
+    _, params, groups, _, _, _, _ = shrunk["grouped"]
+    p = plan(params, structure=Channels(groups=groups))
+    first = masks_from_scores(params, params, 0.25, p)
+    second = masks_from_scores(params, params, 0.5, p, previous=first)
+    for name, per, lost in (("Conv_0", 2, (0, 1)), ("Conv_1", 3, (1, 2))):
+        a, b = (np.asarray(m[name]["kernel"]).any((0, 1, 2)) for m in (first, second))
+        assert removed_per_block(first[name]["kernel"], 3, 4) == [lost[0]] * 4
+        assert removed_per_block(second[name]["kernel"], 3, 4) == [lost[1]] * 4
+        assert not np.any(b & ~a)  # nothing revived
+        assert a.size == 4 * per
 
 
 def test_global_scope_with_blocks_is_an_error(cases):
