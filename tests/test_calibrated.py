@@ -781,7 +781,8 @@ def test_one_gram_alive_per_pass_and_same_result(model, monkeypatch):
 
 def test_gptq_on_tied_embedding():
     """nn.Embed gathered and used as the output projection (Embed.attend): its Hessian is that
-    of the logits product's inputs; GPTQ beats round to nearest on the logits."""
+    of the logits product's inputs; GPTQ beats round to nearest on the logits; Wanda scores
+    use the same inputs."""
     import flax.linen as nn
 
     from jcompress.quantization._gptq import gptq
@@ -819,6 +820,13 @@ def test_gptq_on_tied_embedding():
     deq = np.asarray(got.dequantize(), np.float64)
     assert np.sum(~np.isclose(deq, np.asarray(ref.dequantize(), np.float64).T)) <= 2
     assert out_err(h, table.T, deq.T) < out_err(h, table.T, np.asarray(rtn_q.dequantize()).T)
+    # Wanda on the tied table: scores per vocabulary row, norms of the logits product's inputs
+    from jcompress.runtime import capture
+
+    stats = capture(fn, params, *tokens[0])
+    stats = {k: v.merge(capture(fn, params, *tokens[1])[k]) for k, v in stats.items()}
+    keep = wanda_masks(params, stats, 0.5, where=where)["Embed_0"]["embedding"]
+    np.testing.assert_array_equal(keep, np_wanda(table.T, (h * h).sum(0), 0.5).T)
 
 
 def test_sharded_parameters_equal_unsharded(model, devices):
