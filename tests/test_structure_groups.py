@@ -231,6 +231,18 @@ def test_groupnorm_straddling_conv_groups_is_blocked():
     params = {"a": jnp.ones((2, 4)), "b": jnp.ones((1, 3, 4))}
     g = dependencies(unaligned, params, jnp.ones((1, 3, 2)))[0]
     assert "feature_group_count=2" in g.blocked and "unaligned" in g.blocked
+    # whole conv groups of the concatenation, but the model-input group could not follow
+    params = {"a": jnp.ones((2, 4)), "b": jnp.ones((1, 2, 6))}
+    g = dependencies(_three, params, jnp.ones((1, 3, 2)))[0]
+    assert "not one whole channel space" in g.blocked
+
+
+def _three(p, x):
+    y = jnp.concatenate([x @ p["a"], x], -1)  # conv groups {0, 1}, {2, 3} prunable, {4, 5} not
+    y = jax.lax.conv_general_dilated(
+        y, p["b"], (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=3
+    )
+    return y.sum()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -172,7 +172,10 @@ class Spaces:
 
     def layers(self, root: int) -> int:
         """``L`` if every member of the set is a layer-stacked kernel axis of one ``scan`` of
-        ``L`` layers (whole axis, no offset): each layer may lose its own channels; else 1."""
+        ``L`` layers (whole axis, no offset) and no grouped convolution constrains it: each
+        layer may lose its own channels; else 1."""
+        if self.blocks[root] > 1:
+            return 1
         found = set()
         for m, n, layers in self.members[root]:
             if (
@@ -536,29 +539,33 @@ class Dependencies(ip.Interpreter):
         is kernel row ``c % per_group`` for the output columns of block ``c // per_group`` only
         (a ``Member`` with ``blocks=groups``; the kernel is re-gathered per block by shrink).
         """
-        sizes = self.spaces.size
-        if f is None or not _is_claim(rows) or not _is_claim(cols):
-            self.drop(f, f"feeds {why} with a kernel that is not a parameter")
+        if not _is_claim(rows) or not _is_claim(cols):
+            self.drop(f, f"feeds {why}, whose kernel is not a parameter")
+            return
+        if f is None:
             self.drop(
                 rows, f"meets an axis that cannot lose channels (model input or constant) {why}"
             )
             return
         col_axis = {p: a for p, a in cols}
         pairs = [(p, a) for p, a in rows if p in col_axis]
-        if (
-            len(pairs) < len(rows)
-            or not _is_layout(f)
-            or not all(
-                s.stride == 0 and s.offset % per_group == 0 and sizes[s.space] % per_group == 0
-                for s in f
-            )
+        # every convolution group must lose as many channels: the input must be one space
+        # spanning the whole axis (parts of other spaces or of the model input could not follow)
+        if len(pairs) < len(rows) or not (
+            _is_layout(f)
+            and len(f) == 1
+            and (f[0].offset, f[0].stride) == (0, 0)
+            and self.spaces.size[f[0].space] == groups * per_group
         ):
-            reason = f"feeds a grouped convolution {why} (feature_group_count={groups}) unaligned"
+            reason = (
+                f"feeds a grouped convolution {why} (feature_group_count={groups}) unaligned "
+                "(its input is not one whole channel space)"
+            )
             self.drop(f, reason)
             self.drop(rows, reason)
             return
         for seg in f:
-            self.spaces.constrain(seg.space, sizes[seg.space] // per_group)
+            self.spaces.constrain(seg.space, groups)
             for p, a in pairs:
                 self.spaces.add(seg, frozenset({(p, a)}), blocks=groups, block_axis=col_axis[p])
 
