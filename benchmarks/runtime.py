@@ -6,9 +6,14 @@ a small transformer block (attention + MLP). Variants, all jit-compiled in one p
 * ``float32``: ``jax.jit(f)`` on the float parameters (the baseline, ratio 1.0);
 * ``int8 w-only`` / ``int4 w-only`` / ``int8 g64 w-only`` (per-group scales, groups of 64):
   ``jit(compressed(f))``, the weight-only dispatch for the backend, batch and weight size (on CPU:
-  the "limbs" formulation, exact to float rounding, or the float path where it is faster);
+  the looped "limbs" formulation, exact to float rounding, or "chunked" dequantization);
+* ``int4 widened``: the int4 tree after ``widen`` (4-bit values in int8 containers: on XLA:CPU
+  the same RAM as int4 buffers, no per-call int4 -> int8 conversion);
 * ``int8 dequant``: ``compressed(f, formulation="dequantize")`` (what a naive runtime does);
 * ``int8 x int8``: ``compressed(f, mode="int8")`` (W8A8, dynamic per-token activation scales);
+  ``int8 x int8 static``: the same with a static activation step in ``act_scale``;
+* conv: one 3x3 64->64 convolution on 32x32 maps, float vs ``compressed`` (which dequantizes
+  convolution kernels);
 * ``qwix w-only`` / ``qwix w8a8``: Qwix PTQ of the same linen model, when Qwix is installed.
 
 Ratios are float32 time / variant time (> 1: faster than float32), from medians of interleaved
@@ -31,7 +36,8 @@ import jax
 import numpy as np
 
 from jcompress.demo import MLP
-from jcompress.quantization import PerGroup, QuantSpec, quantize
+from jcompress.quantization import PerGroup, QArray, QuantSpec, quantize
+from jcompress.quantization._qarray import widen
 from jcompress.runtime import compressed, explain, roles
 
 try:
@@ -46,6 +52,33 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x):
         return nn.Dense(self.features, use_bias=False)(x)
+
+
+class Conv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(64, (3, 3), use_bias=False)(x)
+
+
+def _static(tree, x):
+    """Every QArray with a static activation step: the input's absmax / 127 (a calibration)."""
+    step = float(np.abs(np.asarray(x)).max()) / 127
+    return jax.tree.map(
+        lambda q: (
+            QArray(
+                q.values,
+                q.scale,
+                q.zero_point,
+                np.full((1,) * q.values.ndim, step, np.float32),
+                bits=q.bits,
+                dtype=q.dtype,
+            )
+            if isinstance(q, QArray)
+            else q
+        ),
+        tree,
+        is_leaf=lambda q: isinstance(q, QArray),
+    )
 
 
 class Block(nn.Module):
@@ -90,7 +123,7 @@ def _qwix_variants(model, params, x):
     return out
 
 
-def bench_case(name, model, x, *, repeats, inner, attention=False, group=None):
+def bench_case(name, model, x, *, repeats, inner, attention=False, group=None, conv=False):
     params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     fn = lambda p, x: model.apply({"params": p}, x)
     role_map = roles(fn, params, x) if attention else None
@@ -100,14 +133,17 @@ def bench_case(name, model, x, *, repeats, inner, attention=False, group=None):
         "float32": (jax.jit(fn), params),
         "int8 w-only": (jax.jit(compressed(fn)), q8),
         "int4 w-only": (jax.jit(compressed(fn)), q4),
+        "int4 widened": (jax.jit(compressed(fn)), widen(q4)),
         "int8 dequant": (jax.jit(compressed(fn, formulation="dequantize")), q8),
-        "int4 dequant": (jax.jit(compressed(fn, formulation="dequantize")), q4),
         "int8 x int8": (jax.jit(compressed(fn, mode="int8")), q8),
     }
+    if not conv:
+        variants["int8 x int8 static"] = (jax.jit(compressed(fn, mode="int8")), _static(q8, x))
     if group is not None:
         spec = QuantSpec(bits=8, granularity=PerGroup(size=group))
         variants[f"int8 g{group} w-only"] = (jax.jit(compressed(fn)), quantize(params, spec))
-    variants.update(_qwix_variants(model, params, x))
+    if not conv:
+        variants.update(_qwix_variants(model, params, x))
     times = {k: [] for k in variants}
     for _ in range(repeats):  # interleaved
         for k, (f, p) in variants.items():
@@ -144,6 +180,11 @@ def main():
             bench_case(
                 f"linear {width} b={b}", Linear(width), x, repeats=repeats, inner=inner, group=64
             )
+        )
+    for b in (1, 16):
+        x = jax.random.normal(key, (b, 32, 32, 64))
+        rows.append(
+            bench_case(f"conv3x3 64 b={b}", Conv(), x, repeats=repeats, inner=inner, conv=True)
         )
     digits = jax.random.normal(key, (256, 64))
     rows.append(
