@@ -237,6 +237,20 @@ def test_groupnorm_straddling_conv_groups_is_blocked():
     assert "not one whole channel space" in g.blocked
 
 
+def test_depthwise_multiplier_input_is_blocked_output_per_block():
+    def fn(p, x):
+        y = jax.lax.conv_general_dilated(
+            x @ p["a"], p["k"], (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"),
+            feature_group_count=4,
+        )  # fmt: skip
+        return y @ p["c"]
+
+    params = {"a": jnp.ones((2, 4)), "k": jnp.ones((1, 1, 8)), "c": jnp.ones((8, 2))}
+    g_in, g_out, _ = dependencies(fn, params, jnp.ones((1, 3, 2)))
+    assert "each of its 4 grouped-convolution blocks holds one channel" in g_in.blocked
+    assert (g_out.size, g_out.blocks, g_out.blocked) == (8, 4, None)
+
+
 def _three(p, x):
     y = jnp.concatenate([x @ p["a"], x], -1)  # conv groups {0, 1}, {2, 3} prunable, {4, 5} not
     y = jax.lax.conv_general_dilated(

@@ -219,6 +219,12 @@ class Spaces:
                     "of its grouped convolutions (GroupNorm groups straddle convolution groups)"
                 )
                 blocks = 1
+            elif blocks > 1 and blocks == units:
+                reasons.append(
+                    f"each of its {blocks} grouped-convolution blocks holds one channel (a "
+                    "depthwise convolution with a channel multiplier): removing one would empty "
+                    "a convolution group"
+                )
             for m in members:
                 why = self.fixed.get((m.path, m.axis))
                 if why is not None and why not in reasons:
@@ -798,8 +804,9 @@ def dependencies(fn: Callable[..., Any], params: Params, *args: Any) -> list[Gro
     align with its parts, or merges them with inner axes that carry channels; a slice, pad, reverse,
     gather or cumulative op along it; a grouped convolution whose groups do not align with its
     input's parts, or whose blocks do not divide the group's units (a GroupNorm group straddling two
-    convolution groups); the stacked outputs ``ys`` of a ``scan``; a primitive the analysis does not
-    know (including ``cond`` and ``while`` bodies: nothing inside them is analysed); or an axis that
+    convolution groups) or hold one unit each (the input of a depthwise convolution with a channel
+    multiplier); the stacked outputs ``ys`` of a ``scan``; a primitive the analysis does not know
+    (including ``cond`` and ``while`` bodies: nothing inside them is analysed); or an axis that
     cannot lose channels (the model input, a constant). Groups whose member axes are also used where
     they cannot shrink (contracted against the model input, indexed by a gather) are blocked too.
 
