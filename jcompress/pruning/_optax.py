@@ -101,14 +101,21 @@ def _check_key(key: Any) -> jax.Array:
 
 def _all_finite(tree: Any) -> jax.Array:
     """Whether every floating leaf of ``tree`` is free of NaN and Inf (a bool scalar)."""
-    # x - x is +0 for every finite x and NaN for NaN and +-Inf, and a sum of zeros cannot
-    # overflow: one fused read of each leaf with no other operand. (Not max(|x|): XLA:CPU's
-    # vectorized max reductions may drop NaN; not x * 0: the broadcast zero becomes a
-    # materialized operand of XLA:CPU's reduction fusion, two more passes over the leaf.)
     total = jnp.zeros((), jnp.float32)
     for leaf in jax.tree.leaves(tree):
-        if jnp.issubdtype(leaf.dtype, jnp.floating):
-            total = total + jnp.sum(leaf - leaf, dtype=jnp.float32)
+        if not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.size == 0:
+            continue
+        # x - x is +0 for every finite x and NaN for NaN and +-Inf; sums of zeros cannot
+        # overflow. Matrices are summed row by row as a product with a vector of ones, which
+        # XLA:CPU runs as one loop fusion over all cores; a full reduction runs on one thread.
+        # (Not max(|x|): vectorized max reductions may drop NaN; not x * 0: XLA:CPU
+        # materializes the broadcast zero as a second operand.)
+        zeros = leaf - leaf
+        if zeros.ndim >= 2:
+            rows = zeros.reshape(-1, zeros.shape[-1])
+            ones = jnp.ones(rows.shape[-1], rows.dtype)
+            zeros = jnp.dot(rows, ones, preferred_element_type=jnp.float32)
+        total = total + jnp.sum(zeros, dtype=jnp.float32)
     return jnp.isfinite(total)
 
 
