@@ -266,15 +266,15 @@ def test_formulations_equal_reference(case, spec, mode, dtype, magnitude):
     }[spec]
     rng = np.random.default_rng(k)
     q = _quant(rng.standard_normal(wshape), role, **kw)
-    if spec == "pc4wide":
-        q = widen(q)
-        assert q.values.dtype == jnp.int8 and q.bits == 4
     x = jnp.asarray(rng.standard_normal(xshape) * magnitude, dtype)
     x32 = np.asarray(x, np.float32)
     if mode == "int8":
         steps = np.float32([0.01, 0.02])[: 2 if role.stacked else 1]
         q = _with_step(q, steps)
         x32 = _fake_quant_lhs(x32, steps, bool(role.stacked))
+    if spec == "pc4wide":
+        q = widen(q)
+        assert q.values.dtype == jnp.int8 and q.bits == 4
     w = q.dequantize()
     ops = (x32, w) if rhs else (w, x32)
     ref = np.asarray(lax.dot_general(*(jnp.asarray(o, jnp.float32) for o in ops), dn))
