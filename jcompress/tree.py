@@ -131,6 +131,11 @@ class Compressed(abc.ABC):
     def dequantize(self) -> jax.Array:
         """The float array this leaf stands for."""
 
+    def stored(self) -> Compressed:
+        """The form checkpoints store: ``self``, unless the leaf is in a runtime-only layout
+        (a widened ``QArray`` returns its packed form), so saved files always load."""
+        return self
+
     @property
     @abc.abstractmethod
     def shape(self) -> tuple[int, ...]:

@@ -153,6 +153,7 @@ def to_node(tree: Any) -> tuple[Any, list[ArrayRef]]:
 
     def walk(keys: list, x: Any) -> Any:
         if isinstance(x, Compressed):
+            x = x.stored()  # runtime layouts (QArray.widen) are saved in their packed form
             kind = _registry.kind_of(x)
             path = path_str(keys)
             if kind is None:

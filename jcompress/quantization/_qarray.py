@@ -97,8 +97,8 @@ class QArray(jtree.Compressed):
 
     * ``values``: the integers, the full shape of the float array, signed ``int2`` (``bits == 2``),
       ``int4`` (3-4) or ``int8`` (5-8); sub-byte values sit in ``int8`` containers only in the
-      runtime layout made by :func:`widen` (not accepted by this constructor, hence not by
-      checkpoint loading: save the packed tree).
+      runtime layout made by :func:`widen` (not accepted by this constructor; checkpoints save
+      the packed form, :meth:`stored`).
     * ``scale``: ``float32``, the same rank as ``values``. Along each axis its size is 1 (shared),
       the values' size (per channel / stacked layer), or a divisor ``n`` (``PerGroup``: blocks of
       ``values.shape[a] // n`` consecutive elements).
@@ -150,7 +150,7 @@ class QArray(jtree.Compressed):
             raise TypeError(
                 f"QArray: {bits}-bit values must be stored as {store}, got {values.dtype} (int8 "
                 "containers of sub-byte values exist only as the runtime layout made by widen(): "
-                "save and load the packed tree, widen after loading)"
+                "checkpoints store the packed form: widen after loading)"
             )
         if len(scale.shape) != len(values.shape) or any(
             s < 1 or v % s for v, s in zip(values.shape, scale.shape)
@@ -262,6 +262,26 @@ class QArray(jtree.Compressed):
         out._set(values, self._scale, zp, self._act_scale, self._bits, self._dtype)
         return out
 
+    def stored(self) -> QArray:
+        """The packed form of a widened array (sub-byte values back in their own dtype), which is
+        what checkpoints save; ``self`` when already packed.
+
+        >>> import jax.numpy as jnp
+        >>> qa = QArray(jnp.array([[-7, 7]], jnp.int4), jnp.array([[0.5, 1.0]]), bits=4,
+        ...             dtype=jnp.float32)
+        >>> qa.widen().stored().values.dtype
+        dtype(int4)
+        """
+        store = storage_dtype(self._bits)
+        if np.dtype(self._values.dtype) == store:
+            return self
+        zp = None if self._zero_point is None else self._zero_point.astype(store)
+        out = object.__new__(type(self))  # subclasses (AWQArray) keep their type
+        out._set(
+            self._values.astype(store), self._scale, zp, self._act_scale, self._bits, self._dtype
+        )
+        return out
+
     def take(self, indices: ArrayLike, axis: int = 0) -> jax.Array:
         """``jnp.take(self.dequantize(), indices, axis)``, dequantizing only the rows it takes.
 
@@ -301,8 +321,8 @@ def widen(tree: Any) -> Any:
     The runtime layout for XLA:CPU, where int4/int2 buffers take one byte per element between
     calls anyway and ``jc.compressed`` would otherwise convert them to int8 on every matmul: with
     4096² weights the widened int4 model runs at int8 speed (``benchmarks/runtime.py``). Widen once
-    after loading, not inside the jitted function, and save the packed tree, not the widened one
-    (the constructor, which checkpoint loading calls, accepts only packed sub-byte values).
+    after loading, not inside the jitted function; ``jc.checkpoint.save`` stores a widened tree in
+    its packed form (:meth:`QArray.stored`), so loading gives packed values back.
 
     >>> import jax.numpy as jnp
     >>> tree = {"w": QArray(jnp.array([[3]], jnp.int4), jnp.ones((1, 1)), bits=4,
