@@ -518,6 +518,8 @@ def test_bad_inputs_name_path_and_fix(mlp_params):
         P.NM(n=0, m=4)
     with pytest.raises(TypeError, match="must be an int"):
         P.NM(n=2.0, m=4)
+    with pytest.raises(TypeError, match=r"pass it as structure=NM\(n=2, m=4\)"):
+        P.magnitude_masks({"d": {"kernel": jnp.ones((4, 4))}}, P.NM(2, 4))  # pattern as sparsity
     with pytest.raises(ValueError, match="norm must be 'l1' or 'l2'"):
         P.Channels(norm="linf")
     with pytest.raises(ValueError, match="scope must be 'layer' or 'global'"):

@@ -84,6 +84,11 @@ def _kinds(structure: Structure) -> tuple[str, ...]:
 def _check_sparsity(sparsity: Any, structure: Structure) -> None:
     if sparsity is None:
         return  # the caller passes it later (masks_from_scores); NM needs none
+    if isinstance(sparsity, Unstructured | NM | Channels):
+        raise TypeError(
+            f"sparsity must be a number, got the structure {sparsity!r}; pass it as "
+            f"structure={sparsity!r} (with sparsity=None for NM)"
+        )
     if not _is_concrete_scalar(sparsity):
         if jt.is_concrete(sparsity):
             raise ValueError(f"sparsity must be a scalar, got shape {np.shape(sparsity)}")

@@ -6,6 +6,8 @@
 * :func:`quantize` / :func:`dequantize`: float leaves to :class:`QArray` and back.
 * :func:`calibrate`: frozen ``{path: Scales}`` reused by :func:`quantize` and
   :func:`fake_quantize` (quantization-aware training with a straight-through gradient).
+* :func:`widen`: the XLA:CPU runtime layout (4-bit values in int8 containers, read at int8
+  speed by ``jc.compressed``).
 * :func:`nonfinite`: the flag for NaN/Inf weights met inside ``jit``.
 * Calibrated post-training quantization: :func:`gptq` (Frantar et al. 2022) and :func:`awq`
   (Lin et al. 2023, :class:`AWQArray` leaves), from input statistics of ``jc.capture``.
@@ -14,7 +16,7 @@
 """
 
 from jcompress.quantization._calibration import Scales
-from jcompress.quantization._qarray import QArray
+from jcompress.quantization._qarray import QArray, widen
 from jcompress.quantization._qat import fake_quantize
 from jcompress.quantization._quantize import calibrate, dequantize, nonfinite, quantize
 from jcompress.quantization._spec import (
@@ -48,6 +50,7 @@ __all__ = [
     "fake_quantize",
     "nonfinite",
     "quantize",
+    "widen",
     "AWQArray",
     "awq",
     "awq_layer",

@@ -261,11 +261,13 @@ def awq(
     roles: Mapping[str, jtree.Role] | None = None,
     grid: int = 20,
     quiet: bool = False,
+    layers_per_pass: int | None = 1,
 ) -> jtree.Params:
     """Calibrated post-training quantization with AWQ (Lin et al., 2023) over a model.
 
     The inputs of every selected matmul/conv leaf are captured on ``batches``
-    (``jc.capture(..., gram=True)``, one walk), and each leaf (each stacked slice on its own)
+    (``jc.capture(..., gram=True, paths=...)``, ``layers_per_pass`` leaves per walk over
+    ``batches``), and each leaf (each stacked slice on its own)
     gets the per-input-channel scale ``s = m^alpha`` with the least layer output error (module
     docstring); the leaf becomes an :class:`AWQArray` holding ``Q(s W)`` and ``s``.
     ``jc.quantization.dequantize(result)`` is the float model ``Q(s W) / s``, and
@@ -280,6 +282,8 @@ def awq(
       roles: ``{path: Role}``; default: Flax layouts.
       grid: ``alpha`` is searched on ``0, 1/grid, ..., 1`` (``grid + 1`` candidates).
       quiet: no ``rich`` progress bar.
+      layers_per_pass: Gram matrices held at once, as in :func:`jcompress.quantization.gptq`
+        (``None``: one walk for every leaf, all Grams at once; same result).
 
     Returns:
       The tree with :class:`AWQArray` leaves for the selected leaves, others unchanged.
@@ -318,6 +322,14 @@ def awq(
         return qa, qa.dequantize()
 
     results = _hessian.run_layers(
-        fn, params, batches, list(resolved), compress, sequential=False, quiet=quiet, what=what
+        fn,
+        params,
+        batches,
+        list(resolved),
+        compress,
+        sequential=False,
+        quiet=quiet,
+        what=what,
+        layers_per_pass=layers_per_pass,
     )
     return jtree.map_with_paths(lambda p, x: results.get(p, x), params)
