@@ -552,6 +552,28 @@ def test_nonfinite_check_finds_one_bad_value_anywhere(dtype, name, index, value)
     assert bool(nonfinite(state)) == (value in SPECIAL)
 
 
+def test_switching_to_fixed_masks_after_the_schedule_is_exact():
+    """The documented fast path: ``masks=masks_of(state)`` with the inner state carried over
+    takes the same steps as the scheduled transform past its end (to float rounding: XLA fuses
+    the two programs differently), with the same exact zeros."""
+    history, state = adam_run()
+    params = history[-1][0]
+    _, step, _ = stepper("adam")
+    fixed = prune(INNER["adam"](), masks=masks_of(state))
+    fixed_state = fixed.init(params)._replace(inner_state=state.inner_state)
+    fixed_step = jax.jit(make_step(fixed))
+    p1, s1, p2, s2 = params, state, params, fixed_state
+    for _ in range(3):
+        p1, s1 = step(p1, s1, X, Y)
+        p2, s2 = fixed_step(p2, s2, X, Y)
+    for a, b in zip(jax.tree.leaves((p1, s1.inner_state)), jax.tree.leaves((p2, s2.inner_state))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    for path in KERNELS:
+        mask = leaf(masks_of(state), path)
+        np.testing.assert_array_equal(leaf(masks_of(s2), path), mask)
+        assert np.all(leaf(p2, path)[~mask] == 0) and np.all(leaf(p1, path)[~mask] == 0)
+
+
 def test_donated_step_with_fixed_masks_keeps_user_masks():
     """``jax.jit(step, donate_argnums=(0, 1))`` gives the plain step's results bit for bit, and
     donating the state never deletes the user's ``masks=`` arrays (the state owns copies)."""
