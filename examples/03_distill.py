@@ -42,7 +42,7 @@ The teacher's soft targets pay off when the student has little labelled data: th
 half the gap on the student's own 101 images (1b; Hinton et al.'s Table 5: 87%; one seed
 18%) and nearly all of it when they label a transfer set 10x larger than the labelled one (2).
 
-    python examples/03_distill.py            # full: 5 seeds, ~12 minutes on 2 cores at load ~10
+    python examples/03_distill.py            # full: 5 seeds, 4 min on 2 cores (12 min at load ~10)
     python examples/03_distill.py --quick    # 2 seeds, a few steps: a smoke run
 """
 
