@@ -19,7 +19,11 @@ same images, with the teacher's logits for them precomputed (``teacher_logits=``
       3% of the speech data): the student sees only 10% of the fit set (101 images: their
       labels and the teacher's soft targets for those same images, nothing else). The teacher
       was trained on the whole fit set, so part of what its soft targets carry comes from data
-      the student never sees.
+      the student never sees;
+   c. the same with 25% of the fit set (252 images). This setting was added AFTER 1b missed the
+      issue's goal (>= 50% of the gap closed): on exploration seeds 0-2 (not 100-104) 125 images
+      closed about 63% and 250 about 90%; 25% was then fixed, with the same recipe as 1b, before
+      running seeds 100-104, and is reported as it came out.
 2. A transfer set: labels for only 5% of the fit set, the teacher's soft targets for all of it
    (``labels=None``: pure distillation), vs the 5% labels alone.
 3. Distillation into a compressed student: 64-300-100-10 pruned to 90% (``jc.pruning.prune``
@@ -33,16 +37,21 @@ errors out of 539, mean ± std over seeds 100-104):
     1a. 1006 images: alone / distilled (T=4, a=0.5)    10.4 ± 3.8 / 12.0 ± 3.2   no gap
     1b.  101 images: alone / distilled (T=2, a=0.5)    59.4 ± 12.8 / 38.6 ± 9.6  47% closed
         (per seed 45, 48, 59, 18, 60%: 46 ± 17%)
+    1c.  252 images: alone / distilled (T=8, a=0.5)    29.0 ± 3.2 / 20.6 ± 4.5   60% closed
+        (per seed 73, 65, 78, 53, 36%: 61 ± 17%)
     2.  50 labels alone / + soft targets for 1006      92.6 ± 15.9 / 16.6 ± 3.9  98% closed
     3.  90% pruned + int4: no teacher / distilled      12.2 ± 2.6 / 13.2 ± 4.1   no gain
 
 On 8x8 digits the regularised teacher is no better than an unregularised 64-300-100-10 trained
 on the same 1,006 images (1a, and 3 with the compressed student), so there is no gap to close.
-The teacher's soft targets pay off when the student has little labelled data: they close about
-half the gap on the student's own 101 images (1b; Hinton et al.'s Table 5: 87%; one seed
-18%) and nearly all of it when they label a transfer set 10x larger than the labelled one (2).
+The teacher's soft targets pay off when the student has little labelled data: they close just
+under half the gap on the student's own 101 images (1b: 47%, short of the 50% goal; Hinton et
+al.'s Table 5: 87%; one seed 18%), 60% of the (smaller, 14-error) gap on 252 images (1c, the
+setting added after 1b missed the goal; one seed 36%; exploration seeds 0-2 had shown ~90%
+at 250 images), and nearly all of it when they label a transfer set 10x larger than the
+labelled one (2).
 
-    python examples/03_distill.py            # full: 5 seeds, 4 min on 2 cores (12 min at load ~10)
+    python examples/03_distill.py            # full: 5 seeds, 5 min on 2 cores at load ~3
     python examples/03_distill.py --quick    # 2 seeds, a few steps: a smoke run
 """
 
@@ -343,7 +352,7 @@ def main():
     parser.add_argument("--first-seed", type=int, default=100)
     parser.add_argument("--parts", default="123", help="which experiments to run, e.g. 12")
     cfg = parser.parse_args()
-    cfg.lr, cfg.subset, cfg.labels = 3e-3, 0.1, 0.05
+    cfg.lr, cfg.subsets, cfg.labels = 3e-3, {"b": 0.1, "c": 0.25}, 0.05
     cfg.steps, cfg.teacher_steps = (100, 150) if cfg.quick else (1000, 3000)
     grid = GRID[3:4] if cfg.quick else GRID  # quick: T=4, alpha=0.9 only
     cfg.seeds = list(range(cfg.first_seed, cfg.first_seed + (2 if cfg.quick else cfg.seeds)))
@@ -371,7 +380,10 @@ def main():
 
     choices = {}
     if "1" in cfg.parts:
-        for tag, m, salt in (("a", n, 1), ("b", round(cfg.subset * n), 2)):
+        # 1c (25%, its own salt) was added after 1b (10%) missed the 50% goal.
+        sizes = {"a": (n, 1), "b": (round(cfg.subsets["b"] * n), 2)}
+        sizes["c"] = (round(cfg.subsets["c"] * n), 5)
+        for tag, (m, salt) in sizes.items():
             alone, distilled, choice, tried = alone_and_distilled(cfg, data, logits, m, grid, salt)
             choices[tag] = choice
             report(f"1{tag} ({m} images)", alone, distilled, choice, tried)

@@ -53,6 +53,7 @@ def test_distill_example_quick(example, monkeypatch, capsys):
         "teacher": r"teacher 64-1200-1200-10",
         "1a alone": r"1a\. student .* alone",
         "1b alone": r"1b\. student .* alone",
+        "1c alone": r"1c\. student .* alone",
         "2 alone": r"2\. \d+ labels alone",
         "2 distilled": r"labels \+ soft targets",
         "3 alone": r"90% pruned \+ int4 QAT, no teacher",
@@ -64,9 +65,9 @@ def test_distill_example_quick(example, monkeypatch, capsys):
         assert match, (name, table)
         means[name] = float(match.group(1))
     distilled = [float(v) for v in re.findall(r"distilled \(T=.*?(\d+\.\d) ±", table)]
-    assert len(distilled) == 3, table  # 1a, 1b and 3
+    assert len(distilled) == 4, table  # 1a, 1b, 1c and 3
     # Every distilled row reports the fraction of the gap it closes (or that there is none).
-    assert table.count("gap closed: ") == 4, table
+    assert table.count("gap closed: ") == 5, table
     # A random student errs on ~90% of the 539 images: a few dozen steps already do far better.
     for value in [*means.values(), *distilled]:
         assert 0 <= value < 0.5 * TEST_IMAGES, table
