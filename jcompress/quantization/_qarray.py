@@ -254,13 +254,7 @@ class QArray(jtree.Compressed):
         >>> wide.values.dtype, wide.bits, wide.nbytes
         (dtype('int8'), 4, 10)
         """
-        if np.dtype(self._values.dtype) == np.dtype(jnp.int8):
-            return self
-        zp = None if self._zero_point is None else self._zero_point.astype(jnp.int8)
-        out = object.__new__(type(self))  # subclasses (AWQArray) keep their type
-        values = self._values.astype(jnp.int8)
-        out._set(values, self._scale, zp, self._act_scale, self._bits, self._dtype)
-        return out
+        return self._recontained(np.dtype(jnp.int8))
 
     def stored(self) -> QArray:
         """The packed form of a widened array (sub-byte values back in their own dtype), which is
@@ -272,14 +266,16 @@ class QArray(jtree.Compressed):
         >>> qa.widen().stored().values.dtype
         dtype(int4)
         """
-        store = storage_dtype(self._bits)
-        if np.dtype(self._values.dtype) == store:
+        return self._recontained(storage_dtype(self._bits))
+
+    def _recontained(self, container: np.dtype) -> QArray:
+        """The same numbers with ``values`` and ``zero_point`` in ``container`` (no checks)."""
+        if np.dtype(self._values.dtype) == container:
             return self
-        zp = None if self._zero_point is None else self._zero_point.astype(store)
+        zp = None if self._zero_point is None else self._zero_point.astype(container)
         out = object.__new__(type(self))  # subclasses (AWQArray) keep their type
-        out._set(
-            self._values.astype(store), self._scale, zp, self._act_scale, self._bits, self._dtype
-        )
+        values = self._values.astype(container)
+        out._set(values, self._scale, zp, self._act_scale, self._bits, self._dtype)
         return out
 
     def take(self, indices: ArrayLike, axis: int = 0) -> jax.Array:
