@@ -48,9 +48,10 @@ from jax.typing import ArrayLike
 from jcompress import _hessian
 from jcompress import tree as jtree
 from jcompress.quantization._calibration import compute_scales, fake_quant, layout
+from jcompress.quantization._gptq import resolve_calibrated
 from jcompress.quantization._qarray import QArray, dequantize_blocks
 from jcompress.quantization._quantize import quantize
-from jcompress.quantization._spec import QuantSpec, SpecOrRules, resolve_specs
+from jcompress.quantization._spec import QuantSpec, SpecOrRules
 
 __all__ = ["AWQArray", "AWQLayerStats", "awq", "awq_layer"]
 
@@ -303,14 +304,7 @@ def awq(
     """
     what = "AWQ"
     alphas = _grid(grid, None, what)
-    if where is None:
-        where = jtree.select(params, None, roles=roles, kinds=("matmul", "conv"), what=what)
-    resolved = resolve_specs(params, spec_or_rules, where=where, roles=roles, what=what)
-    leaves = dict(jtree.leaves_with_paths(params))
-    for path, (spec, role) in resolved.items():
-        jtree.check_finite(path, leaves[path], what=what)
-        layout(path, tuple(leaves[path].shape), spec, role)
-        _hessian.LeafMatrices.of(path, leaves[path].shape, role)
+    resolved, _ = resolve_calibrated(params, spec_or_rules, where=where, roles=roles, what=what)
 
     def compress(path, leaf, stats):
         spec, role = resolved[path]

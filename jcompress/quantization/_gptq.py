@@ -142,6 +142,28 @@ def _gptq(w, h, mask, *, spec: QuantSpec, block_size: int, percdamp: float, act_
     return qa, _hessian.LayerStats(loss, err, prep.ok & jnp.isfinite(err), fallback)
 
 
+def resolve_calibrated(
+    params: jtree.Params,
+    spec_or_rules: SpecOrRules,
+    *,
+    where: jtree.Where,
+    roles: Mapping[str, jtree.Role] | None,
+    what: str,
+) -> tuple[dict[str, tuple[QuantSpec, jtree.Role]], dict[str, Any]]:
+    """``({path: (spec, role)}, {path: leaf})`` for a calibrated method (GPTQ, AWQ), checked
+    eagerly before any calibration pass: the default selection is every matmul/conv leaf, and
+    each selected leaf must be finite, fit its spec's layout and flatten to Hessian matrices."""
+    if where is None:
+        where = jtree.select(params, None, roles=roles, kinds=("matmul", "conv"), what=what)
+    resolved = resolve_specs(params, spec_or_rules, where=where, roles=roles, what=what)
+    leaves = dict(jtree.leaves_with_paths(params))
+    for path, (spec, role) in resolved.items():
+        jtree.check_finite(path, leaves[path], what=what)
+        layout(path, tuple(leaves[path].shape), spec, role)
+        _hessian.LeafMatrices.of(path, leaves[path].shape, role)
+    return resolved, leaves
+
+
 def gptq_layer(
     w: ArrayLike,
     h: ArrayLike,
@@ -315,17 +337,12 @@ def gptq(
     QArray(shape=(8, 4), bits=4, dtype=float32, scale=(1, 4))
     """
     what = "GPTQ"
-    if where is None:
-        where = jtree.select(params, None, roles=roles, kinds=("matmul", "conv"), what=what)
-    resolved = resolve_specs(params, spec_or_rules, where=where, roles=roles, what=what)
-    leaves = dict(jtree.leaves_with_paths(params))
+    resolved, leaves = resolve_calibrated(
+        params, spec_or_rules, where=where, roles=roles, what=what
+    )
     mask_of = {}
     if masks is not None:
         mask_of = dict(zip(leaves, jtree.match_paths(params, masks, name="masks")))
-    for path, (spec, role) in resolved.items():
-        jtree.check_finite(path, leaves[path], what=what)
-        layout(path, tuple(leaves[path].shape), spec, role)
-        _hessian.LeafMatrices.of(path, leaves[path].shape, role)
     _hessian.check_options(what, block_size=block_size, percdamp=percdamp, what=what)
     options = {"block_size": block_size, "percdamp": float(percdamp), "act_order": bool(act_order)}
 
