@@ -423,6 +423,70 @@ def test_variables_in_init_plain_arrays_in_update():
     assert np.all(leaf(out, "hidden/kernel")[~mask] == 0)
 
 
+FORMS = ("variables", "arrays")
+
+
+@functools.cache
+def _nnx_split():
+    graphdef, state = nnx.split(NnxMLP(nnx.Rngs(0)), nnx.Param)
+    return graphdef, state
+
+
+def _form(tree, form):
+    return tree if form == "variables" else nnx.as_pure(tree)
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("init_form", FORMS)
+@pytest.mark.parametrize("update_form", FORMS)
+@pytest.mark.parametrize("grad_form", FORMS)
+def test_prune_works_wherever_its_inner_optimizer_works(inner, init_form, update_form, grad_form):
+    """The plain nnx loop (split / grad / update) in every mix of Variables and arrays: prune
+    runs exactly where the bare optimizer runs, and gives the bare optimizer's updates on the
+    weights it keeps (regression: Variables in init broke ``tx.update``)."""
+    graphdef, state = _nnx_split()
+
+    def loss(s):
+        return optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, s)(X), Y).mean()
+
+    make = {
+        "sgd": lambda: optax.sgd(0.1, momentum=0.9),
+        "adam": lambda: optax.adam(1e-2),
+        "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
+    }[inner]
+    grads = _form(jax.grad(loss)(state), grad_form)
+    results = []
+    for tx in (make(), prune(make(), schedule=constant_schedule(0.5), mask_gradients=False)):
+        try:
+            opt_state = tx.init(_form(state, init_form))
+            params = _form(state, update_form)
+            updates, opt_state = jax.jit(tx.update)(grads, opt_state, params)
+            results.append((optax.apply_updates(params, updates), opt_state))
+        except (ValueError, TypeError) as e:
+            results.append(e)
+    plain, pruned = results
+    if isinstance(plain, Exception):  # a combination the optimizer itself rejects
+        assert isinstance(pruned, Exception)
+        return
+    assert not isinstance(pruned, Exception), pruned
+    (plain_params, _), (pruned_params, opt_state) = plain, pruned
+    mask = leaf(masks_of(opt_state), "hidden/kernel")
+    assert n_pruned(mask) == 12 * 16 // 2
+    got, want = (
+        leaf(nnx.as_pure(pruned_params), "hidden/kernel"),
+        leaf(nnx.as_pure(plain_params), "hidden/kernel"),
+    )
+    assert np.all(got[~mask] == 0)
+    np.testing.assert_allclose(got[mask], want[mask], rtol=1e-6)
+    assert type(jax.tree.leaves(pruned_params, is_leaf=_is_var)[0]) is type(
+        jax.tree.leaves(plain_params, is_leaf=_is_var)[0]
+    )
+
+
+def _is_var(x):
+    return isinstance(x, nnx.Variable)
+
+
 # ----------------------------------------------------------------------------------------------
 # NaN/Inf flag, masks_of
 # ----------------------------------------------------------------------------------------------

@@ -334,18 +334,20 @@ def prune(
             )
 
     def init(params: Any) -> PruneState:
-        params = _unwrap(params)
-        for path, leaf in jtree.leaves_with_paths(params):
+        # prune's own state is built on plain arrays; the inner optimizer sees exactly what
+        # the caller passed (Variables or arrays), as it would without prune.
+        plain = _unwrap(params)
+        for path, leaf in jtree.leaves_with_paths(plain):
             jtree.check_finite(path, leaf, what="prune")
         if fixed is not None:
-            state_masks, target = _fixed_masks(params, fixed)
+            state_masks, target = _fixed_masks(plain, fixed)
         else:
-            plan = make_plan(params)
+            plan = make_plan(plain)
             shapes = jax.eval_shape(
-                lambda p: _masks.masks_from_scores(p, p, jnp.float32(0.0), plan), params
+                lambda p: _masks.masks_from_scores(p, p, jnp.float32(0.0), plan), plain
             )
             state_masks = jax.tree.map(lambda s: jnp.ones(s.shape, jnp.bool_), shapes)
-            state_masks = _as_masks(params, state_masks)
+            state_masks = _as_masks(plain, state_masks)
             target = jnp.float32(0.0)
         return PruneState(
             inner_state=inner.init(params),
