@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_structure import filled, fine_tune, n_params, shrink_in_dtype
 
+import jcompress as jc
 from jcompress.pruning import Channels, _masks, apply_masks, magnitude_masks, structured_masks
 from jcompress.pruning._masks import masks_from_scores, plan
 from jcompress.structure import dependencies, shrink, shrink_nnx
@@ -132,7 +133,9 @@ def shrunk(cases):
     out = {}
     for name, (fn, params, x) in cases.items():
         groups = dependencies(fn, params, x)
-        kw = GQA_WHERE if name.startswith("gqa") else {}
+        # q/k/v are (features, heads, head_dim): jc.roles says heads and head_dim are output
+        # axes, which is what lets them own (and so select) the head groups
+        kw = dict(GQA_WHERE, roles=jc.roles(fn, params, x)) if name.startswith("gqa") else {}
         masks = structured_masks(params, 0.5, groups=groups, **kw)
         small_fn, small = shrink(fn, params, masks, x)
         out[name] = (fn, params, groups, masks, x, small_fn, small)
@@ -671,3 +674,59 @@ def test_nn_scan_stack_groups_and_shrink(strict):
     np.testing.assert_allclose(jax.jit(small_fn)(small, x), want, rtol=1e-5, atol=1e-5)
     losses, _, _ = fine_tune(small_fn, small, x, jnp.array([0, 1]), 10)
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Which members select a group: owners (output axis), not readers
+# ----------------------------------------------------------------------------------------------
+
+
+class ResidualBlock(nn.Module):
+    """``h = stem(x); y = down(relu(up(h))); head(relu(h + y))``: a residual stream of 32."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(32, name="stem")(x)
+        y = nn.Dense(32, name="down")(jax.nn.relu(nn.Dense(96, name="up")(h)))
+        return nn.Dense(10, name="head")(jax.nn.relu(h + y))
+
+
+@pytest.mark.parametrize(
+    ("where", "shapes"),
+    [
+        # up owns its 96 outputs; it only reads the residual stream, which stays whole
+        (
+            "params/up/kernel",
+            {"stem": (16, 32), "up": (32, 48), "down": (48, 32), "head": (32, 10)},
+        ),
+        # down owns (writes into) the residual stream: that group is pruned, up's outputs not
+        (
+            "params/down/kernel",
+            {"stem": (16, 16), "up": (16, 96), "down": (96, 16), "head": (16, 10)},
+        ),
+        # head's outputs are the model's outputs (blocked): nothing of head's own is pruned
+        (
+            "params/(up|head)/kernel",
+            {"stem": (16, 32), "up": (32, 48), "down": (48, 32), "head": (32, 10)},
+        ),
+    ],
+)
+def test_a_group_is_selected_only_through_its_owner(where, shapes):
+    model, x = ResidualBlock(), jax.random.normal(jax.random.key(1), (4, 16))
+    v = model.init(jax.random.key(0), x)
+    fn = lambda v, x: model.apply(v, x)
+    masks = structured_masks(v, 0.5, groups=dependencies(fn, v, x), where=where)
+    small_fn, small = shrink(fn, v, masks, x)
+    got = {k: tuple(small["params"][k]["kernel"].shape) for k in shapes}
+    assert got == shapes
+    np.testing.assert_allclose(
+        small_fn(small, x), fn(apply_masks(v, masks), x), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_reader_alone_selects_no_group():
+    model, x = ResidualBlock(), jnp.ones((2, 16))
+    v = model.init(jax.random.key(0), x)
+    groups = dependencies(lambda v, x: model.apply(v, x), v, x)
+    with pytest.raises(ValueError, match="owned by a selected leaf"):
+        structured_masks(v, 0.5, groups=groups, where="params/head/kernel")

@@ -152,19 +152,32 @@ def _group_layouts(
 def _layouts_key(pairs, selected, structure: Channels, roles: dict) -> tuple:
     """The hashable arguments of :func:`_layouts`."""
     stacked = tuple(tuple(roles[p].stacked) if s else () for (p, _), s in zip(pairs, selected))
+    outputs = tuple(tuple(roles[p].output) if s else () for (p, _), s in zip(pairs, selected))
     shapes = tuple((p, tuple(np.shape(x))) for p, x in pairs)
-    return (structure.groups, shapes, tuple(selected), stacked)
+    return (structure.groups, shapes, tuple(selected), stacked, outputs)
+
+
+def _owned(group, position: dict, selected, outputs) -> bool:
+    """Whether a selected leaf owns ``group``: holds it along one of its output axes.
+
+    A selected leaf that only reads the group (its contracting axis, e.g. a residual stream
+    feeding ``up``) does not select it.
+    """
+    return any(
+        m.path in position and selected[position[m.path]] and m.axis in outputs[position[m.path]]
+        for m in group.members
+    )
 
 
 @functools.lru_cache(maxsize=32)
-def _layouts(groups, shapes, selected, stacked):
+def _layouts(groups, shapes, selected, stacked, outputs):
     """:func:`_group_layouts` on hashable arguments (cached: the tables are built once)."""
     position = {p: i for i, (p, _) in enumerate(shapes)}
     out = []
     for group in groups:
         if group.blocked is not None or group.size == 0:
             continue
-        if not any(selected[position[p]] for p in group.paths if p in position):
+        if not _owned(group, position, selected, outputs):
             continue
         members = []
         for mem in group.members:
@@ -279,7 +292,8 @@ def plan(
         if not _group_layouts(pairs, selected, structure, resolved):
             blocked = [g.blocked for g in structure.groups if g.blocked is not None]
             raise ValueError(
-                f"{what}: no prunable channel group touches a selected leaf ("
+                f"{what}: no prunable channel group is owned by a selected leaf (a group is "
+                "pruned only through a selected leaf holding it on its output axis; "
                 f"{len(structure.groups)} groups, {len(blocked)} blocked"
                 + (f", e.g. {blocked[0]!r}" if blocked else "")
                 + "); widen where= or compute groups with jc.structure.dependencies"
@@ -859,6 +873,13 @@ def structured_masks(
 
     ``magnitude_masks(params, sparsity, structure=Channels(norm=norm, groups=groups), ...)``.
     Masks of a ``(in, out)`` kernel have shape ``(1, out)``.
+
+    With ``groups`` (from ``jc.structure.dependencies``), a group of coupled channels is pruned
+    only when a **selected leaf owns it**, holding it on an output axis: ``where="up/kernel"``
+    prunes ``up``'s output channels (and their coupled members: bias, ``down``'s input rows)
+    but not the residual stream that ``up`` reads. A channel's score sums its norms over the
+    group members that are selected leaves (owner columns and selected readers' rows);
+    unselected members (biases, norm parameters) are masked with the group but do not score.
 
     >>> import jax.numpy as jnp
     >>> params = {"kernel": jnp.array([[1.0, 0.1, 3.0], [1.0, 0.2, -3.0]])}

@@ -72,8 +72,16 @@ class Channels:
       norm: ``"l1"`` or ``"l2"``: how the element scores of one channel are combined.
       groups: ``None`` (each selected leaf's output channels on their own) or a sequence of
         :class:`jcompress.tree.Group` from ``jc.structure.dependencies``: then channels are
-        removed group-wise, scored by the sum of the member channel scores, and the masks cover
-        every member of the group (bias, norm statistics, the next layer's rows). A group's
+        removed group-wise and the masks cover every member of the group (bias, norm
+        statistics, the next layer's rows). **Which groups are pruned:** a group is pruned only
+        through a selected leaf that *owns* it, i.e. holds it on one of its output axes (its
+        role's ``output``); a selected leaf that merely reads the group along a contracting
+        axis (``up`` reading a residual stream) does not select it, so ``where="up/kernel"``
+        prunes ``up``'s outputs and leaves the residual stream whole. **What scores a
+        channel:** the norm of its slices in every member that is a selected leaf (the
+        owner's output slice, and the input rows of a selected next layer), summed over those
+        members; unselected members (biases, norm parameters) are masked but do not score. A
+        group's
         channel is its unit (a whole GroupNorm group, a key/value head with its query heads);
         a group with ``blocks > 1`` (a grouped convolution's channels) loses
         ``round(sparsity * size / blocks)`` channels in each block, so every convolution group

@@ -345,6 +345,12 @@ def shrink(
     (or ``prune(..., structure=Channels(groups=...))``) so they cover every member. Blocked groups
     keep every channel. Zeros the masks leave inside kept channels stay zeros.
 
+    ``shrink`` removes exactly what the masks say; which groups the masks prune is decided when
+    they are made: ``structured_masks(..., where=...)`` prunes a group only through a selected
+    leaf that owns it (holds it on an output axis), scoring each channel over the members that
+    are selected leaves. A leaf that only reads a group (a residual stream entering ``up``)
+    neither selects nor loses it.
+
     Args:
       fn: ``fn(params, *args)``; for linen ``lambda v, x: model.apply(v, x)`` with the whole
         variables dict (``batch_stats`` included) and the inference-mode model.
