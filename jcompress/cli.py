@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -39,9 +38,10 @@ def _one_line(text: str) -> str:
 
 def _read_params(path: str) -> Any:
     from jcompress import checkpoint
+    from jcompress._fs import resolve
     from jcompress.checkpoint._io import SCHEMA_FILE
 
-    p = Path(path)
+    p = resolve(path, what="checkpoint directory")
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     if (p / SCHEMA_FILE).is_file():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from jcompress import _fs
 from jcompress.report import Summary, format_bytes
 
 __all__ = ["layers", "tradeoff"]
@@ -62,7 +63,7 @@ def tradeoff(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    fig.savefig(path, dpi=120)
+    fig.savefig(_fs.resolve(path, what="path"), dpi=120)
 
 
 def layers(summary: Summary, path: str | os.PathLike) -> None:
@@ -86,4 +87,4 @@ def layers(summary: Summary, path: str | os.PathLike) -> None:
     ax2.plot(list(xs), [r.bits for r in rows], "o", color="tab:red")
     ax2.set_ylim(0, max(33, max(r.bits for r in rows) + 1))
     ax2.set_ylabel("bits per value", color="tab:red")
-    fig.savefig(path, dpi=120)
+    fig.savefig(_fs.resolve(path, what="path"), dpi=120)

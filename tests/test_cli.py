@@ -49,10 +49,7 @@ def assert_one_line_error(code, err, *needles):
         assert n in lines[0], (n, lines[0])
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["inspect"], ["quantize"], ["prune"]])
-def test_help(capsys, command):
-    code, out, _ = run(capsys, *command, "--help")
-    assert code == 0 and out.startswith("usage: jcompress")
+# --help of every command: tests/test_readme.py, from an empty working directory
 
 
 def test_inspect_table_and_json(capsys, flax_ckpt):
@@ -173,9 +170,15 @@ def test_console_script_process_has_no_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_quick(capsys, tmp_path):
-    code, out, err = run(capsys, "demo", "--quick", "--out", tmp_path)
+def test_demo_quick(capsys, tmp_path, monkeypatch):
+    """As a newcomer runs it: from an empty working directory, default (relative) output."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "demo", "--quick")
     assert code == 0, err
+    code, report, err = run(capsys, "inspect", "jcompress-demo/checkpoints/pruned_int4")
+    assert code == 0, err
+    assert "Dense_0/kernel" in report and "QArray" in report and "on disk" in report
+    tmp_path = tmp_path / "jcompress-demo"
     for name in ("results.json", "tradeoff.png", "layers.png"):
         assert (tmp_path / name).is_file(), name
     results = json.loads((tmp_path / "results.json").read_text())

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jcompress import _fs
 from jcompress.checkpoint import _encode, _schema
 
 SCHEMA_FILE = "jcompress.json"
@@ -205,7 +206,8 @@ def save(directory: str | os.PathLike, tree: Any) -> None:
     zstd-compressed by orbax.
 
     Args:
-      directory: where to write; an existing jcompress checkpoint there is replaced.
+      directory: where to write (``str``, relative, ``~`` or ``os.PathLike``); an existing
+        jcompress checkpoint there is replaced.
       tree: dicts (``str``/``int`` keys), lists, tuples, ``None``, Python scalars, arrays
         (``jax.Array`` with its sharding, NumPy), ``nnx.State``/``nnx.Variable``, ``FrozenDict``
         and registered compressed leaves (``QArray``).
@@ -220,7 +222,7 @@ def save(directory: str | os.PathLike, tree: Any) -> None:
     >>> load(d)["step"]
     7
     """
-    directory = Path(os.fspath(directory)).absolute()
+    directory = _fs.resolve(directory, what="save: directory")
     walked = _schema.to_node(tree)  # fail on unsupported objects before touching the disk
     _check_target(directory)
     parent = directory.parent
@@ -253,9 +255,46 @@ def _corrupt(directory: Path, what: str) -> ValueError:
     )
 
 
+# tensorstore status codes and orbax messages that mean the stored bytes are damaged or missing
+_DAMAGE_MARKS = (
+    "DATA_LOSS",
+    "OUT_OF_RANGE",
+    "NOT_FOUND",
+    "FAILED_PRECONDITION",
+    "No structure could be identified",
+    "corrupt",
+    "truncat",
+)
+
+
+def _read_error(directory: Path, e: BaseException) -> Exception:
+    """An honest error for a failed orbax read of ``arrays/``: damage, permission or library."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    what = f"{type(e).__name__}: {first}"
+    if isinstance(e, PermissionError) or "PERMISSION_DENIED" in first:
+        return PermissionError(
+            f"{directory}: permission denied while reading {ARRAYS_DIR}/ ({what}); make the "
+            "checkpoint's files readable by this user"
+        )
+    if isinstance(e, json.JSONDecodeError | UnicodeDecodeError) or any(
+        mark in first for mark in _DAMAGE_MARKS
+    ):
+        return _corrupt(directory, f"cannot read {ARRAYS_DIR}/: {what}")
+    if isinstance(e, OSError):
+        return OSError(e.errno, f"{directory}: cannot read {ARRAYS_DIR}/ ({what})")
+    import orbax.checkpoint as ocp
+
+    return RuntimeError(
+        f"{directory}: orbax failed to read {ARRAYS_DIR}/ ({what}). The checkpoint's own "
+        "schema checks passed and orbax reported no damage, so this looks like a library or "
+        f"environment problem, not a broken file (jax {jax.__version__}, orbax-checkpoint "
+        f"{getattr(ocp, '__version__', '?')}); the cause is attached"
+    )
+
+
 def read_schema(directory: str | os.PathLike) -> dict:
     """The checkpoint's JSON schema, checked for format and version."""
-    directory = Path(os.fspath(directory))
+    directory = _fs.resolve(directory, what="checkpoint directory")
     if not directory.exists():
         backups = sorted(directory.parent.glob(f".{directory.name}.old-*"))
         hint = (
@@ -316,9 +355,8 @@ def _restore_stored(directory: Path, entries: list[dict], blob_bytes: int, place
             restored = ckptr.restore(
                 directory / ARRAYS_DIR, args=ocp.args.PyTreeRestore(restore_args=args)
             )
-    except Exception as e:  # orbax/tensorstore raise many types for damaged files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise _corrupt(directory, f"cannot read {ARRAYS_DIR}/: {type(e).__name__}: {first}") from e
+    except Exception as e:  # orbax/tensorstore raise many types: say which kind this is
+        raise _read_error(directory, e) from e
     missing = [k for k in keys if k not in restored]
     if missing:
         raise _corrupt(directory, f"arrays {missing[:3]} are missing")
@@ -329,7 +367,7 @@ def load(directory: str | os.PathLike, *, shardings: Shardings = None) -> Any:
     """Load a checkpoint written by :func:`save`; no target tree is needed.
 
     Args:
-      directory: the checkpoint directory.
+      directory: the checkpoint directory (``str``, relative, ``~`` or ``os.PathLike``).
       shardings: where to place arrays: ``None`` (arrays saved with a ``NamedSharding`` get the
         same mesh axes and partition spec when this process has as many devices as that mesh,
         others go to the default device), a ``{path: Sharding}`` dict (paths as
@@ -344,12 +382,16 @@ def load(directory: str | os.PathLike, *, shardings: Shardings = None) -> Any:
 
     Raises:
       FileNotFoundError: no such directory.
-      ValueError: not a jcompress checkpoint, corrupted or truncated, written by a newer schema
-        version, or holding a compressed kind that is not registered.
+      PermissionError: a file of the checkpoint cannot be read (its cause kept).
+      ValueError: not a jcompress checkpoint, corrupted or truncated (a failed CRC-32, schema
+        or size check, or storage damage reported by orbax/tensorstore), written by a newer
+        schema version, or holding a compressed kind that is not registered.
+      RuntimeError: orbax failed for another reason (a library or environment error, not known
+        damage); its cause is kept.
 
     Loading never imports or runs code named by the file (no pickle).
     """
-    directory = Path(os.fspath(directory))
+    directory = _fs.resolve(directory, what="load: directory")
     schema = read_schema(directory)
     entries = schema["arrays"]
     blob_bytes = int(schema["blob_bytes"])
@@ -421,7 +463,7 @@ def disk_bytes(directory: str | os.PathLike) -> int:
     >>> disk_bytes(d) < 4000
     True
     """
-    directory = Path(os.fspath(directory))
+    directory = _fs.resolve(directory, what="disk_bytes: directory")
     if not directory.exists():
         raise FileNotFoundError(f"{directory}: no such directory")
     total = 0

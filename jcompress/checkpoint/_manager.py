@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 
+from jcompress import _fs
 from jcompress.checkpoint import _io
 
 
@@ -26,15 +26,15 @@ class JCompressCheckpointHandler(ocp.CheckpointHandler):
     """
 
     def save(self, directory: Any, args: JCompressSave) -> None:
-        _io.write(Path(str(directory)), args.tree)
+        _io.write(_fs.resolve(directory), args.tree)
 
     def restore(self, directory: Any, args: JCompressRestore | None = None) -> Any:
         shardings = None if args is None else args.shardings
-        return _io.load(Path(str(directory)), shardings=shardings)
+        return _io.load(_fs.resolve(directory), shardings=shardings)
 
     def metadata(self, directory: Any) -> dict | None:
         try:
-            schema = _io.read_schema(Path(str(directory)))
+            schema = _io.read_schema(_fs.resolve(directory))
         except (FileNotFoundError, ValueError):
             return None
         return {"version": schema["version"], "arrays": len(schema["arrays"])}

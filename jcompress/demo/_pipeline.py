@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jcompress import checkpoint, report
+from jcompress import _fs, checkpoint, report
 from jcompress import tree as jtree
 from jcompress.demo._data import Digits, batches, load_digits
 from jcompress.demo._models import MLP
@@ -207,7 +207,7 @@ def run(
         console = Console()
         if not console.is_terminal:  # captured or piped: keep the tables unwrapped
             console = Console(width=max(console.width, 120))
-    out = Path(out)
+    out = _fs.resolve(out, what="demo: out")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     stages: dict[str, str] = {}
