@@ -300,9 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except _CLIError as e:
         print(_one_line(str(e)), file=sys.stderr)
-    except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        print(f"{prog}: error: {_one_line(str(e))}", file=sys.stderr)
-    except (ValueError, TypeError, ImportError) as e:
+    except (OSError, RuntimeError, ValueError, TypeError, ImportError) as e:
         print(f"{prog}: error: {_one_line(str(e))}", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
