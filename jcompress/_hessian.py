@@ -447,11 +447,17 @@ class LeafMatrices:
         """Raise ``ValueError`` naming the path unless ``stats`` hold this leaf's Gram matrix."""
         s, c, _ = self.dims
         gram = getattr(stats, "gram", None)
-        if gram is None or math.prod(np.shape(gram)) != s * c * c:
+        if gram is None:
             raise ValueError(
-                f"{self.path}: the input statistics hold no Gram matrix of {s} x ({c}, {c}) "
-                f"(got {None if gram is None else np.shape(gram)}); capture them with "
+                f"{self.path}: the input statistics hold no Gram matrix; capture them with "
                 "jc.capture(fn, params, *batch, gram=True) from the same fn and params"
+            )
+        if math.prod(np.shape(gram)) != s * c * c:
+            raise ValueError(
+                f"{self.path}: fn feeds this leaf {np.shape(gram)[-1]} input channels, but its "
+                f"role contracts axes {self.contracting} of shape {self.shape} ({c} channels): "
+                "the role does not describe how fn uses the leaf (a non-Flax layout, such as "
+                "a kernel stored (out, in)?); pass roles=jc.roles(fn, params, *args)"
             )
 
     def hessians(self, stats: Any) -> jax.Array:
@@ -489,6 +495,48 @@ def _pass_groups(order: list[str], layers_per_pass: int | None) -> list[list[str
     if layers_per_pass is None:
         return [order] if order else []
     return [order[i : i + layers_per_pass] for i in range(0, len(order), layers_per_pass)]
+
+
+def roles_from_fn(
+    fn: Callable[..., Any],
+    params: Any,
+    batches: Iterable[Any],
+    roles: Mapping[str, Role] | None,
+    what: str,
+) -> Mapping[str, Role] | None:
+    """``roles``, or (``None``) the roles ``fn`` gives every leaf on the first batch.
+
+    Calibrated methods trace ``fn`` anyway, so by default they read each leaf's axes from its
+    jaxpr (:func:`jcompress.roles`) instead of assuming Flax layouts: a GPT-2 ``(out, in)``
+    kernel or an Equinox ``weight`` gets its true contracting axis. ``None`` comes back when
+    ``batches`` is empty (the caller's batch check names that).
+    """
+    if roles is not None:
+        return roles
+    from jcompress.runtime import roles as infer_roles  # calibration imports runtime
+
+    if iter(batches) is batches:
+        return None  # check_batches names the one-shot iterator
+    first = next(iter(batches), None)
+    if first is None:
+        return None
+    try:
+        inferred = dict(infer_roles(fn, params, *_arguments(first)))
+    except ValueError as e:
+        raise ValueError(
+            f"{what}: could not read the roles of the parameters from fn's jaxpr ({e}); pass "
+            "roles= explicitly: jc.roles(fn, params, *args) on an unambiguous call, or "
+            "{path: jc.Role(...)} written by hand"
+        ) from e
+    # A Flax-named kernel that fn never multiplies keeps its default role, so the default
+    # selection still picks it and the missing statistics are an error naming it.
+    for path, leaf in leaves_with_paths(params):
+        role = inferred.get(path)
+        if role is None or role.kind == "other":
+            default = jt.default_role(path, leaf)
+            if default is not None and default.kind in ("matmul", "conv"):
+                inferred[path] = default
+    return inferred
 
 
 def check_batches(batches: Any, layers_per_pass: Any, what: str) -> None:

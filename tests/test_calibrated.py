@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jcompress import _hessian
-from jcompress.pruning import NM
+from jcompress.pruning import NM, apply_masks
 from jcompress.pruning._sparsegpt import sparsegpt_layer
 from jcompress.pruning._wanda import wanda_masks
 from jcompress.quantization import MSE, PerGroup, QArray, QuantSpec, dequantize, quantize
@@ -871,3 +871,73 @@ def test_sharded_parameters_equal_unsharded(model, devices):
         np.testing.assert_allclose(a.scale, b.scale, rtol=1e-6)
         np.testing.assert_array_equal(m1[name]["kernel"], ms[name]["kernel"])
         np.testing.assert_allclose(p1[name]["kernel"], ps[name]["kernel"], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts read from fn: no roles= needed (issue 12, failure 5)
+# ----------------------------------------------------------------------------------------------
+
+
+def gpt2_style(p, x):
+    """Kernels stored ``(out, in)`` and transposed in the forward, as GPT-2's Conv1D does."""
+    h = jnp.tanh(x @ p["c_fc"]["kernel"].T + p["c_fc"]["bias"])
+    return h @ p["c_proj"]["kernel"].T
+
+
+@pytest.fixture(scope="module")
+def gpt2_model():
+    rng = np.random.default_rng(5)
+    params = {
+        "c_fc": {"kernel": jnp.asarray(layer(5)[1].T), "bias": jnp.zeros(16)},  # (16, 64)
+        "c_proj": {"kernel": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)},
+    }
+    x = layer(5, samples=256)[0].astype(np.float32)
+    return params, [(jnp.asarray(x[:128]),), (jnp.asarray(x[128:]),)], x
+
+
+@pytest.mark.parametrize("method", ["gptq", "sparsegpt", "awq"])
+def test_calibrated_methods_read_the_layout_from_fn(gpt2_model, method):
+    """Without roles=, the roles come from fn's jaxpr: same result as with jc.roles, scales on
+    the output rows of the (out, in) kernels, and better than the uncalibrated baseline."""
+    import jcompress as jc
+    from jcompress.pruning import magnitude_masks
+    from jcompress.pruning._sparsegpt import sparsegpt
+    from jcompress.quantization import awq
+    from jcompress.quantization._gptq import gptq
+
+    params, batches, x = gpt2_model
+    roles = jc.roles(gpt2_style, params, x)
+    assert roles["c_fc/kernel"] == jc.Role("matmul", (1,), (0,))
+    exact = gpt2_style(params, x)
+    err = lambda p: float(np.linalg.norm(gpt2_style(p, x) - exact))
+    spec = QuantSpec(bits=3, granularity=PerGroup(16))
+    if method == "sparsegpt":
+        run = lambda **kw: sparsegpt(gpt2_style, params, batches, 0.5, quiet=True, **kw)[0]
+        baseline = apply_masks(params, magnitude_masks(params, 0.5, roles=roles))
+    else:
+        f = gptq if method == "gptq" else awq
+        run = lambda **kw: dequantize(f(gpt2_style, params, batches, spec, quiet=True, **kw))
+        baseline = dequantize(quantize(params, spec, roles=roles))
+    inferred, given = run(), run(roles=roles)
+    for path in ("c_fc", "c_proj"):
+        np.testing.assert_array_equal(inferred[path]["kernel"], given[path]["kernel"])
+    assert err(inferred) < err(baseline)
+    if method == "gptq":
+        q = gptq(gpt2_style, params, batches, spec, quiet=True)
+        assert q["c_fc"]["kernel"].scale.shape == (16, 4)  # per output row, 64 / 16 groups
+
+
+def test_wrong_roles_say_so_and_name_the_fix(gpt2_model):
+    """Flax-layout roles on (out, in) kernels: the error names the role, not a missing Gram."""
+    from jcompress.quantization._gptq import gptq
+    from jcompress.tree import Role
+
+    params, batches, _ = gpt2_model
+    flax_roles = {
+        "c_fc/kernel": Role("matmul", (0,), (1,)),
+        "c_proj/kernel": Role("matmul", (0,), (1,)),
+    }
+    with pytest.raises(
+        ValueError, match=r"c_fc/kernel: fn feeds this leaf 64 input channels.*roles=jc\.roles"
+    ):
+        gptq(gpt2_style, params, batches, SPECS[0], roles=flax_roles, quiet=True)

@@ -207,7 +207,9 @@ def sparsegpt(
         loses exactly ``round(float32(s) · C)``; ``None`` (or ``n/m``) with ``NM``.
       structure: ``Unstructured()`` (default) or ``NM(n, m)`` along the last contracting axis.
       where: selection (default: matmul/conv leaves).
-      roles: ``{path: Role}``; default: Flax layouts.
+      roles: ``{path: Role}``; default: read from ``fn``'s jaxpr on the first batch
+        (:func:`jcompress.roles`), right for any layout (Flax ``(in, out)``, ``(out, in)``,
+        Equinox, attention kernels, ``nn.scan`` stacks).
       block_size, percdamp: as in :func:`sparsegpt_layer`.
       sequential: calibrate each layer on the outputs of the already-pruned earlier layers
         (one walk over ``batches`` per layer); default: on the original ``params``.
@@ -235,6 +237,7 @@ def sparsegpt(
     [4, 4, 4, 4]
     """
     what = "SparseGPT"
+    roles = _hessian.roles_from_fn(fn, params, batches, roles, what)
     if isinstance(structure, Channels):
         raise ValueError(
             f"{what} prunes single weights or N:M groups, not channels; use "

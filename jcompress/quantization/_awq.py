@@ -280,7 +280,9 @@ def awq(
       batches: a re-iterable (a list) of argument tuples (a bare array is one argument).
       spec_or_rules: a :class:`QuantSpec` or ordered ``[(regex, QuantSpec | None), ...]`` rules.
       where: selection (default: matmul/conv leaves).
-      roles: ``{path: Role}``; default: Flax layouts.
+      roles: ``{path: Role}``; default: read from ``fn``'s jaxpr on the first batch
+        (:func:`jcompress.roles`), right for any layout (Flax ``(in, out)``, ``(out, in)``,
+        Equinox, attention kernels, ``nn.scan`` stacks).
       grid: ``alpha`` is searched on ``0, 1/grid, ..., 1`` (``grid + 1`` candidates).
       quiet: no ``rich`` progress bar.
       layers_per_pass: Gram matrices held at once, as in :func:`jcompress.quantization.gptq`
@@ -304,6 +306,7 @@ def awq(
     """
     what = "AWQ"
     alphas = _grid(grid, None, what)
+    roles = _hessian.roles_from_fn(fn, params, batches, roles, what)
     resolved, _ = resolve_calibrated(params, spec_or_rules, where=where, roles=roles, what=what)
 
     def compress(path, leaf, stats):

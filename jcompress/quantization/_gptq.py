@@ -307,7 +307,9 @@ def gptq(
       masks: pruning masks with the params' paths: pruned weights stay exactly zero and the
         kept ones compensate for them (apply :func:`jcompress.pruning.apply_masks` first or not:
         the result is the same).
-      roles: ``{path: Role}``; default: Flax layouts.
+      roles: ``{path: Role}``; default: read from ``fn``'s jaxpr on the first batch
+        (:func:`jcompress.roles`), right for any layout (Flax ``(in, out)``, ``(out, in)``,
+        Equinox, attention kernels, ``nn.scan`` stacks).
       block_size, percdamp, act_order: as in :func:`gptq_layer`.
       sequential: calibrate each layer on the outputs of the already-quantized earlier layers
         (one walk over ``batches`` per layer); default: on the original ``params``.
@@ -337,6 +339,7 @@ def gptq(
     QArray(shape=(8, 4), bits=4, dtype=float32, scale=(1, 4))
     """
     what = "GPTQ"
+    roles = _hessian.roles_from_fn(fn, params, batches, roles, what)
     resolved, leaves = resolve_calibrated(
         params, spec_or_rules, where=where, roles=roles, what=what
     )

@@ -150,7 +150,13 @@ def quantize(
       where: selection (default: ``kernel``/``embedding`` leaves, or matmul/conv/gather roles);
         intersected with the rules.
       roles: ``{path: Role}``; decides output axes (per-channel scales), the group axis (the last
-        contracting axis) and stacked layers (separate scales per layer).
+        contracting axis) and stacked layers (separate scales per layer). **Without it, Flax
+        layouts are assumed** (``kernel (..., in, out)``, ``embedding (vocab, features)``):
+        ``quantize`` sees no function, so on another layout (GPT-2's ``(out, in)`` kernels,
+        Equinox ``weight``, attention ``DenseGeneral``, ``nn.scan`` stacks) it would put
+        per-channel scales and groups on the wrong axes without any error. Pass
+        ``roles=jc.roles(fn, params, *args)`` there. (``gptq``, ``awq`` and ``sparsegpt`` trace
+        ``fn`` and read the roles themselves.)
       scales: frozen calibration from :func:`calibrate` (skips the calibration search).
 
     Returns:
