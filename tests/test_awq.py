@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jcompress import _hessian
+from jcompress import calibration
 from jcompress.quantization import PerGroup, QArray, QuantSpec, dequantize, quantize
 from jcompress.quantization._awq import AWQArray, awq, awq_layer
 from jcompress.runtime import compressed, roles
@@ -253,5 +253,5 @@ def test_property_never_worse_than_rtn(shape, bits, gain, seed):
     assert np.all(np.isfinite(np.asarray(qa.dequantize())))
     assert np.all(np.asarray(qa.act_scale) > 0)
     h = hess(x)
-    got = float(_hessian.output_error(jnp.asarray(w), qa.dequantize(), h))
+    got = float(calibration.output_error(jnp.asarray(w), qa.dequantize(), h))
     np.testing.assert_allclose(got, float(stats.output_error), rtol=1e-3, atol=1e-5)

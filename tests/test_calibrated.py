@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jcompress import _hessian
+from jcompress import calibration
 from jcompress.pruning import NM, apply_masks
 from jcompress.pruning._sparsegpt import sparsegpt_layer
 from jcompress.pruning._wanda import wanda_masks
@@ -500,7 +500,7 @@ def test_wanda_missing_and_malformed_stats():
 def test_hessian_helper():
     x = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
     np.testing.assert_allclose(
-        np.asarray(_hessian.hessian(x.T @ x, 10)), 2 * x.T @ x / 10, rtol=1e-6
+        np.asarray(calibration.hessian(x.T @ x, 10)), 2 * x.T @ x / 10, rtol=1e-6
     )
 
 
@@ -534,7 +534,7 @@ def test_gptq_model_equals_layer_level_and_beats_rtn(model):
     params, batches, x = model
     q = gptq(mlp, params, batches, SPECS[0], block_size=BLOCK, quiet=True)
     assert q["Dense_0"]["bias"] is params["Dense_0"]["bias"]
-    h = _hessian.hessian(x.T.astype(np.float64) @ x, len(x))
+    h = calibration.hessian(x.T.astype(np.float64) @ x, len(x))
     ref, _ = gptq_layer(params["Dense_0"]["kernel"], h, SPECS[0], block_size=BLOCK)
     got = q["Dense_0"]["kernel"]
     assert got.scale.shape == rtn(params["Dense_0"]["kernel"], SPECS[0]).scale.shape
@@ -551,7 +551,7 @@ def layer2_hessian(params, batches):
 
     stats = [capture(mlp, params, *b, gram=True)["Dense_1/kernel"] for b in batches]
     total = stats[0].merge(stats[1])
-    return _hessian.hessian(total.gram, total.count)
+    return calibration.hessian(total.gram, total.count)
 
 
 def test_sequential_calibrates_on_compressed_outputs(model):
@@ -812,7 +812,7 @@ def test_gptq_on_tied_embedding():
     ).reshape(-1, 64)
     # the embedding is (vocab, features) = (out, in): the layer problem is on its transpose
     ref, _ = gptq_layer(
-        table.T.astype(np.float32), _hessian.hessian(h.T @ h, len(h)), spec, block_size=BLOCK
+        table.T.astype(np.float32), calibration.hessian(h.T @ h, len(h)), spec, block_size=BLOCK
     )
     got = q["Embed_0"]["embedding"]
     rtn_q = quantize(params, spec, where=where)["Embed_0"]["embedding"]

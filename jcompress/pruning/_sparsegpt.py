@@ -1,7 +1,7 @@
 """SparseGPT: one-shot pruning with OBS weight reconstruction (Frantar & Alistarh, 2023).
 
 Rows of a Flax ``(in, out)`` kernel (the input channels; the paper's columns) are visited in
-order with the Hessian machinery shared with GPTQ (:mod:`jcompress._hessian`): a pruned weight's
+order with the Hessian machinery shared with GPTQ (:mod:`jcompress.calibration`): a pruned weight's
 value is removed and its error, divided by ``U[j, j]``, is subtracted from the later rows along
 ``U[j]`` (``U`` the upper Cholesky factor of the dampened ``H⁻¹``), so the kept weights
 reconstruct the layer output. The mask is chosen adaptively from the *current* (already
@@ -28,11 +28,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jcompress import _hessian
+from jcompress import calibration
 from jcompress import tree as jt
 from jcompress.pruning._masks import _unwrapped_structure, plan
 from jcompress.pruning._structures import NM, Channels, Structure, Unstructured
@@ -50,21 +49,21 @@ class SparseGPTLayer(NamedTuple):
       weights: the pruned and reconstructed kernel ``(in, out)``, ``w``'s dtype, exactly zero
         where ``mask`` is ``False``.
       mask: bool ``(in, out)``, ``True`` where kept.
-      stats: :class:`jcompress._hessian.LayerStats`.
+      stats: :class:`jcompress.calibration.LayerStats`.
     """
 
     weights: jax.Array
     mask: jax.Array
-    stats: _hessian.LayerStats
+    stats: calibration.LayerStats
 
 
 @functools.partial(jax.jit, static_argnames=("structure", "block_size", "percdamp"))
 def _sparsegpt(w, h, sparsity, *, structure, block_size: int, percdamp: float):
     n, out = w.shape
     nm = structure if isinstance(structure, NM) else None
-    segment = nm.m if nm is not None else _hessian.block_rows(n, block_size, 1)
-    block = _hessian.block_rows(n, block_size, segment)
-    prep = _hessian.prepare(w, h, percdamp=percdamp, block=block, act_order=False)
+    segment = nm.m if nm is not None else calibration.block_rows(n, block_size, 1)
+    block = calibration.block_rows(n, block_size, segment)
+    prep = calibration.prepare(w, h, percdamp=percdamp, block=block, act_order=False)
     rows = prep.w.shape[0]
     if nm is None:
         starts = [min(b * block, n) for b in range(rows // block + 1)]
@@ -90,12 +89,12 @@ def _sparsegpt(w, h, sparsity, *, structure, block_size: int, percdamp: float):
         return (keep, lax.dynamic_update_slice_in_dim(result, target[None], r, 0)), target
 
     init = (jnp.ones((rows, out), bool), jnp.zeros((rows, out), jnp.float32))
-    (keep, result), loss = _hessian.sweep(
+    (keep, result), loss = calibration.sweep(
         prep, init, block=block, segment=segment, on_segment=on_segment, on_row=on_row
     )
     weights = result[:n].astype(w.dtype)
-    err = _hessian.output_error(w, weights, h)
-    return SparseGPTLayer(weights, keep[:n], _hessian.LayerStats(loss, err, prep.ok))
+    err = calibration.output_error(w, weights, h)
+    return SparseGPTLayer(weights, keep[:n], calibration.LayerStats(loss, err, prep.ok))
 
 
 @functools.partial(jax.jit, static_argnames=("lay", "structure", "block_size", "percdamp"))
@@ -107,7 +106,7 @@ def _sparsegpt_stack(leaf, stats, sparsity, *, lay, structure, block_size, percd
             w, h, sparsity, structure=structure, block_size=block_size, percdamp=percdamp
         )
 
-    out = _hessian.per_slice(one, lay, leaf, stats)
+    out = calibration.per_slice(one, lay, leaf, stats)
     return lay.from_matrices(out.weights), lay.from_matrices(out.mask), out.stats
 
 
@@ -144,8 +143,9 @@ def sparsegpt_layer(
 
     Args:
       w: kernel ``(in, out)`` (Flax orientation: rows are the contracting axis).
-      h: Hessian ``(in, in)``, ``2 XᵀX / n`` of the layer inputs (``jcompress._hessian.hessian``).
-        Inputs that never fire (``H[j, j] == 0``) get their weight row zeroed.
+      h: Hessian ``(in, in)``, ``2 XᵀX / n`` of the layer inputs
+        (``jcompress.calibration.hessian``). Inputs that never fire (``H[j, j] == 0``) get
+        their weight row zeroed.
       sparsity: a float in ``[0, 1)`` (may be traced): every output channel loses exactly
         ``round(float32(s) · in)`` weights; or ``NM(n, m)`` (``n`` kept in each ``m``
         consecutive rows, ``in % m == 0``).
@@ -169,12 +169,12 @@ def sparsegpt_layer(
     [[True, False], [False, True], [True, False], [False, True]]
     """
     what = "SparseGPT"
-    w, h = _hessian.check_layer(path, w, h, block_size=block_size, percdamp=percdamp, what=what)
+    w, h = calibration.check_layer(path, w, h, block_size=block_size, percdamp=percdamp, what=what)
     structure, s = _structure_and_sparsity(path, sparsity, w.shape[0])
     result = _sparsegpt(
         w, h, s, structure=structure, block_size=block_size, percdamp=float(percdamp)
     )
-    _hessian.raise_if_failed(path, result.stats, what, percdamp)
+    calibration.raise_if_failed(path, result.stats, what, percdamp)
     return result
 
 
@@ -237,51 +237,51 @@ def sparsegpt(
     [4, 4, 4, 4]
     """
     what = "SparseGPT"
-    roles = _hessian.roles_from_fn(fn, params, batches, roles, what)
     if isinstance(structure, Channels):
         raise ValueError(
             f"{what} prunes single weights or N:M groups, not channels; use "
             "jc.pruning.structured_masks for Channels"
         )
-    if where is None:
-        where = jt.select(params, None, roles=roles, kinds=("matmul", "conv"), what=what)
-    p = plan(params, structure=structure, where=where, roles=roles, sparsity=sparsity, what=what)
+    layers, roles = calibration.select_layers(
+        fn, params, batches, where=where, roles=roles, what=what
+    )
+    p = plan(
+        params,
+        structure=structure,
+        where=lambda path, _: path in layers,
+        roles=roles,
+        sparsity=sparsity,
+        what=what,
+    )
     if sparsity is None and not isinstance(p.structure, NM):
         raise ValueError(f"{what} needs a sparsity in [0, 1), got None")
     layer_sparsity = p.structure if isinstance(p.structure, NM) else sparsity
-    pairs = jt.leaves_with_paths(params)
-    selected = [bool(s) for s in jt.match_paths(params, p.selection, name="selection")]
-    paths = [path for (path, _), s in zip(pairs, selected) if s]
-    leaves = dict(pairs)
-    for path in paths:
-        jt.check_finite(path, leaves[path], what=what)
-        _hessian.LeafMatrices.of(path, np.shape(leaves[path]), p.roles[path])
-    _hessian.check_options(what, block_size=block_size, percdamp=percdamp, what=what)
+    calibration.check_options(what, block_size=block_size, percdamp=percdamp, what=what)
     options = {"block_size": block_size, "percdamp": float(percdamp)}
 
     def compress(path, leaf, stats):
         leaf = jnp.asarray(leaf)
-        lay = _hessian.LeafMatrices.of(path, leaf.shape, p.roles[path])
+        lay = calibration.LeafMatrices.of(path, leaf.shape, p.roles[path])
         lay.check_gram(stats)
         structure, s = _structure_and_sparsity(path, layer_sparsity, lay.dims[1])
         shared = dataclasses.replace(lay, path="")  # one compiled program across paths
         weights, mask, st = _sparsegpt_stack(
             leaf, stats, s, lay=shared, structure=structure, **options
         )
-        _hessian.raise_if_any_failed(path, st, what, percdamp)
-        return (weights, mask), weights
+        calibration.raise_if_any_failed(path, st, what, percdamp)
+        return calibration.Layer(weights, weights, mask)
 
-    results = _hessian.run_layers(
+    pruned, masks = calibration.calibrate(
         fn,
         params,
         batches,
-        paths,
+        list(layers),
         compress,
-        sequential=sequential,
-        quiet=quiet,
         what=what,
+        sequential=sequential,
         layers_per_pass=layers_per_pass,
+        quiet=quiet,
     )
-    pruned = jt.map_with_paths(lambda path, x: results[path][0] if path in results else x, params)
-    masks = [results[path][1] if path in results else True for path, _ in pairs]
-    return pruned, jax.tree_util.tree_unflatten(_unwrapped_structure(params, len(pairs)), masks)
+    pairs = jt.leaves_with_paths(params)
+    leaves = [masks.get(path, True) for path, _ in pairs]
+    return pruned, jax.tree_util.tree_unflatten(_unwrapped_structure(params, len(pairs)), leaves)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress import tree as jt
-from jcompress._hessian import check_stats
+from jcompress.calibration import check_stats
 from jcompress.pruning._masks import _unwrapped_structure, plan
 from jcompress.pruning._structures import NM, Structure
 from jcompress.pruning._threshold import exact_count

@@ -45,10 +45,10 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jcompress import _hessian
+from jcompress import calibration
 from jcompress import tree as jtree
+from jcompress.quantization._calibrated import resolve_calibrated
 from jcompress.quantization._calibration import compute_scales, fake_quant, layout
-from jcompress.quantization._gptq import resolve_calibrated
 from jcompress.quantization._qarray import QArray, dequantize_blocks
 from jcompress.quantization._quantize import quantize
 from jcompress.quantization._spec import QuantSpec, SpecOrRules
@@ -176,7 +176,7 @@ def _search(w, h, *, spec: QuantSpec, alphas: tuple[float, ...]):
         s = _scales(m, alpha)
         ws = w * s[:, None]
         wq = fake_quant(ws, compute_scales(ws, spec=spec, lay=lay), spec)[0] / s[:, None]
-        return _hessian.output_error(w, wq, h)
+        return calibration.output_error(w, wq, h)
 
     grid = jnp.asarray(alphas, jnp.float32)
     errs = lax.map(error, grid)
@@ -220,7 +220,7 @@ def awq_layer(
 
     Args:
       w: kernel ``(in, out)`` (Flax orientation), float32 or bfloat16.
-      h: ``(in, in)``, e.g. ``jcompress._hessian.hessian(stats.gram, stats.count)``.
+      h: ``(in, in)``, e.g. ``jcompress.calibration.hessian(stats.gram, stats.count)``.
       spec: the :class:`QuantSpec` applied to ``s W``.
       grid: ``alpha`` is searched on ``0, 1/grid, ..., 1``.
       alpha: use this ``alpha`` (or ``alpha = 0``, whichever has the lower output error; ``alpha=0``
@@ -246,7 +246,7 @@ def awq_layer(
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{path}: AWQ needs a QuantSpec, got {type(spec).__name__}")
     alphas = _grid(grid, alpha, path)
-    w, h = _hessian.check_layer(path, w, h, block_size=1, percdamp=0.0, what="AWQ")
+    w, h = calibration.check_layer(path, w, h, block_size=1, percdamp=0.0, what="AWQ")
     layout(path, tuple(w.shape), spec, _DENSE)
     s, a, err, rtn = _search(w, h.astype(jnp.float32), spec=spec, alphas=alphas)
     return _finish(path, w, s[:, None], spec, _DENSE), AWQLayerStats(a, err, rtn)
@@ -306,27 +306,27 @@ def awq(
     """
     what = "AWQ"
     alphas = _grid(grid, None, what)
-    roles = _hessian.roles_from_fn(fn, params, batches, roles, what)
-    resolved, _ = resolve_calibrated(params, spec_or_rules, where=where, roles=roles, what=what)
+    resolved = resolve_calibrated(
+        fn, params, batches, spec_or_rules, where=where, roles=roles, what=what
+    )
 
     def compress(path, leaf, stats):
         spec, role = resolved[path]
-        lay = _hessian.LeafMatrices.of(path, leaf.shape, role)
+        lay = calibration.LeafMatrices.of(path, leaf.shape, role)
         w3 = lay.to_matrices(leaf)
         h3 = lay.hessians(stats)
         s3 = jnp.stack([_search(w3[i], h3[i], spec=spec, alphas=alphas)[0] for i in range(len(w3))])
         qa = _finish(path, leaf, lay.from_matrices(s3[:, :, None]), spec, role)
-        return qa, qa.dequantize()
+        return calibration.Layer(qa, qa.dequantize())
 
-    results = _hessian.run_layers(
+    quantized, _ = calibration.calibrate(
         fn,
         params,
         batches,
         list(resolved),
         compress,
-        sequential=False,
-        quiet=quiet,
         what=what,
         layers_per_pass=layers_per_pass,
+        quiet=quiet,
     )
-    return jtree.map_with_paths(lambda p, x: results.get(p, x), params)
+    return quantized

@@ -4,7 +4,7 @@ Each input row of a kernel is rounded in turn with the scales of ``jc.quantizati
 (same :class:`QuantSpec`, same ``QArray`` layout, same rounding), and its rounding error is
 spread over the rows not yet rounded so that the layer output on the calibration inputs moves
 as little as possible. The Hessian machinery (dampening, Cholesky factor of ``H⁻¹``, lazy block
-updates) is :mod:`jcompress._hessian`, shared with SparseGPT.
+updates) is :mod:`jcompress.calibration`, shared with SparseGPT.
 
 Scales:
 
@@ -38,11 +38,12 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jcompress import _hessian
+from jcompress import calibration
 from jcompress import tree as jtree
+from jcompress.quantization._calibrated import resolve_calibrated
 from jcompress.quantization._calibration import Scales, compute_scales, layout, to_int
 from jcompress.quantization._qarray import QArray, dequantize_blocks, storage_dtype
-from jcompress.quantization._spec import PerChannel, PerGroup, QuantSpec, SpecOrRules, resolve_specs
+from jcompress.quantization._spec import PerChannel, PerGroup, QuantSpec, SpecOrRules
 
 __all__ = ["gptq", "gptq_layer"]
 
@@ -55,13 +56,13 @@ def _gptq(w, h, mask, *, spec: QuantSpec, block_size: int, percdamp: float, act_
     gran = spec.granularity
     group = gran.size if isinstance(gran, PerGroup) else None
     dynamic = group is not None and not act_order
-    segment = group if dynamic else _hessian.block_rows(n, block_size, 1)
-    block = _hessian.block_rows(n, block_size, segment)
+    segment = group if dynamic else calibration.block_rows(n, block_size, 1)
+    block = calibration.block_rows(n, block_size, segment)
     w0 = jnp.asarray(w).astype(jnp.float32)
     if mask is not None:
         w0 = jnp.where(mask, w0, jnp.float32(0))
     w0 = jnp.where((jnp.diagonal(h) == 0)[:, None], jnp.float32(0), w0)
-    prep = _hessian.prepare(w0, h, percdamp=percdamp, block=block, act_order=act_order)
+    prep = calibration.prepare(w0, h, percdamp=percdamp, block=block, act_order=act_order)
     rows = prep.w.shape[0]
     perm = prep.perm
     pad = rows - n
@@ -116,7 +117,7 @@ def _gptq(w, h, mask, *, spec: QuantSpec, block_size: int, percdamp: float, act_
         return (values, table), target
 
     init = (jnp.zeros((rows, out), store), table)
-    (values, table), loss = _hessian.sweep(
+    (values, table), loss = calibration.sweep(
         prep, init, block=block, segment=segment, on_segment=on_segment, on_row=on_row
     )
     values = values[:n][jnp.argsort(perm)]
@@ -125,7 +126,7 @@ def _gptq(w, h, mask, *, spec: QuantSpec, block_size: int, percdamp: float, act_
             table.scale[: n // group],
             None if table.zero_point is None else table.zero_point[: n // group],
         )
-    err = _hessian.output_error(w, dequantize_blocks(values, *table, w.dtype), h)
+    err = calibration.output_error(w, dequantize_blocks(values, *table, w.dtype), h)
     # the guard: round to nearest with the spec's own scales, kept if its output error is lower
     rtn = compute_scales(w0, spec=spec, lay=layout("", (n, out), spec, _DENSE))
     rtn_values, _ = to_int(w0, rtn, spec)
@@ -133,35 +134,13 @@ def _gptq(w, h, mask, *, spec: QuantSpec, block_size: int, percdamp: float, act_
         zp = rtn.zero_point
         zero = jnp.zeros_like(rtn_values) if zp is None else jnp.repeat(zp, n // len(zp), 0)
         rtn_values = jnp.where(mask, rtn_values, zero)
-    rtn_err = _hessian.output_error(w, dequantize_blocks(rtn_values, *rtn, w.dtype), h)
+    rtn_err = calibration.output_error(w, dequantize_blocks(rtn_values, *rtn, w.dtype), h)
     fallback = rtn_err < err
     values = jnp.where(fallback, rtn_values, values)
     table = jax.tree.map(lambda a, b: jnp.where(fallback, a, b), rtn, table)
     err = jnp.minimum(err, rtn_err)
     qa = QArray(values, table.scale, table.zero_point, bits=spec.bits, dtype=w.dtype)
-    return qa, _hessian.LayerStats(loss, err, prep.ok & jnp.isfinite(err), fallback)
-
-
-def resolve_calibrated(
-    params: jtree.Params,
-    spec_or_rules: SpecOrRules,
-    *,
-    where: jtree.Where,
-    roles: Mapping[str, jtree.Role] | None,
-    what: str,
-) -> tuple[dict[str, tuple[QuantSpec, jtree.Role]], dict[str, Any]]:
-    """``({path: (spec, role)}, {path: leaf})`` for a calibrated method (GPTQ, AWQ), checked
-    eagerly before any calibration pass: the default selection is every matmul/conv leaf, and
-    each selected leaf must be finite, fit its spec's layout and flatten to Hessian matrices."""
-    if where is None:
-        where = jtree.select(params, None, roles=roles, kinds=("matmul", "conv"), what=what)
-    resolved = resolve_specs(params, spec_or_rules, where=where, roles=roles, what=what)
-    leaves = dict(jtree.leaves_with_paths(params))
-    for path, (spec, role) in resolved.items():
-        jtree.check_finite(path, leaves[path], what=what)
-        layout(path, tuple(leaves[path].shape), spec, role)
-        _hessian.LeafMatrices.of(path, leaves[path].shape, role)
-    return resolved, leaves
+    return qa, calibration.LayerStats(loss, err, prep.ok & jnp.isfinite(err), fallback)
 
 
 def gptq_layer(
@@ -174,14 +153,14 @@ def gptq_layer(
     act_order: bool = False,
     mask: ArrayLike | None = None,
     path: str = "W",
-) -> tuple[QArray, _hessian.LayerStats]:
+) -> tuple[QArray, calibration.LayerStats]:
     """Quantize one kernel with GPTQ (Frantar et al., 2022, Algorithm 1); pure and jittable.
 
     Args:
       w: kernel ``(in, out)`` (Flax orientation: rows are the contracting axis), float32 or
         bfloat16.
       h: Hessian ``(in, in)``, ``2 XᵀX / n`` of the layer's inputs ``X`` (``(n, in)``), e.g.
-        ``jcompress._hessian.hessian(stats.gram, stats.count)``. Inputs that never fire
+        ``jcompress.calibration.hessian(stats.gram, stats.count)``. Inputs that never fire
         (``H[j, j] == 0``) get their weight row set to zero.
       spec: the :class:`QuantSpec` (bits, granularity, calibration of the clipping range,
         symmetric); the result has the layout and rounding of ``quantize`` with this spec.
@@ -198,7 +177,7 @@ def gptq_layer(
 
     Returns:
       ``(qarray, stats)``: a :class:`QArray` of ``w``'s shape and dtype, and
-      :class:`jcompress._hessian.LayerStats` (``loss``, ``output_error``, ``ok``,
+      :class:`jcompress.calibration.LayerStats` (``loss``, ``output_error``, ``ok``,
       ``fallback``). GPTQ's greedy sweep is not guaranteed to beat round-to-nearest (it can
       lose narrowly at 2 bits with small groups), so the round-to-nearest result with the same
       spec is computed too and returned instead when its output error ``tr(ΔWᵀ H ΔW)`` is
@@ -222,7 +201,7 @@ def gptq_layer(
     what = "GPTQ"
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{path}: {what} needs a QuantSpec, got {type(spec).__name__}")
-    w, h = _hessian.check_layer(path, w, h, block_size=block_size, percdamp=percdamp, what=what)
+    w, h = calibration.check_layer(path, w, h, block_size=block_size, percdamp=percdamp, what=what)
     layout(path, tuple(w.shape), spec, _DENSE)  # PerGroup divisibility, with the path
     if mask is not None:
         mask = jnp.asarray(mask)
@@ -240,7 +219,7 @@ def gptq_layer(
         percdamp=float(percdamp),
         act_order=bool(act_order),
     )
-    _hessian.raise_if_failed(path, stats, what, percdamp)
+    calibration.raise_if_failed(path, stats, what, percdamp)
     return qa, stats
 
 
@@ -255,7 +234,7 @@ def _gptq_stack(leaf, stats, mask, *, lay, spec, block_size, percdamp, act_order
         )
         return qa.values.astype(jnp.int8), qa.scale, qa.zero_point, st
 
-    values, scale, zero_point, st = _hessian.per_slice(one, lay, leaf, stats, *extra)
+    values, scale, zero_point, st = calibration.per_slice(one, lay, leaf, stats, *extra)
     group = spec.granularity.size if isinstance(spec.granularity, PerGroup) else None
     store = storage_dtype(spec.bits)
     if zero_point is not None:
@@ -267,11 +246,11 @@ def _gptq_stack(leaf, stats, mask, *, lay, spec, block_size, percdamp, act_order
 
 def _gptq_leaf(path, leaf, stats, spec, role, mask, options) -> QArray:
     """GPTQ on every stacked slice of one leaf, reassembled into the leaf's ``QArray``."""
-    lay = _hessian.LeafMatrices.of(path, leaf.shape, role)
+    lay = calibration.LeafMatrices.of(path, leaf.shape, role)
     lay.check_gram(stats)
     shared = dataclasses.replace(lay, path="")  # the compiled program is shared across paths
     qa, st = _gptq_stack(leaf, stats, mask, lay=shared, spec=spec, **options)
-    _hessian.raise_if_any_failed(path, st, "GPTQ", options["percdamp"])
+    calibration.raise_if_any_failed(path, st, "GPTQ", options["percdamp"])
     return qa
 
 
@@ -339,14 +318,14 @@ def gptq(
     QArray(shape=(8, 4), bits=4, dtype=float32, scale=(1, 4))
     """
     what = "GPTQ"
-    roles = _hessian.roles_from_fn(fn, params, batches, roles, what)
-    resolved, leaves = resolve_calibrated(
-        params, spec_or_rules, where=where, roles=roles, what=what
+    resolved = resolve_calibrated(
+        fn, params, batches, spec_or_rules, where=where, roles=roles, what=what
     )
     mask_of = {}
     if masks is not None:
-        mask_of = dict(zip(leaves, jtree.match_paths(params, masks, name="masks")))
-    _hessian.check_options(what, block_size=block_size, percdamp=percdamp, what=what)
+        paths = [p for p, _ in jtree.leaves_with_paths(params)]
+        mask_of = dict(zip(paths, jtree.match_paths(params, masks, name="masks")))
+    calibration.check_options(what, block_size=block_size, percdamp=percdamp, what=what)
     options = {"block_size": block_size, "percdamp": float(percdamp), "act_order": bool(act_order)}
 
     def compress(path, leaf, stats):
@@ -355,17 +334,17 @@ def gptq(
         if mask is not None and isinstance(mask, bool | np.bool_):
             mask = None if mask else jnp.zeros(leaf.shape, bool)
         qa = _gptq_leaf(path, jnp.asarray(leaf), stats, spec, role, mask, options)
-        return qa, qa.dequantize()
+        return calibration.Layer(qa, qa.dequantize())
 
-    results = _hessian.run_layers(
+    quantized, _ = calibration.calibrate(
         fn,
         params,
         batches,
         list(resolved),
         compress,
-        sequential=sequential,
-        quiet=quiet,
         what=what,
+        sequential=sequential,
         layers_per_pass=layers_per_pass,
+        quiet=quiet,
     )
-    return jtree.map_with_paths(lambda p, x: results.get(p, x), params)
+    return quantized

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcompress import _hessian
 from jcompress import tree as jt
+from jcompress.calibration import check_batches
 from jcompress.quantization._qarray import QArray
 from jcompress.quantization._spec import AbsMax, Percentile
 
@@ -205,7 +205,7 @@ def calibrate_activations(
             f"{_WHAT}: calibration must be AbsMax() or Percentile(q) for activation ranges, "
             f"got {calibration!r}"
         )
-    _hessian.check_batches(batches, None, _WHAT)
+    check_batches(batches, None, _WHAT)
     paths, explicit = _chosen_paths(qparams, where)
     if not paths:
         raise ValueError(

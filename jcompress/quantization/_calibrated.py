@@ -1,0 +1,39 @@
+"""Which leaves a calibrated quantizer (GPTQ, AWQ) compresses, with which spec and role."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from jcompress import calibration
+from jcompress import tree as jtree
+from jcompress.quantization._calibration import layout
+from jcompress.quantization._spec import QuantSpec, SpecOrRules, resolve_specs
+
+__all__ = ["resolve_calibrated"]
+
+
+def resolve_calibrated(
+    fn: Callable[..., Any],
+    params: jtree.Params,
+    batches: Iterable[Any],
+    spec_or_rules: SpecOrRules,
+    *,
+    where: jtree.Where,
+    roles: Mapping[str, jtree.Role] | None,
+    what: str,
+) -> dict[str, tuple[QuantSpec, jtree.Role]]:
+    """``{path: (spec, role)}`` for a calibrated quantizer (GPTQ, AWQ), checked eagerly before
+    any calibration pass: :func:`jcompress.calibration.select_layers` (roles from ``fn``,
+    default matmul/conv selection, finite leaves that flatten to matrices), the rules, and each
+    spec's layout."""
+    layers, roles = calibration.select_layers(
+        fn, params, batches, where=where, roles=roles, what=what
+    )
+    resolved = resolve_specs(
+        params, spec_or_rules, where=lambda path, _: path in layers, roles=roles, what=what
+    )
+    leaves = dict(jtree.leaves_with_paths(params))
+    for path, (spec, role) in resolved.items():
+        layout(path, tuple(leaves[path].shape), spec, role)
+    return resolved
