@@ -19,10 +19,9 @@ from jcompress import (
     tree,
 )
 from jcompress._export import export, load_exported
+from jcompress._version import __version__ as __version__
 from jcompress.runtime import InputStats, capture, compressed, explain, roles, tap
 from jcompress.tree import Compressed, Role, is_compressed
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Compressed",

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress import _fs
+from jcompress._version import __version__
 from jcompress.checkpoint import _encode, _schema
 
 SCHEMA_FILE = "jcompress.json"
@@ -170,8 +171,6 @@ def write(directory: Path, tree: Any, walked: tuple | None = None) -> None:
         ocp = _orbax()
         with ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(directory / ARRAYS_DIR, stored)
-    from jcompress import __version__
-
     schema = {
         "format": FORMAT,
         "version": VERSION,
