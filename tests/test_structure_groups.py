@@ -730,3 +730,69 @@ def test_a_reader_alone_selects_no_group():
     groups = dependencies(lambda v, x: model.apply(v, x), v, x)
     with pytest.raises(ValueError, match="owned by a selected leaf"):
         structured_masks(v, 0.5, groups=groups, where="params/head/kernel")
+
+
+# ----------------------------------------------------------------------------------------------
+# Broadcast masks and constants: free along channels (third-party attention code)
+# ----------------------------------------------------------------------------------------------
+
+
+class MaskedAttention(nn.Module):
+    """Flax attention with a causal mask ``(batch, 1, q, k)``, broadcast over the heads."""
+
+    @nn.compact
+    def __call__(self, x):
+        mask = nn.make_causal_mask(x[..., 0])
+        h = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16)(x, mask=mask)
+        return nn.Dense(3)(nn.LayerNorm()(x + h))
+
+
+def test_masked_attention_heads_shrink():
+    """``jnp.where(mask, weights, -big)`` broadcasts the mask over the heads: the heads (and
+    head dimensions) stay prunable, and shrink broadcasts the mask to the kept heads. (The mask
+    used to block the heads as "a model input or constant" meeting them.)"""
+    model, x = MaskedAttention(), jax.random.normal(jax.random.key(1), (2, 5, 8))
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def fn(p, x):
+        return model.apply({"params": p}, x)
+
+    heads, qk_dim, v_dim, stream, out = dependencies(fn, params, x)
+    att = "MultiHeadDotProductAttention_0/"
+    assert [(m.path, m.axis) for m in heads.members] == [
+        (att + "key/bias", 0), (att + "key/kernel", 1), (att + "out/kernel", 0),
+        (att + "query/bias", 0), (att + "query/kernel", 1),
+        (att + "value/bias", 0), (att + "value/kernel", 1),
+    ]  # fmt: skip
+    assert (heads.size, heads.blocked, qk_dim.blocked, v_dim.blocked) == (4, None, None, None)
+    assert "LayerNorm_0" in stream.blocked and "model output" in out.blocked
+    masks = structured_masks(params, 0.5, groups=[heads], roles=jc.roles(fn, params, x))
+    small_fn, small = shrink(fn, params, masks, x)
+    assert small["MultiHeadDotProductAttention_0"]["query"]["kernel"].shape == (8, 2, 4)
+    assert small["MultiHeadDotProductAttention_0"]["out"]["kernel"].shape == (2, 4, 8)
+    masked = fn(apply_masks(params, masks), x)
+    np.testing.assert_allclose(jax.jit(small_fn)(small, x), masked, rtol=1e-5, atol=1e-6)
+
+
+def test_broadcast_constant_meets_channels_but_cannot_be_contracted():
+    params = {"a": jax.random.normal(jax.random.key(0), (4, 8)), "b": jnp.ones((8, 3))}
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+
+    def scaled(p, x):  # elementwise with a broadcast constant: the hidden units still shrink
+        return ((x @ p["a"]) * jnp.full((8,), 2.0)) @ p["b"]
+
+    hidden, _ = dependencies(scaled, params, x)
+    assert hidden.blocked is None and [(m.path, m.axis) for m in hidden.members] == [
+        ("a", 1),
+        ("b", 0),
+    ]
+    roles = jc.roles(scaled, params, x)
+    masks = structured_masks(params, 0.5, groups=[hidden], roles=roles)
+    small_fn, small = shrink(scaled, params, masks, x)
+    assert small["a"].shape == (4, 4)
+    np.testing.assert_allclose(small_fn(small, x), scaled(apply_masks(params, masks), x), rtol=1e-6)
+
+    def summed(p, x):  # a sum over the hidden units through a broadcast depends on the width
+        return ((x @ p["a"]) @ jnp.ones((8, 3))) * p["b"][0]
+
+    assert "is contracted against a broadcast" in dependencies(summed, params, x)[0].blocked

@@ -9,6 +9,13 @@ The analysis runs the function's jaxpr forward on the runtime's jaxpr walker
   from, not yet tied to a space;
 * ``None``: no channels (batch, spatial and input-feature axes, constants).
 
+An axis that a ``broadcast_in_dim`` makes from nothing or from size 1 (an attention mask
+``mask[:, None]`` broadcast over the heads by ``jnp.where``, a scalar constant broadcast to an
+activation's shape) is a layout of a *free* space: its values are the same at every index, so it
+takes whatever width the channels it meets elementwise keep (``shrink`` re-emits the broadcast at
+that width). A free space joins the group it meets; contracted or reduced over, it blocks as a
+constant does.
+
 A space is born where a parameter axis becomes an activation axis (a Dense/Conv kernel's output
 axis). Spaces tied together form a group whose *units* (its channels for pruning) may be coarser
 than a space's channels: a channel axis reshaped to ``(outer, inner)`` ties each run of ``inner``
@@ -57,6 +64,8 @@ REDUCTIONS = {
 }  # fmt: skip
 CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
 WINDOWED = {"reduce_window_sum", "reduce_window_max", "reduce_window_min"}
+# primitives that follow free (broadcast) axes; any other use of one blocks it, as a constant
+FREE_AWARE = ELEMENTWISE | {"broadcast_in_dim", "transpose", "dot_general"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +119,10 @@ class Spaces:
         self.stacked: dict[str, tuple[int, int]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.scan: list[set[str]] = []  # the stacked paths of the scan bodies being analysed
+        self.free: list[bool] = []  # made by broadcasting: the same value at every channel
 
-    def new(self, size: int) -> int:
+    def new(self, size: int, *, free: bool = False) -> int:
+        self.free.append(free)
         self.parent.append(len(self.parent))
         self.size.append(size)
         self.units.append(size)
@@ -132,6 +143,7 @@ class Spaces:
         if ra == rb:
             return
         self.parent[rb] = ra
+        self.free[ra] = self.free[ra] and self.free[rb]
         self.units[ra] = math.gcd(self.units[ra], self.units[rb])
         self.blocks[ra] = math.lcm(self.blocks[ra], self.blocks[rb])
         self.members[ra] += self.members[rb]
@@ -140,13 +152,13 @@ class Spaces:
 
     def coarse(self, space: int, inner: int) -> int:
         """A new space of ``size // inner`` channels: runs of ``inner`` channels of ``space``."""
-        out = self.new(self.size[space] // inner)
+        out = self.new(self.size[space] // inner, free=self.free[self.find(space)])
         self.union(space, out)
         return out
 
     def fine(self, space: int, inner: int) -> int:
         """A new space of ``size * inner`` channels, ``inner`` per channel of ``space``."""
-        out = self.new(self.size[space] * inner)
+        out = self.new(self.size[space] * inner, free=self.free[self.find(space)])
         self.union(space, out)
         return out
 
@@ -155,8 +167,13 @@ class Spaces:
         r = self.find(space)
         self.blocks[r] = math.lcm(self.blocks[r], blocks)
 
+    def is_free(self, layout: tuple[Seg, ...]) -> bool:
+        """Whether every space of ``layout`` is only a broadcast (no channels of its own)."""
+        return all(self.free[self.find(s.space)] for s in layout)
+
     def add(self, seg: Seg, claim: frozenset, **kw: int) -> None:
         r = self.find(seg.space)
+        self.free[r] = False  # parameter axes meeting it make it a channel space
         n = self.size[seg.space]
         inner = self.scan[-1] if self.scan else set()
         self.members[r] += [
@@ -193,8 +210,8 @@ class Spaces:
         """``{root: Group}`` in creation order, members sorted by tree order, then axis."""
         out = {}
         for i in range(len(self.parent)):
-            if self.find(i) != i:
-                continue
+            if self.find(i) != i or not self.members[i]:
+                continue  # a broadcast that met no parameter: nothing to prune
             units, blocks = self.units[i], self.blocks[i]
             layers = self.layers(i)
             members = sorted(
@@ -251,7 +268,11 @@ class Dependencies(ip.Interpreter):
 
     def step(self, eqn, invals, infacts):
         if all(f is None for f in infacts):
-            return ip._bind(eqn, [self.materialize(v) for v in invals]), [None] * len(eqn.outvars)
+            vals = [self.materialize(v) for v in invals]
+            free = self._free_broadcast(eqn) if eqn.primitive.name == "broadcast_in_dim" else None
+            if free is not None:
+                return self.bind(eqn, vals, [free]), [free]
+            return ip._bind(eqn, vals), [None] * len(eqn.outvars)
         if eqn.primitive.name in ip.INLINED:
             return self._inline(eqn, invals, infacts)
         if eqn.primitive.name == ip.SCAN:
@@ -350,7 +371,7 @@ class Dependencies(ip.Interpreter):
             if x is None:
                 return None
             self.drop(x, f"meets an axis that cannot lose channels (model input or constant) {why}")
-            return x if _is_layout(x) else None
+            return x if _is_layout(x) and not self.spaces.is_free(x) else None
         if _is_claim(a) and _is_claim(b):
             return a | b
         if _is_claim(a) or _is_claim(b):
@@ -374,6 +395,11 @@ class Dependencies(ip.Interpreter):
 
     def contract(self, a: Any, b: Any, n: int, why: str) -> None:
         """Two axes summed over together (a ``dot_general`` / ``conv`` contraction)."""
+        free = [_is_layout(f) and self.spaces.is_free(f) for f in (a, b)]
+        if any(free):  # a sum over channels weighted by a broadcast depends on the width
+            for f in (a, b):
+                self.drop(f, f"is contracted against a broadcast input or constant by {why}")
+            return
         if _is_claim(a) and _is_claim(b):  # parameter @ parameter (a factorized weight)
             seg = Seg(self.spaces.new(n))
             self.spaces.add(seg, a | b)
@@ -431,6 +457,8 @@ class Dependencies(ip.Interpreter):
         axes = [f.axes if f is not None else (None,) * len(s) for f, s in zip(infacts, shapes)]
         param = all(f is None or f.param for f in infacts)
         why = _at(eqn)
+        if name not in FREE_AWARE:
+            axes = [tuple(self._unfree(f, why) for f in a) for a in axes]
         method = getattr(self, f"_rule_{name}", None)
         if name in ELEMENTWISE:
             out = [self._elementwise(eqn, axes, shapes, why)]
@@ -575,15 +603,34 @@ class Dependencies(ip.Interpreter):
             for p, a in pairs:
                 self.spaces.add(seg, frozenset({(p, a)}), blocks=groups, block_axis=col_axis[p])
 
+    def _unfree(self, f: Any, why: str) -> Any:
+        """A free axis used where its width matters: blocked, and a constant axis (``None``)."""
+        if _is_layout(f) and self.spaces.is_free(f):
+            self.drop(f, f"is a broadcast used by {why}")
+            return None
+        return f
+
+    def _free_broadcast(self, eqn: Any) -> Fact | None:
+        """Facts of a broadcast of a fact-less value (a constant): its free axes, or ``None``
+        when it makes none."""
+        shape = eqn.invars[0].aval.shape
+        [axes] = self._rule_broadcast_in_dim(eqn, [(None,) * len(shape)], [shape], "")
+        return Fact(axes, True) if any(a is not None for a in axes) else None
+
     def _rule_transpose(self, eqn, axes, shapes, why):
         return [tuple(axes[0][d] for d in eqn.params["permutation"])]
 
     def _rule_broadcast_in_dim(self, eqn, axes, shapes, why):
         out_shape = eqn.outvars[0].aval.shape
-        out: list[Any] = [None] * len(out_shape)
+        # axes made from nothing (or from a fact-less size-1 axis) are free: see the module doc
+        out: list[Any] = [
+            (Seg(self.spaces.new(n, free=True)),) if n > 1 else None for n in out_shape
+        ]
         for i, d in enumerate(eqn.params["broadcast_dimensions"]):
             if shapes[0][i] == 1 and out_shape[d] != 1:
-                self.drop(axes[0][i], f"is broadcast by {why}")
+                if axes[0][i] is not None:
+                    self.drop(axes[0][i], f"is broadcast by {why}")
+                    out[d] = None
             else:
                 out[d] = axes[0][i]
         return [tuple(out)]
@@ -810,11 +857,16 @@ def dependencies(fn: Callable[..., Any], params: Params, *args: Any) -> list[Gro
     cannot lose channels (the model input, a constant). Groups whose member axes are also used where
     they cannot shrink (contracted against the model input, indexed by a gather) are blocked too.
 
-    The analysis is conservative, not clever: a constant array of activation shape that meets a
-    channel axis (``jnp.ones_like(h)``, a dropout mask in training mode, ``jnp.var``'s NaN
-    guard) blocks it, so analyse
-    the inference function; the inner part of a split channel axis is never pruned (heads split
-    out of one Dense output lose whole heads, not head dimensions: ``DenseGeneral``'s
+    A value broadcast along a channel axis (an attention mask ``(batch, 1, q, k)`` that
+    ``jnp.where`` broadcasts over the heads, ``jnp.ones_like(h)``, a scalar constant) is the same
+    at every channel: it meets the channels elementwise without blocking them, and ``shrink``
+    broadcasts it to the smaller width. Contracted against a channel axis (``h @ jnp.ones(...)``,
+    a sum over channels) or used in any other way, it blocks them as a constant does.
+
+    The analysis is conservative, not clever: an array that varies along a channel axis but does
+    not come from the parameters (a dropout mask in training mode, the model input) blocks it, so
+    analyse the inference function; the inner part of a split channel axis is never pruned (heads
+    split out of one Dense output lose whole heads, not head dimensions: ``DenseGeneral``'s
     ``(features, heads, head_dim)`` kernel allows both).
 
     Args:
