@@ -1,5 +1,7 @@
 """The QArray matmul kernels: static activation steps in mode="int8" (calibrated W8A8)."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,11 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from jax import lax
-from test_runtime_compressed import LAYOUTS, SPECS, _quant
+from test_lowrank import np_dot_general
+from test_runtime_compressed import LAYOUTS, SPECS, _dequantize, _quant, _quantize_tree
 from test_runtime_roles import Stack
 
 from jcompress.quantization import _kernels
-from jcompress.quantization._qarray import QArray, widen
+from jcompress.quantization._qarray import OutMajor, QArray, widen
 from jcompress.runtime import compressed, explain, roles
 from jcompress.runtime._explain import FUSED, INTEGER_DOT
 from jcompress.tree import Role, is_compressed
@@ -294,15 +297,21 @@ def test_chunk_sizes():
 
 def test_dispatch_per_group_and_batch():
     size = 4096 * 4096
-    f = _kernels.formulation
-    assert [f("weight_only", r, "cpu", size=size) for r in (1, 16, 256)] == ["limbs"] * 3
-    assert [f("weight_only", r, "cpu", size=size, grouped=True) for r in (1, 32, 33)] == [
+    f = functools.partial(_kernels.formulation, "weight_only", backend="cpu", int8_dot=True)
+    assert [f(r, size=size) for r in (1, 16, 256)] == ["limbs"] * 3
+    # per group: one integer dot per group while 2 * rows <= group, then chunked dequantization
+    assert [f(r, size=size, grouped=True, group=128) for r in (1, 64, 65)] == [
         "limbs",
         "limbs",
         "chunked",
     ]
-    assert f("weight_only", 1, "cpu", size=100, grouped=True) == "dequantize"
-    assert f("weight_only", 1, "gpu", size=size, grouped=True) == "dequantize"
+    assert [f(r, size=size, grouped=True, group=32) for r in (16, 17)] == ["limbs", "chunked"]
+    assert f(1, size=100, grouped=True) == "dequantize"
+    # no int8 dot instruction (or an unknown CPU): the float formulations only
+    assert f(1, size=size, int8_dot=False) == "chunked"
+    assert _kernels.formulation("weight_only", 1, "gpu", size=size, grouped=True) == "dequantize"
+    assert _kernels.formulation("weight_only", 1, "metal", size=size) == "dequantize"
+    assert _kernels.formulation("int8", 1, "cpu", int8_dot=False) == "int8"
 
 
 def test_widen_nbytes_checkpoint_and_no_retrace(tmp_path):
@@ -354,3 +363,176 @@ def test_explain_looped_paths():
         assert record.intended == record.compiled == path, record
         ref = x @ q["w"].dequantize()
         np.testing.assert_allclose(run(q, x), ref, rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Runtime layouts (OutMajor): every layout computes, dequantizes, gathers and saves the same
+# ------------------------------------------------------------------------------------------------
+
+
+def _np_dequantize(q: QArray) -> np.ndarray:
+    """``(values - zero_point) * scale`` in NumPy float64, blocked scales repeated (canonical)."""
+    v = np.asarray(q.values.astype(jnp.int8), np.float64)
+    s = np.asarray(q.scale, np.float64)
+    z = 0.0 if q.zero_point is None else np.asarray(q.zero_point.astype(jnp.int8), np.float64)
+    for axis, (n, k) in enumerate(zip(v.shape, s.shape)):
+        if k not in (1, n):
+            s = np.repeat(s, n // k, axis)
+            z = z if np.ndim(z) == 0 else np.repeat(z, n // k, axis)
+    return (v - z) * s
+
+
+def _layouts(ndim: int) -> list[OutMajor]:
+    return [OutMajor(a, b) for a in range(1, ndim) for b in range(1, ndim - a + 1)]
+
+
+LAYOUT_CASES = [(name, om) for name in sorted(LAYOUTS) for om in _layouts(len(LAYOUTS[name][0]))]
+
+
+@given(
+    case=st.sampled_from(LAYOUT_CASES),
+    spec=st.sampled_from(range(len(SPECS))),
+    mode=st.sampled_from(["limbs", "chunked", "dequantize", "weight_only"]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    seed=st.integers(0, 3),
+)
+def test_every_layout_equals_the_numpy_reference(case, spec, mode, dtype, seed):
+    """Any ``OutMajor`` layout of any weight (also ones where it moves per-group scales or
+    the contracting axes first): ``dot_general`` equals the NumPy product with the NumPy
+    dequantization of the canonical weight; ``dequantize`` and ``shape`` are unchanged."""
+    name, layout = case
+    wshape, role, xshape, dn, rhs = LAYOUTS[name]
+    rng = np.random.default_rng(seed)
+    q = _quant(rng.standard_normal(wshape), role, **SPECS[spec])
+    laid = q.with_layout(layout)
+    assert laid.layout == layout and laid.shape == q.shape and laid.nbytes == q.nbytes
+    np.testing.assert_array_equal(laid.dequantize(), q.dequantize())
+    w = _np_dequantize(q)
+    x = jnp.asarray(rng.standard_normal(xshape), dtype)
+    x64 = np.asarray(x, np.float64)
+    ref = np_dot_general(x64, w, dn) if rhs else np_dot_general(w, x64, dn)
+    got = KERNEL(laid, x, dn, weight_is_rhs=rhs, mode=mode)
+    assert got.shape == ref.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
+def test_out_major_runs_one_integer_dot_and_equals_canonical(strict):
+    """The layout ``runtime_layout`` picks (from roles and from the scales alike) for the
+    per-channel Flax layouts, at a size where K chunks would loop: one integer dot (``limbs_nk``
+    / ``int8_nk``), jit == eager, equal to the canonical weight's result."""
+    expected = {"dense": OutMajor(1, 1), "qkv": OutMajor(1, 2), "out": OutMajor(2, 1)}
+    expected["stacked"] = OutMajor(1, 1)
+    rng = np.random.default_rng(0)
+    for name, layout in expected.items():
+        wshape, role, xshape, dn, rhs = LAYOUTS[name]
+        k = 1024  # the contracting size: the K-major loop takes 2 chunks of 512
+        wshape = tuple(k if a == role.contracting[-1] else n for a, n in enumerate(wshape))
+        xshape = tuple(k if n == 8 else n for n in xshape)
+        q = _quant(rng.standard_normal(wshape), role)
+        for picked in (_pick(q, role), _pick(q, None)):
+            assert picked == layout, (name, picked)
+        laid = q.with_layout(layout)
+        x = jnp.asarray(rng.standard_normal(xshape), jnp.float32)
+        for mode in ("limbs", "int8"):
+            with strict():
+                got = KERNEL(laid, x, dn, weight_is_rhs=rhs, mode=mode)
+                eager = _kernels.dot_general(laid, x, dn, weight_is_rhs=rhs, mode=mode)
+            canonical = KERNEL(q, x, dn, weight_is_rhs=rhs, mode=mode)
+            np.testing.assert_allclose(got, eager, rtol=1e-6, atol=1e-6 * np.abs(got).max())
+            np.testing.assert_allclose(got, canonical, rtol=1e-5, atol=1e-5 * np.abs(got).max())
+            hlo = KERNEL.lower(laid, x, dn, weight_is_rhs=rhs, mode=mode)
+            text = hlo.as_text(debug_info=True)
+            assert f"jc.kernel={mode}_nk|int" in text and "while" not in hlo.compile().as_text()
+
+
+def _pick(q, role):
+    """``preferred_layout`` on a CPU with an int8 dot instruction, for any weight size."""
+    saved = _kernels.int8_dot_cpu, _kernels._MIN_SIZE
+    _kernels.int8_dot_cpu, _kernels._MIN_SIZE = (lambda: True), 1
+    try:
+        return _kernels.preferred_layout(q, role, "cpu")
+    finally:
+        _kernels.int8_dot_cpu, _kernels._MIN_SIZE = saved
+
+
+def test_preferred_layout_keeps_what_a_loop_reads_best():
+    rng = np.random.default_rng(0)
+    dense, equinox = LAYOUTS["dense"][1], LAYOUTS["equinox"][1]
+    grouped = _quant(rng.standard_normal((8, 6)), dense, group=4)
+    assert _pick(grouped, dense) is None and _pick(grouped, None) is None  # per group: K-major
+    eqx = _quant(rng.standard_normal((6, 8)), equinox)
+    assert _pick(eqx, equinox) is None and _pick(eqx, None) is None  # contracting axis last
+    table = _quant(rng.standard_normal((10, 4)), Role("gather", (1,), (0,)))
+    assert _pick(table, Role("gather", (1,), (0,))) is None and _pick(table, None) is None
+    q = _quant(rng.standard_normal((8, 6)), dense)
+    assert _kernels.preferred_layout(q, dense, "gpu") is None
+
+
+def test_runtime_layout_take_index_stored_checkpoint_vmap_scan(tmp_path):
+    from jcompress import checkpoint
+
+    rng = np.random.default_rng(0)
+    wshape, role, _, _, _ = LAYOUTS["stacked"]
+    q4 = _quant(rng.standard_normal(wshape), role, bits=4)
+    laid = widen(q4).with_layout(OutMajor(1, 1))
+    assert laid.values.shape == (2, 3, 8) and laid.values.dtype == jnp.int8 and laid.bits == 4
+    w = np.asarray(q4.dequantize())
+    # take along every axis, with negative and 2-D indices
+    for axis in range(3):
+        idx = jnp.array([[0, -1], [1, 0]])
+        np.testing.assert_array_equal(laid.take(idx, axis), np.take(w, np.asarray(idx), axis))
+    # indexing stacked axes keeps the layout; indexing into the permuted axes goes canonical
+    np.testing.assert_array_equal(laid[1].dequantize(), w[1])
+    assert laid[1].layout == OutMajor(1, 1) and laid[0:1].shape == (1, 8, 3)
+    np.testing.assert_array_equal(laid[1, 2].dequantize(), w[1, 2])
+    # stored: canonical and packed; a checkpoint of the laid-out tree loads canonical
+    back = laid.stored()
+    assert back.layout is None and back.values.dtype == jnp.int4
+    np.testing.assert_array_equal(back.values, q4.values)
+    checkpoint.save(tmp_path / "c", {"w": laid})
+    loaded = checkpoint.load(tmp_path / "c")["w"]
+    assert loaded.layout is None and loaded.shape == q4.shape
+    np.testing.assert_array_equal(loaded.dequantize(), w)
+    # vmap and scan over the stacked axis: per-layer QArrays that keep the layout
+    x = jnp.asarray(rng.standard_normal((5, 8)), jnp.float32)
+    layer = lambda q, x: _kernels.dot_general(q, x, DN, mode="limbs")
+    mapped = jax.jit(jax.vmap(layer, in_axes=(0, None)))(laid, x)
+    scanned = jax.jit(lambda q, x: lax.scan(lambda c, qi: (c, layer(qi, x)), 0, q)[1])(laid, x)
+    ref = np.stack([np.asarray(x, np.float64) @ _np_dequantize(q4[i]) for i in range(2)])
+    for got in (mapped, scanned):
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+    assert "OutMajor" in repr(laid)
+
+
+def test_runtime_layout_model_explain_and_no_retrace(monkeypatch):
+    """``runtime_layout`` on an nn.scan stack and an MLP: ``jc.compressed`` gives the canonical
+    tree's results, explain names the one-dot formulation, a second call does not retrace."""
+    monkeypatch.setattr(_kernels, "int8_dot_cpu", lambda: True)
+    monkeypatch.setattr(_kernels, "_MIN_SIZE", 1)
+    model = Stack(features=8)
+    x = jax.random.normal(jax.random.key(1), (2, 8))
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    traced = []
+
+    def fn(p, x):
+        traced.append(1)
+        return model.apply({"params": p}, x)
+
+    role_map = roles(fn, params, x)
+    q = _quantize_tree(params, role_map, bits=4)
+    fast = _kernels.runtime_layout(q, backend="cpu")
+    kernel = fast["layers"]["Dense_0"]["kernel"]
+    assert kernel.layout == OutMajor(1, 1) and kernel.values.dtype == jnp.int8
+    assert _kernels.runtime_layout(q, roles=role_map, backend="cpu")["layers"]["Dense_0"][
+        "kernel"
+    ].layout == OutMajor(1, 1)
+    assert _kernels.runtime_layout(q, backend="gpu") is q
+    run = compressed(fn)
+    traced.clear()
+    got = run(fast, x)
+    run(fast, x + 1)
+    assert len(traced) == 1
+    ref = jax.jit(fn)(_dequantize(q), x)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+    (record,) = explain(compressed(fn, formulation="limbs"), fast, x)
+    assert record.formulation == "limbs_nk" and record.intended == record.compiled == INTEGER_DOT

@@ -1,44 +1,49 @@
-"""Matmul formulations for quantized weights (``QArray``), chosen per backend and batch size.
+"""Matmul formulations for quantized weights (``QArray``), chosen per backend, batch size and
+layout.
 
 ``QArray.dot_general`` delegates here. A ``QArray`` stands for ``(values - zero_point) * scale``
 (``scale``/``zero_point`` of the same rank as ``values``, size 1 on reduced axes; per-group: the
 group axis, the last contracting axis, has ``in / size`` entries).
 
-Formulations (``mode=``):
+Formulations (``mode=`` / ``formulation=``):
 
 * ``"dequantize"``: materialize the float weight, then a float ``dot_general``. Exact reference;
-  on XLA:CPU converting a whole 4096² int8 weight costs several float matvecs (0.1-0.6x of
-  float32 end to end), while GPU/TPU compilers fuse the conversion into the dot.
+  on XLA:CPU converting a whole weight costs more than a float matvec reads, while GPU/TPU
+  compilers fuse the conversion into the dot.
 * ``"chunked"`` (weight-only, exact to float rounding): the same, one K-chunk at a time inside
-  a loop (512 rows of a 4096² weight per step): each float chunk stays in cache, which makes the
-  conversion cheap on XLA:CPU (about 1.0-1.6x of float32 from batch 16). The CPU choice for
-  per-group weights at batch >= 33.
+  a loop (512 rows of the weight per step), so each float chunk stays in cache. The CPU choice
+  for per-group weights at larger batches, and on CPUs without an int8 dot instruction.
 * ``"limbs"`` (weight-only, exact to float rounding): each activation row is split into three
   int8 limbs ``x ≈ a·(q₀ + q₁/254 + q₂/254²)/127`` (``a`` the row's absolute maximum; residual
   ``<= a·2⁻²⁴``), the limbs are stacked as extra rows and multiplied by the int8 weight in
-  ``s8 x s8 -> s32`` dots; scales are applied after the integer reduction. The integer GEMM of
-  XLA:CPU is so much faster than its float GEMV/GEMM that three integer rows beat one float row.
+  ``s8 x s8 -> s32`` dots; scales are applied after the integer reduction. XLA:CPU's integer
+  dots (int8 dot-product instructions) are so much faster than its float GEMV/GEMM that three
+  integer rows beat one float row.
 * ``"int8"`` (weight and activation quantization, W8A8): one limb, i.e. dynamic per-token
   activation quantization ``x ≈ a·q/127`` (or a static step, below). Outputs change by the
   activation rounding (relative error ~``1/254`` per element): a different model, chosen
   explicitly.
-* ``"weight_only"``: the measured dispatch table :data:`WEIGHT_ONLY` for the backend, batch and
-  granularity.
+* ``"weight_only"``: the dispatch of :func:`formulation` for the backend, batch, weight size,
+  granularity and CPU.
 
-The integer formulations loop on CPU (measured, ``benchmarks/runtime.py``, 4096² weights):
+How the integer formulations run on CPU depends on the weight's layout (``QArray.layout``):
 
-* per channel: over 512-wide K-chunks, accumulating ``int32`` (exact); one 4096-deep integer dot
-  is 2-6x slower than the loop at batch 1-64 on XLA:CPU;
-* per group: one group per step, its scales applied to its integer partial sum; the former
-  batched ``(groups, rows, out)`` dot was 0.02-0.5x of float32;
-* sub-byte values are widened to int8 chunk by chunk, but XLA:CPU's int4 -> int8 conversion
-  stays slow (int4 0.3-1.1x): keep 4-bit values in int8 containers at run time
-  (``jcompress.quantization.widen``: the same RAM as int4 buffers on XLA:CPU, int8 speed).
+* output-major (``OutMajor``, made once by :func:`runtime_layout`; or a weight whose contracting
+  axes already come last, as Equinox's ``(out, in)``), per-channel scales: ONE integer dot
+  over the whole contracting size (reported as ``limbs_nk`` / ``int8_nk``): each output reads
+  a contiguous row, and XLA:CPU reads the weight at memory speed;
+* contracting-major (Flax's ``(in, out)`` as stored), per channel: a loop over 512-wide K-chunks
+  accumulating ``int32`` (exact): one whole-K dot of a K-major int8 weight is slower on XLA:CPU
+  than the chunks;
+* per group (any layout): one group per loop step, its scales applied to its integer partial
+  sum; ``"chunked"`` once ``2·rows`` exceeds the group size (accumulating ``rows x out``
+  partial sums per group then costs more than dequantizing chunks);
+* sub-byte values are widened to int8 inside the kernel, slowly on XLA:CPU: keep 4-bit values
+  in int8 containers at run time (:func:`runtime_layout` or ``widen``: the same RAM as int4
+  buffers on XLA:CPU, int8 speed).
 
-Convolutions have no integer path: ``jc.compressed`` dequantizes their kernels. An im2col +
-``"limbs"`` (or ``"int8"``) formulation measured 0.1x (0.15x) of the float convolution (3x3,
-64->64, 32x32 maps, batch 1 and 16), dequantize-then-convolve 0.7-1.1x: conv kernels are small,
-the convolution itself dominates.
+Convolutions have no integer path: ``jc.compressed`` dequantizes their kernels
+(``QArray.no_conv_reason``).
 
 Static activation steps (``mode="int8"`` only): a plain ``QArray`` whose ``act_scale`` is not
 ``None`` carries the calibrated activation step ``a`` (``float32``, ``values``' rank, size 1 on
@@ -75,36 +80,55 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jcompress.quantization._qarray import dequantize_blocks
+from jcompress import tree as jtree
+from jcompress.quantization._qarray import OutMajor, QArray, dequantize_blocks
 
-__all__ = ["MODES", "WEIGHT_ONLY", "dot_general", "formulation"]
+__all__ = [
+    "FORMULATIONS",
+    "MODES",
+    "dot_general",
+    "formulation",
+    "int8_dot_cpu",
+    "preferred_layout",
+    "runtime_layout",
+]
 
-MODES = ("weight_only", "dequantize", "chunked", "limbs", "int8")
-
-# backend -> ((smallest weight size, smallest row count, per-channel, per-group formulation), ...):
-# the last entry both thresholds admit wins. Measured on a shared 2-core x86 CPU with 4096²
-# weights (benchmarks/runtime.py): the looped "limbs" beats float32 from batch 1 to 256 per
-# channel and up to batch 16 per group (one loop step per group); from batch 64 per-group weights
-# are faster dequantized chunk by chunk ("chunked"); whole-weight "dequantize" is 0.1-0.7x there.
-# Below ~65k weights (the digits MLP) converting the weight costs less than the limbs' extra work.
-# GPU/TPU compilers fuse the dequantization into the dot, so they keep it.
-WEIGHT_ONLY: dict[str, tuple[tuple[int, int, str, str], ...]] = {
-    "cpu": (
-        (0, 0, "dequantize", "dequantize"),
-        (1 << 16, 1, "limbs", "limbs"),
-        (1 << 16, 33, "limbs", "chunked"),
-    ),
-    "gpu": ((0, 0, "dequantize", "dequantize"),),
-    "tpu": ((0, 0, "dequantize", "dequantize"),),
-}
+MODES = ("weight_only", "int8")
+FORMULATIONS = ("dequantize", "chunked", "limbs")  # the weight-only ones, forced by formulation=
+# Below this many weight elements (the digits MLP) converting the weight costs less than the
+# limbs' extra work: the CPU dispatch dequantizes.
+_MIN_SIZE = 1 << 16
 _LIMB_BASE = 254.0
-# K-chunks of the loop formulations (CPU): converting or multiplying a whole 4096² weight at once
-# is several times slower on XLA:CPU than the same work in 512-row chunks (benchmarks/runtime.py)
+# K-chunks of the loop formulations (CPU) over weights whose contracting axes are not the
+# trailing ones: XLA:CPU multiplies a whole K-major int8 weight several times slower than the
+# same work in 512-row chunks, while an output-major weight is fastest in one dot.
 _CHUNK = 512
 _MIN_CHUNK = 128
 _LOOP_BACKENDS = ("cpu",)
 _MAX_K = (2**31 - 1) // (127 * 128)
 _N_LIMBS = 3
+# CPU feature flags (``/proc/cpuinfo``) of an int8 dot-product instruction: x86 VNNI / AMX,
+# Arm dot product
+_INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+
+
+@functools.cache
+def int8_dot_cpu() -> bool:
+    """Whether this machine's CPU has an int8 dot-product instruction (x86 VNNI or AMX, Arm
+    ``dotprod``), read from ``/proc/cpuinfo``; ``False`` where unknown (the safe float path).
+
+    The integer formulations multiply int8 by int8 with int32 accumulation; without such an
+    instruction they are not measured, so the CPU dispatch keeps to float formulations.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return bool(set(value.split()) & set(_INT8_DOT_FLAGS))
+    except OSError:
+        pass
+    return False
 
 
 def formulation(
@@ -114,30 +138,128 @@ def formulation(
     size: int | None = None,
     *,
     grouped: bool = False,
+    group: int | None = None,
+    int8_dot: bool | None = None,
 ) -> str:
     """The formulation ``mode`` resolves to for ``rows`` activation rows and a weight of ``size``
-    elements (per-group scales: ``grouped=True``) on ``backend`` (default: the default backend).
+    elements on ``backend`` (default: the default backend).
 
-    >>> formulation("weight_only", 4, "cpu", size=4096 * 4096)
+    Args:
+      mode: ``"weight_only"`` (dispatch) or ``"int8"``; a formulation name returns itself.
+      rows: activation rows (the batch of a decode step).
+      backend: ``"cpu"``, ``"gpu"``, ``"tpu"``; another backend gets ``"dequantize"``.
+      size: weight elements (default: large).
+      grouped: per-group scales (``PerGroup``) along the contracting axis.
+      group: the contracted size of one group (default 128).
+      int8_dot: whether the CPU has an int8 dot-product instruction (default:
+        :func:`int8_dot_cpu`); without one the CPU keeps to float formulations.
+
+    The CPU rules (``benchmarks/runtime.py`` measures them): small weights dequantize; per-channel
+    weights use ``"limbs"`` at every batch; per-group weights use ``"limbs"`` (one integer dot
+    per group) while ``2 * rows <= group``, and ``"chunked"`` above, where accumulating
+    ``rows x out`` partial sums per group costs more than dequantizing a chunk. GPU/TPU compilers
+    fuse the dequantization into the dot: ``"dequantize"``.
+
+    >>> formulation("weight_only", 4, "cpu", size=4096 * 4096, int8_dot=True)
     'limbs'
-    >>> formulation("weight_only", 256, "cpu", size=4096 * 4096, grouped=True)
+    >>> formulation("weight_only", 256, "cpu", size=4096 * 4096, grouped=True, int8_dot=True)
+    'chunked'
+    >>> formulation("weight_only", 4, "cpu", size=4096 * 4096, int8_dot=False)
     'chunked'
     >>> formulation("weight_only", 4, "gpu", size=4096 * 4096)
     'dequantize'
     >>> formulation("int8", 4, "cpu")
     'int8'
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode != "weight_only":
+    if mode in FORMULATIONS or mode == "int8":
         return mode
-    table = WEIGHT_ONLY.get(backend or jax.default_backend(), ((0, 0, "dequantize", "dequantize"),))
-    size = (1 << 62) if size is None else size
-    chosen = "dequantize"
-    for min_size, min_rows, per_channel, per_group in table:
-        if size >= min_size and rows >= min_rows:
-            chosen = per_group if grouped else per_channel
-    return chosen
+    if mode != "weight_only":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if (backend or jax.default_backend()) != "cpu":
+        return "dequantize"
+    if size is not None and size < _MIN_SIZE:
+        return "dequantize"
+    if not (int8_dot_cpu() if int8_dot is None else int8_dot):
+        return "chunked"
+    if grouped and 2 * rows > (128 if group is None else group):
+        return "chunked"
+    return "limbs"
+
+
+def preferred_layout(qarray: Any, role: jtree.Role | None = None, backend: str | None = None):
+    """The layout :func:`runtime_layout` gives ``qarray`` on ``backend``: :class:`OutMajor` for a
+    per-channel matmul weight of at least 2^16 elements on a CPU with an int8 dot instruction
+    (one integer dot over contiguous rows reads it at memory speed), else ``None``.
+
+    The axes come from ``role`` (contracting axes directly followed by the output axes, at the
+    end) or, without one, from the scales: trailing axes with one scale per element are output
+    axes, the size-1 axes before them contracting axes (Flax ``Dense`` / ``DenseGeneral``
+    kernels). Per-group and per-tensor scales, gathered tables and weights whose contracting
+    axes already come last (Equinox ``(out, in)``) keep ``None``.
+    """
+    if (backend or jax.default_backend()) != "cpu" or not int8_dot_cpu():
+        return None
+    if type(qarray) is not QArray or math.prod(qarray.shape) < _MIN_SIZE:
+        return None  # subclasses (AWQArray) compute through a plain QArray of their own
+    shape, scale = qarray.shape, qarray.canonical().scale.shape
+    n = len(shape)
+    if role is not None:
+        if role.kind != "matmul":
+            return None
+        c, o = sorted(role.contracting), sorted(role.output)
+        b = len(o)
+        if not c or not o or o != list(range(n - b, n)) or c != list(range(n - b - len(c), n - b)):
+            return None
+        a = len(c)
+    else:
+        b = 0
+        while b < n - 1 and scale[n - 1 - b] == shape[n - 1 - b]:
+            b += 1
+        a = 0
+        while a + b < n and scale[n - 1 - b - a] == 1:
+            a += 1
+    if a == 0 or b == 0:
+        return None
+    if any(scale[d] != 1 for d in range(n - b - a, n - b)):
+        return None  # per-group (or per-element) scales on a contracting axis
+    return OutMajor(contracting=a, output=b)
+
+
+def runtime_layout(tree: Any, *, roles: dict[str, jtree.Role] | None = None, backend=None) -> Any:
+    """``tree`` with every ``QArray`` in the layout ``jc.compressed`` computes with fastest.
+
+    A one-time transform after loading (or quantizing), as :func:`widen` is, never inside the
+    jitted function. On CPU: sub-byte values widened to ``int8`` containers (XLA:CPU keeps
+    int4/int2 buffers at one byte per value anyway, and would convert them on every call), and
+    per-channel matmul weights output-major (:func:`preferred_layout`), read by one integer dot.
+    On GPU/TPU the tree is returned unchanged (their compilers fuse the dequantization).
+    Results stay ``fn(dequantize(tree))`` to float rounding; ``jc.checkpoint.save`` stores the
+    canonical packed form (:meth:`QArray.stored`), so loading gives it back: call this again.
+
+    Args:
+      tree: a parameter tree with ``QArray`` leaves (others are returned as they are).
+      roles: ``{path: Role}`` (``jc.roles``) naming each weight's axes; default: read from the
+        scales (see :func:`preferred_layout`).
+      backend: the backend to prepare for (default: the default backend).
+
+    >>> import jax.numpy as jnp
+    >>> from jcompress.quantization import QuantSpec, quantize
+    >>> q = quantize({"kernel": jnp.ones((512, 256))}, QuantSpec(bits=4))
+    >>> fast = runtime_layout(q, backend="cpu")
+    >>> fast["kernel"].values.dtype, fast["kernel"].shape
+    (dtype('int8'), (512, 256))
+    """
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return tree
+
+    def one(path, x):
+        if not isinstance(x, QArray):
+            return x
+        role = None if roles is None else roles.get(path)
+        return x.widen().with_layout(preferred_layout(x, role, backend))
+
+    return jtree.map_with_paths(one, tree)
 
 
 def _split(dimension_numbers, weight_is_rhs):
@@ -186,46 +308,120 @@ def dot_general(
     weight_is_rhs: bool = True,
     preferred_element_type: Any = None,
     mode: str = "weight_only",
+    formulation: str | None = None,
     batch_hint: int | None = None,
 ) -> jax.Array:
     """``lax.dot_general(lhs, w, dimension_numbers)`` for a quantized weight ``w = qarray``.
 
     Args:
-      qarray: a ``QArray`` (``values``, ``scale``, optional ``zero_point`` / ``act_scale``,
-        ``dequantize()``).
+      qarray: a ``QArray`` in any layout (``values``, ``scale``, optional ``zero_point`` /
+        ``act_scale``, ``dequantize()``).
       lhs: the float operand.
       dimension_numbers: as for ``lax.dot_general`` with the weight on the right
-        (``weight_is_rhs=True``) or on the left.
+        (``weight_is_rhs=True``) or on the left, in the float array's axes (``qarray.shape``).
       weight_is_rhs: which side the weight is on; the output order follows ``lax.dot_general``
         (batch, left free, right free).
       preferred_element_type: the output dtype (default: the promoted float dtype).
-      mode: ``"weight_only"`` (dispatch), ``"dequantize"``, ``"chunked"``, ``"limbs"`` or
-        ``"int8"`` (see the module docstring).
+      mode: ``"weight_only"`` (dispatch, or the forced ``formulation``) or ``"int8"``; a
+        formulation name is accepted here too (``mode="limbs"``).
+      formulation: force a weight-only formulation (``"dequantize"``, ``"chunked"``,
+        ``"limbs"``) instead of the dispatch: for benchmarks and tests.
       batch_hint: the number of activation rows to dispatch on (default: read from ``lhs``).
 
     Returns:
       The product, in ``lax.dot_general``'s output layout.
 
+    Raises:
+      ValueError: an unknown ``mode`` or ``formulation``, ``formulation`` with ``mode="int8"``,
+        or a static activation step of the wrong shape.
+
     >>> import jax.numpy as jnp
     >>> from jcompress.quantization import QArray
     >>> w = QArray(jnp.array([[1, -2], [3, 4]], jnp.int8), jnp.array([[0.5, 0.25]]), bits=8,
     ...            dtype=jnp.float32)
-    >>> dot_general(w, jnp.array([[1.0, 2.0]]), (((1,), (0,)), ((), ())), mode="limbs")
+    >>> dot_general(w, jnp.array([[1.0, 2.0]]), (((1,), (0,)), ((), ())), formulation="limbs")
     Array([[3.5, 1.5]], dtype=float32)
     """
-    xc, wc, xb, wb = _split(dimension_numbers, weight_is_rhs)
+    if formulation is not None:
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+        if mode != "weight_only":
+            raise ValueError(f"formulation= applies to mode='weight_only' only, got {mode!r}")
+        mode = formulation
+    elif mode not in MODES and mode not in FORMULATIONS:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    qarray, dn, order = _stored_axes(qarray, dimension_numbers, weight_is_rhs)
+    xc, wc, xb, wb = _split(dn, weight_is_rhs)
     if mode == "int8" and getattr(qarray, "act_scale", None) is not None:
         _check_static_step(qarray, wc, wb)
     rows = batch_hint or int(
         np.prod([lhs.shape[d] for d in range(lhs.ndim) if d not in xc and d not in xb])
     )
-    chosen = _resolve(qarray, lhs, dimension_numbers, weight_is_rhs, mode, rows)
-    dn = jax.tree.map(int, dimension_numbers)  # hashable nested tuples
-    dn = tuple(tuple(tuple(side) for side in pair) for pair in dn)
-    with jax.named_scope(f"jc.kernel={chosen}"):
+    chosen = _resolve(qarray, lhs, dn, weight_is_rhs, mode, rows)
+    name = f"{chosen}_nk" if chosen in ("limbs", "int8") and _one_dot(qarray, wc) else chosen
+    if chosen in ("limbs", "int8"):
+        path = "int"
+    else:
+        path = "float" if chosen == "dequantize" and jax.default_backend() == "cpu" else "fused"
+    from jcompress.runtime._explain import kernel_scope
+
+    with kernel_scope(name, path):
         if chosen in ("dequantize", "chunked"):  # differentiable as they are
-            return _dot(qarray, lhs, dn, weight_is_rhs, preferred_element_type, chosen)
-        return _integer_dot(qarray, lhs, dn, weight_is_rhs, preferred_element_type, chosen)
+            out = _dot(qarray, lhs, dn, weight_is_rhs, preferred_element_type, chosen)
+        else:
+            out = _integer_dot(qarray, lhs, dn, weight_is_rhs, preferred_element_type, chosen)
+    return _free_axes_back(out, order, lhs.ndim, xc, xb, wc, wb, weight_is_rhs)
+
+
+def _stored_axes(qarray, dimension_numbers, weight_is_rhs):
+    """``(q, dn, order)``: ``qarray`` as a canonical-layout ``QArray`` over its stored arrays
+    (no copy), the dimension numbers in stored axes (hashable nested tuples), and ``order``
+    (stored axis ``i`` is float-array axis ``order[i]``; ``None`` when already canonical)."""
+    (lc, rc), (lb, rb) = jax.tree.map(int, dimension_numbers, is_leaf=lambda x: x is None)
+    layout = getattr(qarray, "layout", None)
+    order = None
+    if layout is not None:
+        order = layout.stored_order(len(qarray.shape))
+        where = {axis: i for i, axis in enumerate(order)}
+        if weight_is_rhs:
+            rc, rb = [where[a] for a in rc], [where[a] for a in rb]
+        else:
+            lc, lb = [where[a] for a in lc], [where[a] for a in lb]
+        view = object.__new__(type(qarray))
+        view._set(
+            qarray.values,
+            qarray.scale,
+            qarray.zero_point,
+            qarray.act_scale,
+            qarray.bits,
+            qarray.dtype,
+            None,
+        )
+        qarray = view
+    dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+    return qarray, dn, order
+
+
+def _free_axes_back(out, order, lhs_ndim, xc, xb, wc, wb, weight_is_rhs):
+    """The weight's free axes of ``out`` from stored order to the float array's order."""
+    if order is None:
+        return out
+    w_free = [order[d] for d in range(len(order)) if d not in wc and d not in wb]
+    perm = sorted(range(len(w_free)), key=lambda k: w_free[k])
+    if perm == list(range(len(perm))):
+        return out
+    nb, nx = len(wb), lhs_ndim - len(xc) - len(xb)
+    start = nb + nx if weight_is_rhs else nb
+    axes = list(range(out.ndim))
+    axes[start : start + len(perm)] = [start + k for k in perm]
+    return jnp.transpose(out, axes)
+
+
+def _one_dot(qarray, wc) -> bool:
+    """Whether the integer formulations run as one dot (no K loop): per-channel scales and the
+    contracting axes last in ``values`` (output-major), so each output reads contiguous rows."""
+    n = qarray.values.ndim
+    return _group_axis(qarray, wc) is None and sorted(wc) == list(range(n - len(wc), n))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
@@ -255,9 +451,10 @@ def _resolve(qarray, lhs, dimension_numbers, weight_is_rhs, mode, rows) -> str:
     _, wc, _, wb = _split(dimension_numbers, weight_is_rhs)
     wf = [d for d in range(values.ndim) if d not in wc and d not in wb]
     ga = _group_axis(qarray, wc)
-    chosen = formulation(mode, rows, size=math.prod(values.shape), grouped=ga is not None)
     k_total = math.prod(values.shape[a] for a in wc)
     group = k_total if ga in (None, "bad") else k_total // qarray.scale.shape[ga]
+    grouped = ga is not None and ga != "bad"
+    chosen = formulation(mode, rows, size=math.prod(values.shape), grouped=grouped, group=group)
     if (
         ga == "bad"
         or any(qarray.scale.shape[d] not in (1, values.shape[d]) for d in (*wb, *wf))
@@ -398,7 +595,7 @@ def _dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, 
         return acc.reshape(bt, rows, n)
 
     if n_groups == 1:  # exact int32 accumulation across chunks, scales after the loop
-        c = _chunk(values.shape[ka])
+        c = values.shape[ka] if _one_dot(qarray, wc) else _chunk(values.shape[ka])
         body = lambda i, acc: acc + int_dot(i, c)
         acc = _loop(values.shape[ka] // c, body, jnp.zeros((bt, rows, n), jnp.int32))
         y = acc.astype(jnp.float32) * s[0]

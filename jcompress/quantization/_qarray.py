@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,7 @@ from jax.typing import ArrayLike
 from jcompress import tree as jtree
 
 __all__ = [
+    "OutMajor",
     "QArray",
     "block_shapes",
     "broadcast_apply",
@@ -21,6 +22,35 @@ __all__ = [
     "storage_dtype",
     "widen",
 ]
+
+
+class OutMajor(NamedTuple):
+    """A runtime layout of a matmul weight: its trailing ``contracting + output`` axes, which are
+    ``(*contracting axes, *output axes)`` in the float array (Flax ``Dense`` ``(in, out)``,
+    ``DenseGeneral``), are stored output axes first: ``(..., *output axes, *contracting axes)``.
+
+    Every child (values, scale, zero point, activation step) is stored in that axis order; leading
+    (stacked) axes stay where they are, so ``vmap``/``scan`` over them and slicing them work.
+    Made by ``jcompress.quantization._kernels.runtime_layout``; :meth:`QArray.stored` returns
+    the float array's axis order.
+
+    >>> OutMajor(contracting=1, output=1).stored_order(3)  # (layers, in, out) -> (layers, out, in)
+    (0, 2, 1)
+    """
+
+    contracting: int
+    output: int
+
+    def stored_order(self, ndim: int) -> tuple[int, ...]:
+        """Stored axis ``i`` holds float-array axis ``stored_order(ndim)[i]``."""
+        lead = ndim - self.contracting - self.output
+        if lead < 0 or self.contracting < 1 or self.output < 1:
+            raise ValueError(f"{self} does not fit an array of rank {ndim}")
+        return (*range(lead), *range(ndim - self.output, ndim), *range(lead, ndim - self.output))
+
+    def canonical_order(self, ndim: int) -> tuple[int, ...]:
+        """Float-array axis ``i`` is stored axis ``canonical_order(ndim)[i]``."""
+        return tuple(int(i) for i in np.argsort(self.stored_order(ndim)))
 
 
 def storage_dtype(bits: int) -> np.dtype:
@@ -107,13 +137,17 @@ class QArray(jtree.Compressed):
     * ``act_scale``: ``None``, or static per-input-channel activation scales (AWQ input scales,
       static activation quantization) for the runtime; ignored by :meth:`dequantize`.
 
-    Static (aux) data: ``bits`` and the original float ``dtype`` only.
+    Static (aux) data: ``bits``, the original float ``dtype`` and ``layout``: ``None`` (the
+    children in the float array's axis order, which the constructor takes and checkpoints store:
+    :meth:`stored`) or a runtime layout made by ``runtime_layout`` (:class:`OutMajor`: the
+    children's axes permuted; ``shape``, ``dequantize``, ``take`` and indexing account for it).
 
-    Invariants: ``shape == values.shape``; ``dtype`` is the original float dtype (what
-    :meth:`dequantize` returns); every value lies in the spec's integer range; ``scale > 0`` and
-    finite unless the source block held NaN/Inf (then ``scale`` is NaN and the block dequantizes to
-    NaN: see :func:`jcompress.quantization.nonfinite`). Stacked layers carry their leading axes in
-    every child, so ``vmap``/``scan`` over those axes and ``qa[i]`` give per-layer ``QArray`` s.
+    Invariants: ``shape == values.shape`` in the canonical layout; ``dtype`` is the original
+    float dtype (what :meth:`dequantize` returns); every value lies in the spec's integer range;
+    ``scale > 0`` and finite unless the source block held NaN/Inf (then ``scale`` is NaN and the
+    block dequantizes to NaN: see :func:`jcompress.quantization.nonfinite`). Stacked layers carry
+    their leading axes in every child, so ``vmap``/``scan`` over those axes and ``qa[i]`` give
+    per-layer ``QArray`` s.
 
     ``nbytes`` is the packed size: ``values`` at their container width (2, 4 or 8 bits per
     element; 3-bit values take 4), plus ``scale``, ``zero_point`` and ``act_scale``.
@@ -127,10 +161,15 @@ class QArray(jtree.Compressed):
     ((1, 2), 9)
     """
 
-    __slots__ = ("_act_scale", "_bits", "_dtype", "_scale", "_values", "_zero_point")
+    __slots__ = ("_act_scale", "_bits", "_dtype", "_layout", "_scale", "_values", "_zero_point")
 
+    no_conv_reason = (
+        "QArray has no convolution kernel: convolution kernels are small next to the feature "
+        "maps, and on XLA:CPU an im2col integer path measured slower than dequantize-then-"
+        "convolve when it was tried"
+    )
     array_fields = ("values", "scale", "zero_point", "act_scale")
-    static_fields = ("bits", "dtype")
+    static_fields = ("bits", "dtype")  # what checkpoints store (always the canonical layout)
 
     def __init__(
         self,
@@ -166,7 +205,17 @@ class QArray(jtree.Compressed):
                 f"QArray: zero_point must be {store} of scale's shape {tuple(scale.shape)}, got "
                 f"{zero_point.dtype}{tuple(zero_point.shape)}"
             )
-        self._set(values, scale, zero_point, act_scale, bits, dtype)
+        self._set(values, scale, zero_point, act_scale, bits, dtype, None)
+
+    def _set(self, *values: Any) -> None:
+        # the array and static fields, then the runtime layout (default: canonical)
+        *fields, layout = values if len(values) == 7 else (*values, None)
+        super()._set(*fields)
+        object.__setattr__(self, "_layout", layout)
+
+    def tree_flatten_with_keys(self):
+        children, aux = super().tree_flatten_with_keys()
+        return children, (*aux, self._layout)  # the layout is static (aux) data too
 
     # -- fields ----------------------------------------------------------------------------------
 
@@ -191,8 +240,15 @@ class QArray(jtree.Compressed):
         return self._bits
 
     @property
+    def layout(self) -> OutMajor | None:
+        return self._layout
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self._values.shape)
+        shape = tuple(self._values.shape)
+        if self._layout is None:
+            return shape
+        return tuple(shape[i] for i in self._layout.canonical_order(len(shape)))
 
     @property
     def dtype(self) -> np.dtype:
@@ -206,16 +262,37 @@ class QArray(jtree.Compressed):
 
     def __repr__(self) -> str:
         zp = "" if self._zero_point is None else ", asymmetric"
+        layout = "" if self._layout is None else f", layout={self._layout}"
         return (
             f"QArray(shape={self.shape}, bits={self._bits}, dtype={self._dtype.name}, "
-            f"scale={tuple(self._scale.shape)}{zp})"
+            f"scale={tuple(self._scale.shape)}{zp}{layout})"
         )
 
     # -- computation -----------------------------------------------------------------------------
 
     def dequantize(self) -> jax.Array:
         """The float array, ``(values - zero_point) * scale`` in ``float32``, cast to ``dtype``."""
-        return dequantize_blocks(self._values, self._scale, self._zero_point, self._dtype)
+        w = dequantize_blocks(self._values, self._scale, self._zero_point, self._dtype)
+        return self._to_canonical(w)
+
+    def _to_canonical(self, x: jax.Array | None) -> jax.Array | None:
+        """A child (or the dequantized array) from the stored axis order to the float array's."""
+        if x is None or self._layout is None:
+            return x
+        return jnp.transpose(x, self._layout.canonical_order(x.ndim))
+
+    def canonical(self) -> QArray:
+        """The same array with its children in the float array's axis order (``layout=None``);
+        ``self`` when already canonical. Sub-byte values stay in their containers."""
+        if self._layout is None:
+            return self
+        out = object.__new__(type(self))  # subclasses (AWQArray) keep their type
+        children = [self._to_canonical(c) for c in self._children()]
+        out._set(*children, self._bits, self._dtype, None)
+        return out
+
+    def _children(self) -> list[jax.Array | None]:
+        return [self._values, self._scale, self._zero_point, self._act_scale]
 
     def __getitem__(self, index: int | slice | tuple[int | slice, ...]) -> QArray:
         """Index leading (stacked) axes: ``qa[i]`` is layer ``i`` of a stacked ``QArray``.
@@ -224,9 +301,12 @@ class QArray(jtree.Compressed):
         allowed; indexing an axis with blocked scales (``PerGroup``) is an error.
         """
         index = index if isinstance(index, tuple) else (index,)
-        children = [self._values, self._scale, self._zero_point, self._act_scale]
         if len(index) > len(self.shape):
             raise IndexError(f"too many indices for a QArray of shape {self.shape}")
+        layout = self._layout
+        if layout is not None and len(index) > len(self.shape) - sum(layout):
+            return self.canonical()[index]  # indexing into the permuted axes
+        children = self._children()
         pos = 0  # where the original axis now is (ints remove axes)
         for axis, idx in enumerate(index):
             if not isinstance(idx, int | np.integer | slice):
@@ -236,7 +316,7 @@ class QArray(jtree.Compressed):
             children = [_index_leading(c, idx, pos, axis, self.shape) for c in children]
             pos += isinstance(idx, slice)
         out = object.__new__(type(self))  # subclasses (AWQArray) keep their type
-        out._set(*children, self._bits, self._dtype)
+        out._set(*children, self._bits, self._dtype, layout)
         return out
 
     def widen(self) -> QArray:
@@ -245,7 +325,8 @@ class QArray(jtree.Compressed):
         A runtime layout: XLA:CPU holds int4/int2 buffers at one byte per element between calls
         anyway, but converts them to int8 on every matmul (slowly); widened values are read by
         the integer kernels directly. ``bits`` and ``dequantize()`` are unchanged; ``nbytes``
-        counts the containers (one byte per value). Already-int8 values return ``self``.
+        counts the containers (one byte per value). Already-int8 values return ``self``. The
+        ``layout`` is kept.
 
         >>> import jax.numpy as jnp
         >>> qa = QArray(jnp.array([[-7, 7]], jnp.int4), jnp.array([[0.5, 1.0]]), bits=4,
@@ -257,8 +338,8 @@ class QArray(jtree.Compressed):
         return self._recontained(np.dtype(jnp.int8))
 
     def stored(self) -> QArray:
-        """The packed form of a widened array (sub-byte values back in their own dtype), which is
-        what checkpoints save; ``self`` when already packed.
+        """The form checkpoints save: the float array's axis order (``layout=None``) and sub-byte
+        values back in their own dtype; ``self`` when already so.
 
         >>> import jax.numpy as jnp
         >>> qa = QArray(jnp.array([[-7, 7]], jnp.int4), jnp.array([[0.5, 1.0]]), bits=4,
@@ -266,7 +347,7 @@ class QArray(jtree.Compressed):
         >>> qa.widen().stored().values.dtype
         dtype(int4)
         """
-        return self._recontained(storage_dtype(self._bits))
+        return self.canonical()._recontained(storage_dtype(self._bits))
 
     def _recontained(self, container: np.dtype) -> QArray:
         """The same numbers with ``values`` and ``zero_point`` in ``container`` (no checks)."""
@@ -275,7 +356,28 @@ class QArray(jtree.Compressed):
         zp = None if self._zero_point is None else self._zero_point.astype(container)
         out = object.__new__(type(self))  # subclasses (AWQArray) keep their type
         values = self._values.astype(container)
-        out._set(values, self._scale, zp, self._act_scale, self._bits, self._dtype)
+        out._set(values, self._scale, zp, self._act_scale, self._bits, self._dtype, self._layout)
+        return out
+
+    def with_layout(self, layout: OutMajor | None) -> QArray:
+        """The same array with its children stored in ``layout`` (``None``: canonical).
+
+        >>> import jax.numpy as jnp
+        >>> qa = QArray(jnp.array([[1, 2, 3], [4, 5, 6]], jnp.int8), jnp.ones((1, 3)), bits=8,
+        ...             dtype=jnp.float32)
+        >>> om = qa.with_layout(OutMajor(contracting=1, output=1))
+        >>> om.values.shape, om.shape, bool((om.dequantize() == qa.dequantize()).all())
+        ((3, 2), (2, 3), True)
+        """
+        base = self.canonical()
+        if layout is None:
+            return base
+        if not isinstance(layout, OutMajor):
+            raise TypeError(f"QArray layout must be None or an OutMajor, got {layout!r}")
+        order = layout.stored_order(len(self.shape))
+        children = [None if c is None else jnp.transpose(c, order) for c in base._children()]
+        out = object.__new__(type(self))  # subclasses (AWQArray) keep their type
+        out._set(*children, self._bits, self._dtype, layout)
         return out
 
     def take(self, indices: ArrayLike, axis: int = 0) -> jax.Array:
@@ -285,19 +387,34 @@ class QArray(jtree.Compressed):
         indices count from the end).
         """
         indices = jnp.asarray(indices)
-        axis = axis % len(self.shape)
+        ndim = len(self.shape)
+        axis = axis % ndim
         n = self.shape[axis]
+        order = tuple(range(ndim)) if self._layout is None else self._layout.stored_order(ndim)
+        stored_axis = order.index(axis)
 
         def gather(x):
             if x is None:
                 return None
-            block = n // x.shape[axis]
+            block = n // x.shape[stored_axis]
             idx = indices if block == 1 else jnp.floor_divide(indices, block)
-            return jnp.take(x, idx, axis=axis)
+            return jnp.take(x, idx, axis=stored_axis)
 
-        return dequantize_blocks(
+        out = dequantize_blocks(
             gather(self._values), gather(self._scale), gather(self._zero_point), self._dtype
         )
+        if self._layout is None:
+            return out
+        # out: stored axes before ``stored_axis``, the index axes, the stored axes after it
+        kept = [a for a in order if a != axis]  # float-array axis of each remaining stored axis
+        k = indices.ndim
+        before, after = kept[:stored_axis], kept[stored_axis:]
+        pos = {a: i for i, a in enumerate(before)}
+        pos.update({a: stored_axis + k + i for i, a in enumerate(after)})
+        perm = [pos[a] for a in range(axis)]
+        perm += list(range(stored_axis, stored_axis + k))
+        perm += [pos[a] for a in range(axis + 1, ndim)]
+        return jnp.transpose(out, perm)
 
     def dot_general(self, lhs, dimension_numbers, **options) -> jax.Array:
         """A matmul with this array as one operand: the runtime's fast formulations.

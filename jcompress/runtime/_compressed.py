@@ -14,8 +14,6 @@ from jcompress.tree import is_compressed
 
 __all__ = ["compressed", "filter_jit", "marker"]
 
-_MODES = ("weight_only", "int8")
-_FORMULATIONS = (None, "dequantize", "chunked", "limbs")
 # View primitives a compressed leaf may pass through on its way into a dot: pure relabelings.
 _PERMUTING = {"transpose", "convert_element_type", "copy", "copy_p", "sharding_constraint"}
 
@@ -37,15 +35,9 @@ def _permutation(x: ip.Deferred, ndim: int) -> list[int] | None:
 
 
 class _Runner(ip.Interpreter):
-    def __init__(self, mode: str, formulation: str | None):
+    def __init__(self, options: dict[str, Any]):
         super().__init__()
-        self.mode = mode
-        self.formulation = formulation
-
-    def _options(self) -> dict[str, Any]:
-        if self.mode == "int8":
-            return {"mode": "int8"}
-        return {"mode": self.formulation or "weight_only"}
+        self.options = options  # handed to every leaf's dot_general, unread
 
     def consume(self, eqn, invals, facts):
         name = eqn.primitive.name
@@ -99,18 +91,17 @@ class _Runner(ip.Interpreter):
         dn = ((tuple(xc), base_c), (tuple(xb), base_b))
         if i == 0:
             dn = ((base_c, tuple(xc)), (base_b, tuple(xb)))
-        options = self._options()
-        with jax.named_scope(marker(path, options["mode"])):
+        with jax.named_scope(marker(path, str(self.options.get("mode", "weight_only")))):
             try:
                 out = base.dot_general(
                     lhs,
                     dn,
                     weight_is_rhs=(i == 1),
                     preferred_element_type=jnp.float32,
-                    **options,
+                    **self.options,
                 )
-            except ValueError as e:  # name the leaf
-                raise ValueError(f"{path}: {e}") from None
+            except (ValueError, TypeError) as e:  # name the leaf (unknown options included)
+                raise type(e)(f"{path}: {e}") from None
         # the base's free axes come out in base order; the equation wants operand order
         w_free = [d for d in range(base.ndim) if d not in wc and d not in wb]
         free_base = [perm[d] for d in w_free]
@@ -218,7 +209,7 @@ def compressed(
     fn: Callable[..., Any],
     *,
     mode: str = "weight_only",
-    formulation: str | None = None,
+    **options: Any,
 ) -> Callable[..., Any]:
     """``fn`` made to run on trees holding compressed leaves (``QArray``, ...), jit-compiled.
 
@@ -227,10 +218,11 @@ def compressed(
     ``fn``'s jaxpr is interpreted (as ``jax.experimental.sparse.sparsify`` does) so that:
 
     * a ``dot_general`` reading a compressed leaf (possibly through transposes or dtype casts)
-      calls the leaf's own ``dot_general`` (for ``QArray``: the formulation chosen for the
-      backend and batch size, see ``jcompress.quantization._kernels``);
+      calls the leaf's own ``dot_general`` with ``mode`` and ``options`` (for ``QArray``: the
+      formulation chosen for the backend, batch size and layout, see
+      ``jcompress.quantization._kernels``);
     * a ``conv_general_dilated`` calls the leaf's ``conv`` if it has one (``QArray`` has none:
-      convolutions dequantize their kernel, see ``jcompress.quantization._kernels``);
+      its convolution kernels are dequantized);
     * an embedding ``gather`` calls the leaf's ``take`` (only the rows taken are dequantized);
     * any other use (and any leaf without the method) gets ``leaf.dequantize()``.
 
@@ -252,31 +244,32 @@ def compressed(
         ``clip(round(x / a), -127, 127)`` instead: no per-token absmax, and inputs beyond
         ``127·a`` saturate. Per-input-channel ``act_scale`` raises ``ValueError`` there. In
         ``"weight_only"`` mode ``act_scale`` is ignored (results stay ``fn(dequantize(tree))``).
-      formulation: force a weight-only formulation (``"dequantize"``, ``"chunked"`` or
-        ``"limbs"``) instead of the per-backend dispatch; for benchmarks and tests.
+      **options: handed unread, with ``mode``, to every compressed leaf's ``dot_general``; each
+        leaf type documents and checks its own (an unknown one raises ``ValueError`` or
+        ``TypeError`` naming the leaf, at the first call). ``QArray``: ``formulation=``
+        (``"dequantize"``, ``"chunked"`` or ``"limbs"``) forces a weight-only formulation
+        instead of the dispatch, for benchmarks and tests.
 
     Returns:
       The compiled function; ``.lower(*args)`` lowers it (for :func:`explain`).
+
+    Raises:
+      TypeError: ``mode`` is not a string.
 
     >>> import jax.numpy as jnp
     >>> f = compressed(lambda p, x: x @ p["w"])
     >>> f({"w": jnp.eye(2)}, jnp.ones((1, 2)))
     Array([[1., 1.]], dtype=float32)
     """
-    if mode not in _MODES:
-        raise ValueError(f"compressed: mode must be one of {_MODES}, got {mode!r}")
-    if formulation not in _FORMULATIONS:
-        raise ValueError(
-            f"compressed: formulation must be one of {_FORMULATIONS}, got {formulation!r}"
-        )
-    if mode == "int8" and formulation is not None:
-        raise ValueError("compressed: formulation= applies to mode='weight_only' only")
+    if not isinstance(mode, str):
+        raise TypeError(f"compressed: mode must be a string, got {mode!r}")
+    options = {"mode": mode, **options}
 
     def run(*args, **kwargs):
         traced = ip.trace(fn, args, kwargs, param_args=(), name_all=True)
         values = [ip.Deferred(x) if is_compressed(x) else x for x in traced.leaves]
         facts = traced.facts()
-        outs, _ = _Runner(mode, formulation).run(traced.jaxpr, values, facts)
+        outs, _ = _Runner(options).run(traced.jaxpr, values, facts)
         outs = [ip.Interpreter.materialize(o) for o in outs]
         return jax.tree_util.tree_unflatten(traced.out_tree, outs)
 

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 
 from jcompress.tree import is_compressed, leaves_with_paths
 
-__all__ = ["INTEGER_DOT", "FLOAT_FALLBACK", "FUSED", "GATHER", "Explained", "explain"]
+__all__ = [
+    "INTEGER_DOT",
+    "FLOAT_FALLBACK",
+    "FUSED",
+    "GATHER",
+    "Explained",
+    "explain",
+    "kernel_scope",
+]
 
 INTEGER_DOT = "integer dot"
 FUSED = "fused dequantization"
@@ -20,8 +29,10 @@ FLOAT_FALLBACK = "float fallback"
 GATHER = "gather rows"
 UNKNOWN = "unknown"
 
+# A compressed leaf's kernel says what it computes and which path it intends, by code.
+_PATH_CODES = {"int": INTEGER_DOT, "fused": FUSED, "float": FLOAT_FALLBACK}
 _MARK = re.compile(r"jc\[(?P<path>[^|\]]*)\|(?P<how>[^\]]*)\]")
-_KERNEL = re.compile(r"jc\.kernel=(?P<kernel>[a-z_0-9]+)")
+_KERNEL = re.compile(r"jc\.kernel=(?P<kernel>[A-Za-z_0-9.\-]+)\|(?P<code>int|fused|float)")
 _INSTR = re.compile(
     r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<type>[a-z0-9]+)\[(?P<dims>[0-9,]*)\]\S*\s+"
     r"(?P<op>[\w\-]+)\((?P<args>[^)]*)\)(?P<rest>.*)$"
@@ -32,6 +43,30 @@ _COMP = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s.*\{\s*$")
 _COMMENT = re.compile(r"/\*.*?\*/")
 _FLOAT = ("f16", "bf16", "f32", "f64")
 _SUBBYTE_INT = ("s8", "s4", "s2", "u8", "u4", "u2")
+
+
+@contextlib.contextmanager
+def kernel_scope(formulation: str, path: str) -> Iterator[None]:
+    """The ``named_scope`` a compressed leaf's ``dot_general`` puts around its computation, so
+    that :func:`explain` reports it: ``formulation`` (the leaf's own name for what it computes:
+    letters, digits, ``_.-``) and the ``path`` it intends: ``"int"`` (an integer dot), ``"fused"``
+    (the integer weight read inside the fusion doing the matmul) or ``"float"`` (a float copy of
+    the weight). The runtime reads nothing else of the leaf's kernels.
+
+    >>> import jax, jax.numpy as jnp
+    >>> def f(x):
+    ...     with kernel_scope("mine", "fused"):
+    ...         return x * 2
+    >>> "jc.kernel=mine|fused" in jax.jit(f).lower(jnp.ones(2)).as_text(debug_info=True)
+    True
+    """
+    if path not in _PATH_CODES or not re.fullmatch(r"[A-Za-z_0-9.\-]+", formulation):
+        raise ValueError(
+            f"kernel_scope({formulation!r}, {path!r}): path must be one of "
+            f"{sorted(_PATH_CODES)} and the formulation a name of letters, digits and _.-"
+        )
+    with jax.named_scope(f"jc.kernel={formulation}|{path}"):
+        yield
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +80,9 @@ class Explained:
         fallback"`` (a float copy of the whole weight materialised: no fast path), or ``"gather
         rows"``.
       compiled: what the compiled HLO shows, in the same terms (``"unknown"`` if unreadable).
-      formulation: the formulation named at trace time (``limbs``, ``int8``, ``chunked``,
-        ``dequantize``, ...).
+      formulation: the formulation the leaf's kernel named at trace time (:func:`kernel_scope`;
+        for ``QArray``: ``limbs``, ``limbs_nk``, ``int8``, ``chunked``, ``dequantize``, ...),
+        else the runtime's own (``dequantize``, ``take``, or the ``mode`` it asked for).
       note: why a float path was intended, where there is a known reason (convolutions).
     """
 
@@ -69,7 +105,7 @@ class _Instr:
     op: str
     args: list[str]
     tag: tuple[str, str] | None
-    kernel: str | None
+    kernel: tuple[str, str] | None
     callee: str | None
     param_of: str | None = None
 
@@ -103,7 +139,7 @@ def _parse(hlo: str) -> tuple[dict[str, list[_Instr]], set[str]]:
                 op=m.group("op"),
                 args=re.findall(r"%([\w.\-]+)", m.group("args")),
                 tag=(tag.group("path"), tag.group("how")) if tag else None,
-                kernel=kernel.group("kernel") if kernel else None,
+                kernel=(kernel.group("kernel"), kernel.group("code")) if kernel else None,
                 callee=callee.group("callee") if callee else None,
                 param_of=param.group("path") if param else None,
             )
@@ -203,39 +239,34 @@ def _classify(comps, fused, path: str, weight_size: int) -> str:
     return UNKNOWN
 
 
-CONV_NOTE = (
-    "convolutions dequantize their kernel: on XLA:CPU an im2col integer path measured 0.1x of "
-    "the float convolution (3x3, 64->64, 32x32), dequantize-then-conv 0.7-1.1x"
-)
+# A leaf type may say why it has no ``conv`` in a ``no_conv_reason`` attribute.
+CONV_NOTE = "this leaf type has no convolution of its own: its kernel is dequantized"
 
 
-def _intended(how: str, kernel: str | None, backend: str) -> tuple[str, str, str]:
+def _intended(how: str, kernel: tuple[str, str] | None) -> tuple[str, str, str]:
+    """(intended path, formulation, note) from the runtime's marker and the kernel's tag."""
     if how == "take":
         return GATHER, "take", ""
     if how == "dequantize_conv":
         return FLOAT_FALLBACK, "dequantize", CONV_NOTE
     if how == "dequantize":  # the runtime found no fast path for this use
         return FLOAT_FALLBACK, "dequantize", ""
-    name = kernel or how
-    if name in ("limbs", "int8"):
-        return INTEGER_DOT, name, ""
-    if name == "dequantize":
-        return (FLOAT_FALLBACK if backend == "cpu" else FUSED), name, ""
-    return FUSED, name, ""
+    if kernel is not None:  # the leaf's kernel named itself and its path
+        return _PATH_CODES[kernel[1]], kernel[0], ""
+    return FUSED, how, ""  # a leaf's own dot_general without a kernel_scope
 
 
-def _weight_sizes(args: tuple, kwargs: dict) -> dict[str, int]:
-    sizes = {}
+def _compressed_leaves(args: tuple, kwargs: dict) -> dict[str, Any]:
+    leaves = {}
     for i, a in enumerate(args):
         for p, x in leaves_with_paths(a):
             if is_compressed(x):
-                name = p if i == 0 else (f"args[{i}]/{p}" if p else f"args[{i}]")
-                sizes[name] = math.prod(x.shape)
+                leaves[p if i == 0 else (f"args[{i}]/{p}" if p else f"args[{i}]")] = x
     for k, a in kwargs.items():
         for p, x in leaves_with_paths(a):
             if is_compressed(x):
-                sizes[f"kwargs[{k}]/{p}" if p else f"kwargs[{k}]"] = math.prod(x.shape)
-    return sizes
+                leaves[f"kwargs[{k}]/{p}" if p else f"kwargs[{k}]"] = x
+    return leaves
 
 
 def explain(jitted_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Explained]:
@@ -263,9 +294,8 @@ def explain(jitted_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Ex
     """
     hlo = jitted_fn.lower(*args, **kwargs).compile().as_text()
     comps, fused = _parse(hlo)
-    sizes = _weight_sizes(args, kwargs)
-    backend = jax.default_backend()
-    seen: dict[tuple[str, str], str | None] = {}
+    leaves = _compressed_leaves(args, kwargs)
+    seen: dict[tuple[str, str], tuple[str, str] | None] = {}
     for instrs in comps.values():
         for i in instrs:
             if i.tag is not None:
@@ -274,8 +304,11 @@ def explain(jitted_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Ex
                     seen[key] = i.kernel
     out = []
     for (path, how), kernel in seen.items():
-        intended, formulation, note = _intended(how, kernel, backend)
-        compiled = _classify(comps, fused, path, sizes[path]) if path in sizes else UNKNOWN
+        intended, formulation, note = _intended(how, kernel)
+        leaf = leaves.get(path)
+        if note == CONV_NOTE and getattr(leaf, "no_conv_reason", None):
+            note = leaf.no_conv_reason  # the leaf type's own reason
+        compiled = UNKNOWN if leaf is None else _classify(comps, fused, path, math.prod(leaf.shape))
         if intended == GATHER and compiled != FLOAT_FALLBACK:
             compiled = GATHER
         out.append(Explained(path, intended, compiled, formulation, note))
