@@ -21,9 +21,9 @@ The models come from libraries users already run, used exactly as those librarie
   ``tunix`` (``pip install google-tunix==0.1.7``; its whole dependency set resolves next to
   transformers 4.57.6 without changing jax or flax): attention kernels are ``(embed, heads,
   head_dim)`` / ``(heads, head_dim, embed)`` einsum weights named ``w``, the MLP is
-  ``nnx.Linear``, the output head is the tied embedding. Its MLP kernels are initialised to zero,
-  so the test re-draws every all-zero leaf. Other nnx candidates tried on jax 0.10.2 / flax
-  0.12.8 / Python 3.11:
+  ``nnx.Linear``, the output head is the tied embedding; the parameters are an ``nnx.State`` from
+  ``nnx.split`` (its own init sets the MLP kernels to zero: the parameters are drawn here as for
+  the others). Other nnx candidates tried on jax 0.10.2 / flax 0.12.8 / Python 3.11:
 
   - ``jax-bonsai`` 0.0.1 (PyPI): an empty placeholder package (its ``__init__.py`` is empty, no
     models);
@@ -31,7 +31,7 @@ The models come from libraries users already run, used exactly as those librarie
     it would downgrade jax and flax;
   - ``gemma``: 4.x requires Python >= 3.12; 3.3.0 installs but its models (``gemma.gm.nn``) are
     linen modules, not nnx;
-  - ``penzai``: not a Flax library.
+  - ``penzai``: not a Flax library (its own ``pz.nn``), so not a candidate.
 
 Each model is wrapped as ``fn(params, *args) -> array`` (for linen:
 ``lambda p, ids: model.module.apply({"params": p}, ids, ...).logits``) and run through: roles
@@ -43,7 +43,7 @@ Llamas; checkpoint round trip from a relative path; ``jc.export``.
 
 Data is made here: token ids with Zipf-distributed frequencies (as in text, so the inputs of
 every layer are anisotropic, which is what calibrated methods exploit; uniform random tokens make
-every input covariance nearly isotropic) and smooth random images.
+every input covariance nearly isotropic) and random images constant on 4 x 4 blocks.
 
 What is not supported is marked ``xfail(strict=True)`` with the reason, and listed in README's
 "Third-party models".
