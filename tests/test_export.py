@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jcompress as jc
 from jcompress import checkpoint, export, load_exported
 from jcompress.demo import MLP
 from jcompress.quantization import QuantSpec, dequantize, quantize
@@ -68,3 +69,66 @@ def test_unregistered_compressed_leaf_names_its_path():
 
     with pytest.raises(TypeError, match="layer/w: export cannot serialize a Odd leaf"):
         export(lambda p, x: x @ p["layer"]["w"], {"layer": {"w": Odd(jnp.eye(2))}}, jnp.ones(2))
+
+
+# ---- every tree form: the program takes the array leaves by path -------------------------
+
+
+def _nnx_case():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.layers = nnx.List(
+                [nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 2, rngs=nnx.Rngs(1))]
+            )
+
+        def __call__(self, x):
+            return self.layers[1](jax.nn.relu(self.layers[0](x)))
+
+    graphdef, state = nnx.split(Net())
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), state
+
+
+def _eqx_case():
+    import equinox as eqx
+
+    mlp = eqx.nn.MLP(4, 2, 8, 1, key=jax.random.key(0))
+    return (lambda m, x: jax.vmap(m)(x)), mlp
+
+
+@pytest.mark.parametrize(
+    "form", ["nnx_state", "nnx_pure_dict_int_keys", "eqx_module", "eqx_partitioned"]
+)
+def test_any_tree_form_exports_and_calls_with_the_tree_it_has(form):
+    """nnx pure dicts have integer keys and Equinox modules hold functions and None leaves:
+    none of them is a jax.export-serializable tree, all of them export."""
+    from flax import nnx
+
+    x = jax.random.normal(jax.random.key(2), (3, 4))
+    if form.startswith("nnx"):
+        fn, tree = _nnx_case()
+        if form == "nnx_pure_dict_int_keys":
+            tree = nnx.to_pure_dict(tree)
+            assert 0 in tree["layers"]  # integer keys
+    else:
+        import equinox as eqx
+
+        fn, tree = _eqx_case()
+        if form == "eqx_partitioned":
+            arrays, static = eqx.partition(tree, eqx.is_inexact_array)
+            fn, tree = (lambda f: lambda a, x: f(eqx.combine(a, static), x))(fn), arrays
+    q = quantize(tree, QuantSpec(bits=8), roles=jc.roles(fn, tree, x))
+    exported = load_exported(export(fn, q, x))
+    want = compressed(fn)(q, x)
+    np.testing.assert_allclose(exported.call(q, x), want, rtol=1e-6, atol=1e-6)
+    flat = dict(jc.tree.leaves_with_paths(q))
+    flat = {p: v for p, v in flat.items() if v is not None and not callable(v)}
+    np.testing.assert_allclose(exported.call(flat, x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_call_with_a_different_tree_names_the_missing_paths(model_and_params):
+    model, q = model_and_params
+    exported = load_exported(export(apply_fn(model), q, jnp.ones((1, 16))))
+    with pytest.raises(ValueError, match=r"lacks the exported parameter.*Dense_0/kernel"):
+        exported.call({"other": jnp.ones(3)}, jnp.ones((1, 16)))
