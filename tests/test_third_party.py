@@ -18,9 +18,10 @@ The models come from libraries users already run, used exactly as those librarie
     ``batch_stats``, projection shortcuts.
 
 * A model written in Flax **nnx** by a maintained JAX library: ``Llama3`` from Google's
-  ``tunix`` (``pip install google-tunix==0.1.7``; its whole dependency set resolves next to
-  transformers 4.57.6 without changing jax or flax): attention kernels are ``(embed, heads,
-  head_dim)`` / ``(heads, head_dim, embed)`` einsum weights named ``w``, the MLP is
+  ``tunix`` (``pip install --no-deps -r tests/requirements-nnx.txt``, as ``.ci/run`` does: the
+  pinned packages its model code imports, not its ~50-package dependency set; that set also
+  resolves next to transformers 4.57.6 without changing jax or flax): attention kernels are
+  ``(embed, heads, head_dim)`` / ``(heads, head_dim, embed)`` einsum weights named ``w``, the MLP is
   ``nnx.Linear``, the output head is the tied embedding; the parameters are an ``nnx.State`` from
   ``nnx.split`` (its own init sets the MLP kernels to zero: the parameters are drawn here as for
   the others). Other nnx candidates tried on jax 0.10.2 / flax 0.12.8 / Python 3.11:
@@ -606,34 +607,16 @@ def test_checkpoint_round_trip_and_export(case, tmp_path, monkeypatch):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     expected = case.cfn(q, *case.held)
     np.testing.assert_array_equal(case.cfn(loaded, *case.held), expected)
-    fn, tree = case.fn, loaded
-    if isinstance(loaded, nnx.State):  # jax.export serializes dicts with string keys only
-        fn, tree = by_path(case.fn, loaded)
-    exported = jc.load_exported(jc.export(fn, tree, *case.held))
-    np.testing.assert_allclose(exported.call(tree, *case.held), expected, rtol=1e-5, atol=1e-6)
+    # any tree form exports, nnx.State included (its arrays travel as a {path: leaf} dict)
+    exported = jc.load_exported(jc.export(case.fn, loaded, *case.held))
+    np.testing.assert_allclose(exported.call(loaded, *case.held), expected, rtol=1e-5, atol=1e-6)
 
 
-def by_path(fn: Callable[..., Any], tree: Any) -> tuple[Callable[..., Any], dict[str, Any]]:
-    """``fn`` of a flat ``{path: leaf}`` dict instead of ``tree`` (any container), for export."""
-    paths = [path for path, _ in leaves_with_paths(tree)]
-    treedef = jax.tree.structure(tree, is_leaf=jc.is_compressed)
-
-    def flat_fn(flat, *args):
-        return fn(jax.tree.unflatten(treedef, [flat[p] for p in paths]), *args)
-
-    return flat_fn, dict(leaves_with_paths(tree))
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="jc.export (_export.py): its TypeError for an nnx.State says to pass "
-    "state.to_pure_dict(), but a model holding a list of layers gives a pure dict with int keys "
-    "({'layers': {0: ..., 1: ...}}), which jax.export cannot serialize either",
-)
-def test_export_nnx_state_as_its_error_advises(tunix_llama3):
+def test_export_nnx_state_and_its_pure_dict(tunix_llama3):
+    """A model holding a list of layers: its pure dict has integer keys; both forms export."""
     case = tunix_llama3
     q = quantize(case.params, SPEC8, roles=case.roles)
-    with pytest.raises(TypeError, match=re.escape("to_pure_dict()")):
-        jc.export(case.fn, q, *case.held)
-    jc.export(case.fn, nnx.to_pure_dict(q), *case.held)  # nnx.merge takes the pure dict
+    expected = case.cfn(q, *case.held)
+    for tree in (q, nnx.to_pure_dict(q)):
+        exported = jc.load_exported(jc.export(case.fn, tree, *case.held))
+        np.testing.assert_allclose(exported.call(tree, *case.held), expected, rtol=1e-5, atol=1e-6)
