@@ -192,12 +192,8 @@ def calibrated_variants(
         ``[(name, params, seconds)]``: ``params`` are float (dequantized / masked), ``seconds``
         the wall-clock time of the method (calibration included).
     """
-    from jcompress.pruning import NM, apply_masks, magnitude_masks
-    from jcompress.pruning._sparsegpt import sparsegpt
-    from jcompress.pruning._wanda import wanda_masks
-    from jcompress.quantization import QuantSpec, dequantize, quantize
-    from jcompress.quantization._awq import awq
-    from jcompress.quantization._gptq import gptq
+    from jcompress.pruning import NM, apply_masks, magnitude_masks, sparsegpt, wanda_masks
+    from jcompress.quantization import QuantSpec, awq, dequantize, gptq, quantize
     from jcompress.runtime import capture
 
     def timed(name, make, *args, **kwargs):

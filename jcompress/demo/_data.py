@@ -60,13 +60,46 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.3) -> Digits:
     return Digits(x[train_idx], y[train_idx], x[test], y[test])
 
 
-def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epochs: int = 1):
-    """Yield shuffled ``(x, y)`` minibatches of exactly ``batch_size`` (the last partial one is
-    dropped, so a jitted step compiles once)."""
+def batches(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    epochs: int = 1,
+    steps: int | None = None,
+):
+    """Yield shuffled ``(x, y)`` minibatches of exactly ``batch_size`` (the last partial one of
+    each epoch is dropped, so a jitted step compiles once).
+
+    Args:
+      x, y: arrays with the examples on the leading axis.
+      batch_size: examples per batch.
+      seed: the shuffling seed (a fresh permutation per epoch).
+      epochs: passes over the data.
+      steps: if given, yield exactly this many batches instead, starting a new epoch as often as
+        needed (``epochs`` is then ignored); the first ``steps`` batches are those ``epochs``
+        large enough would give.
+
+    >>> x, y = np.arange(10).reshape(5, 2), np.arange(5)
+    >>> [len(xb) for xb, _ in batches(x, y, 2, seed=0, steps=5)]
+    [2, 2, 2, 2, 2]
+    """
+    if batch_size < 1 or batch_size > len(x):
+        raise ValueError(
+            f"batch_size must be in [1, {len(x)}] for {len(x)} examples, got {batch_size}"
+        )
+    if steps is not None and steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
     rng = np.random.default_rng(seed)
     n = len(x)
-    for _ in range(epochs):
+    epoch, done = 0, 0
+    while (epoch < epochs) if steps is None else (done < steps):
         perm = rng.permutation(n)
         for i in range(0, n - batch_size + 1, batch_size):
+            if steps is not None and done == steps:
+                return
             j = perm[i : i + batch_size]
             yield x[j], y[j]
+            done += 1
+        epoch += 1

@@ -18,6 +18,7 @@ which stages ran and which were skipped: nothing is claimed that was not done.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import time
@@ -32,10 +33,11 @@ import optax
 
 from jcompress import _fs, checkpoint, report
 from jcompress import tree as jtree
-from jcompress.demo._data import Digits, batches, load_digits
-from jcompress.demo._models import MLP
+from jcompress.demo._data import Digits, load_digits
+from jcompress.demo._models import MLP, accuracy
+from jcompress.demo._train import cross_entropy_loss, fit, median_seconds
 
-__all__ = ["DigitsTask", "Variant", "fit", "run"]
+__all__ = ["DigitsTask", "Variant", "run"]
 
 
 @dataclasses.dataclass
@@ -90,13 +92,26 @@ def _progress(console):
     )
 
 
+# Compiled once per model (a hashable linen module) and shape, for every task and seed.
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model: MLP, key: jax.Array, x: jax.Array) -> Any:
+    return model.init(key, x)["params"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model: MLP, params: Any, x: jax.Array) -> jax.Array:
+    return model.apply({"params": params}, x)
+
+
 @dataclasses.dataclass(frozen=True)
 class DigitsTask:
-    """LeNet-300-100 (``MLP((300, 100, 10))``) on a seeded digits split.
+    """An :class:`MLP` on a seeded digits split (``DigitsTask.load``: LeNet-300-100,
+    ``MLP((300, 100, 10))``).
 
     ``apply(params, x) -> logits (n, 10)``, ``loss(params, x, y)`` (mean cross-entropy) and
     ``accuracy(params)`` on the test split are plain functions of the ``params`` dict, ready for
-    ``jax.jit``, ``jc.runtime.compressed`` and ``jc.distillation.distillation_loss``.
+    ``jax.jit``, ``jc.runtime.compressed`` and ``jc.distillation.distillation_loss``;
+    ``init(seed)`` and ``accuracy`` compile once per model architecture, for every seed.
 
     >>> task = DigitsTask(load_digits(seed=0), MLP((300, 100, 10)))
     >>> task.data.x_test.shape, task.model.features
@@ -111,54 +126,18 @@ class DigitsTask:
         return cls(load_digits(seed=seed), MLP((300, 100, 10)))
 
     def init(self, seed: int) -> Any:
-        return jax.jit(self.model.init)(jax.random.key(seed), self.data.x_test[:1])["params"]
+        return _init(self.model, jax.random.key(seed), self.data.x_test[:1])
 
     def apply(self, params: Any, x: jax.Array) -> jax.Array:
         return self.model.apply({"params": params}, x)
 
     def loss(self, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-        return optax.softmax_cross_entropy_with_integer_labels(self.apply(params, x), y).mean()
+        return cross_entropy_loss(self.apply)(params, x, y)
 
     def accuracy(self, params: Any, apply: Callable | None = None) -> float:
-        logits = (apply or jax.jit(self.apply))(params, self.data.x_test)
-        return float(jnp.mean(jnp.argmax(logits, -1) == self.data.y_test))
-
-
-def fit(
-    loss_fn: Callable,
-    tx: optax.GradientTransformation,
-    params: Any,
-    data: Digits,
-    *,
-    epochs: int,
-    seed: int,
-    progress: Any = None,
-    description: str = "train",
-) -> tuple[Any, Any]:
-    """Minimize ``loss_fn(params, x, y)`` with ``tx`` over shuffled batches of 64.
-
-    One jitted step (compiled once); a rich ``progress`` bar shows the loss when given.
-
-    Returns:
-      ``(params, opt_state)``.
-    """
-
-    @jax.jit
-    def step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state = tx.init(params)
-    steps = epochs * (len(data.x_train) // 64)
-    task = progress.add_task(description, total=steps, info="") if progress else None
-    for i, (xb, yb) in enumerate(batches(data.x_train, data.y_train, 64, seed=seed, epochs=epochs)):
-        params, opt_state, loss = step(params, opt_state, xb, yb)
-        if task is not None and (i % 20 == 0 or i == steps - 1):
-            progress.update(task, completed=i + 1, info=f"loss {float(loss):.3f}")
-    if task is not None:
-        progress.update(task, completed=steps)
-    return params, opt_state
+        x = self.data.x_test
+        logits = apply(params, x) if apply is not None else _apply(self.model, params, x)
+        return float(accuracy(logits, self.data.y_test))
 
 
 def _quantize_per_layer(params, spec, quantize, progress, description):
@@ -175,16 +154,6 @@ def _quantize_per_layer(params, spec, quantize, progress, description):
     return jtree.map_with_paths(lambda p, x: done.get(p, x), params)
 
 
-def _median_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
-
-
 def run(
     *,
     quick: bool = False,
@@ -195,7 +164,7 @@ def run(
     """Run the demo; returns the results written to ``out/results.json``.
 
     Args:
-      quick: fewer epochs and timing repeats (for CI: well under 30 s).
+      quick: fewer epochs and timing repeats (a smoke run, for CI).
       out: output directory (checkpoints, ``results.json``, ``tradeoff.png``, ``layers.png``).
       seed: data split, initialisation and batch order.
       console: a ``rich.console.Console`` (default: a new one on stdout).
@@ -308,8 +277,9 @@ def run(
             fn = jax.jit(lambda p, x, deq=deq: apply(deq(p), x))
             v.inference = "dequantize + float (jit)"
         logits = fn(v.params, x_test)
-        v.accuracy = float(jnp.mean(jnp.argmax(logits, -1) == y_test))
-        v.time_ms = _median_ms(fn, v.params, x_test, repeats=repeats)
+        v.accuracy = float(accuracy(logits, y_test))
+        timed = {"fn": lambda fn=fn, p=v.params: fn(p, x_test)}
+        v.time_ms = 1e3 * median_seconds(timed, repeats=repeats)["fn"]
         s = report.summarize(v.params, reference=reference)
         v.memory_bytes, v.encoded_bytes, v.sparsity = s.memory_bytes, s.encoded_bytes, s.sparsity
         path = ckpt_dir / v.name.replace(" ", "_").replace("%", "pct")
