@@ -2,8 +2,9 @@
 
 The pruned model is trained exactly like the dense one (same steps, data order and seeds), with
 ``prune(optax.adamw(...), schedule=polynomial_schedule(0.9, ...))`` as the optimizer: the masks
-live in the optimizer state and the training loop is the plain optax loop. Every Dense kernel
-ends at exactly 90% sparsity (asserted); biases stay dense.
+live in the optimizer state and the training loop is the plain optax loop
+(``jcompress.demo.fit``). Every Dense kernel ends at exactly 90% sparsity (asserted); biases
+stay dense.
 
     python examples/01_prune_mlp.py           # 5 seeds, full training
     python examples/01_prune_mlp.py --quick   # 1 seed, a few steps (smoke test)
@@ -13,22 +14,18 @@ from __future__ import annotations
 
 import argparse
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jcompress.demo import MLP, accuracy, batches, load_digits
-from jcompress.pruning import masks_of, nonfinite, polynomial_schedule, prune
+from jcompress.demo import DigitsTask, fit
+from jcompress.pruning import masks_of, nonfinite, polynomial_schedule, prune, sparsity
 
 SPARSITY = 0.9
 
 
 def train(seed: int, *, steps: int, pruned: bool) -> tuple[float, float]:
     """Train one model; returns (test accuracy, sparsity of the Dense kernels)."""
-    data = load_digits(seed=seed)
-    model = MLP((300, 100, 10))
-    params = model.init(jax.random.key(seed), jnp.zeros((1, 64)))["params"]
+    task = DigitsTask.load(seed=seed)  # MLP((300, 100, 10)) on a seeded split
     tx = optax.adamw(3e-3, weight_decay=1e-4)
     if pruned:
         schedule = polynomial_schedule(
@@ -38,28 +35,8 @@ def train(seed: int, *, steps: int, pruned: bool) -> tuple[float, float]:
             update_every=max(steps // 40, 1),
         )
         tx = prune(tx, schedule=schedule)
-    opt_state = tx.init(params)
+    params, opt_state = fit(task.loss, tx, task.init(seed), task.data, steps=steps, seed=seed)
 
-    @jax.jit
-    def step(params, opt_state, x, y):
-        def loss_fn(p):
-            logits = model.apply({"params": p}, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        grads = jax.grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    batch_size = 64
-    epochs = -(-steps // (len(data.x_train) // batch_size))
-    stream = batches(data.x_train, data.y_train, batch_size, seed=seed, epochs=epochs)
-    for _, (x, y) in zip(range(steps), stream):
-        params, opt_state = step(params, opt_state, x, y)
-
-    acc = float(accuracy(model.apply({"params": params}, data.x_test), data.y_test))
-    kernels = [np.asarray(layer["kernel"]) for layer in params.values()]
-    zeros = sum(int(np.sum(k == 0)) for k in kernels)
-    sparsity = zeros / sum(k.size for k in kernels)
     if pruned:
         assert not bool(nonfinite(opt_state)), "NaN/Inf met during training"
         masks = masks_of(opt_state)
@@ -69,7 +46,7 @@ def train(seed: int, *, steps: int, pruned: bool) -> tuple[float, float]:
             # Exact per-layer count, and pruned weights are exactly zero.
             assert int(kept.size - kept.sum()) == round(SPARSITY * kernel.size), name
             assert np.all(kernel[~kept] == 0), name
-    return acc, sparsity
+    return task.accuracy(params), sparsity(params)  # sparsity: zeros over the kernels
 
 
 def main() -> None:

@@ -3,14 +3,14 @@
 ``MLP((256, 128, 10))`` on digits (64 inputs): Dense kernels ``(64, 256)``, ``(256, 128)``,
 ``(128, 10)``, so every contracting axis is divisible by the group size 32. The model is trained
 in float32, then each configuration quantizes the three kernels with ``jc.quantization.quantize``
-(biases stay float32) and is evaluated on ``dequantize(q)``. Bytes are the true stored bytes:
-``QArray.nbytes`` (values packed at their container width: int2 = 2 bits, int3 and int4 = 4 bits,
-int8 = 8 bits; float32 scales; zero points) plus the float leaves' bytes.
+(biases stay float32) and is evaluated on ``dequantize(q)``. Bytes are the true stored bytes
+(``jc.report.summarize(q).memory_bytes``: values packed at their container width: int2 = 2 bits,
+int3 and int4 = 4 bits, int8 = 8 bits; float32 scales; zero points; plus the float leaves).
 
 The last row is quantization-aware training: ``scales = calibrate(params, int2)`` once, then a
-short ordinary optax loop on the float parameters whose loss runs the model on
-``fake_quantize(params, int2, scales=scales)`` (straight-through gradient, zero for clipped
-weights), then ``quantize(params, int2, scales=scales)``.
+short ordinary optax loop (``jcompress.demo.fit``) on the float parameters whose loss runs the
+model on ``fake_quantize(params, int2, scales=scales)`` (straight-through gradient, zero for
+clipped weights), then ``quantize(params, int2, scales=scales)``.
 
     python examples/02_quantize_mlp.py           # 5 seeds, full training
     python examples/02_quantize_mlp.py --quick   # 1 seed, a few steps (smoke test)
@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jcompress import is_compressed
-from jcompress.demo import MLP, accuracy, batches, load_digits
+from jcompress.demo import MLP, DigitsTask, cross_entropy_loss, fit, load_digits
 from jcompress.quantization import (
     MSE,
     PerChannel,
@@ -37,6 +34,7 @@ from jcompress.quantization import (
     fake_quantize,
     quantize,
 )
+from jcompress.report import summarize
 
 INT2 = QuantSpec(bits=2, granularity=PerGroup(32), calibration=MSE(), symmetric=False)
 CONFIGS = {
@@ -49,66 +47,28 @@ CONFIGS = {
 QAT = "int2 + QAT (fake_quantize)"
 
 
-def true_bytes(tree) -> int:
-    """Stored bytes: ``nbytes`` of compressed leaves (packed), itemsize x size of the rest."""
-    leaves = jax.tree.leaves(tree, is_leaf=is_compressed)
-    return sum(int(x.nbytes) for x in leaves)
-
-
-def train(model, params, data, *, steps: int, seed: int, lr: float, loss_params=None):
-    """Plain optax loop; ``loss_params(p)`` maps the trained float params to those the model
-    runs on (identity for float training, ``fake_quantize`` for QAT)."""
-    loss_params = loss_params or (lambda p: p)
-    tx = optax.adamw(lr, weight_decay=1e-4)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, x, y):
-        def loss_fn(p):
-            logits = model.apply({"params": loss_params(p)}, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        grads = jax.grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    batch_size = 64
-    epochs = -(-steps // (len(data.x_train) // batch_size))
-    stream = batches(data.x_train, data.y_train, batch_size, seed=seed, epochs=epochs)
-    for _, (x, y) in zip(range(steps), stream):
-        params, opt_state = step(params, opt_state, x, y)
-    return params
+def adamw(lr: float) -> optax.GradientTransformation:
+    return optax.adamw(lr, weight_decay=1e-4)
 
 
 def run_seed(seed: int, *, steps: int, qat_steps: int) -> dict[str, tuple[float, int]]:
     """``{config: (test accuracy %, true bytes)}`` for one seed."""
-    data = load_digits(seed=seed)
-    model = MLP((256, 128, 10))
-    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 64)))["params"]
-    params = train(model, params, data, steps=steps, seed=seed, lr=3e-3)
+    task = DigitsTask(load_digits(seed=seed), MLP((256, 128, 10)))
+    params, _ = fit(task.loss, adamw(3e-3), task.init(seed), task.data, steps=steps, seed=seed)
 
-    def evaluate(p) -> float:
-        logits = model.apply({"params": dequantize(p)}, data.x_test)
-        return 100 * float(accuracy(logits, data.y_test))
+    def evaluate(p) -> tuple[float, int]:
+        return 100 * task.accuracy(dequantize(p)), summarize(p).memory_bytes
 
-    results = {"float32": (evaluate(params), true_bytes(params))}
+    results = {"float32": evaluate(params)}
     for name, spec in CONFIGS.items():
-        q = quantize(params, spec)
-        results[name] = (evaluate(q), true_bytes(q))
+        results[name] = evaluate(quantize(params, spec))
 
-    # QAT: frozen int2 scales from the float model, then an ordinary optax loop.
+    # QAT: frozen int2 scales from the float model, then the same optax loop on a loss that
+    # runs the model on fake-quantized parameters.
     scales = calibrate(params, INT2)
-    qat = train(
-        model,
-        params,
-        data,
-        steps=qat_steps,
-        seed=seed + 1000,
-        lr=1e-3,
-        loss_params=lambda p: fake_quantize(p, INT2, scales=scales),
-    )
-    q = quantize(qat, INT2, scales=scales)
-    results[QAT] = (evaluate(q), true_bytes(q))
+    qat_loss = cross_entropy_loss(lambda p, x: task.apply(fake_quantize(p, INT2, scales=scales), x))
+    qat, _ = fit(qat_loss, adamw(1e-3), params, task.data, steps=qat_steps, seed=seed + 1000)
+    results[QAT] = evaluate(quantize(qat, INT2, scales=scales))
     return results
 
 

@@ -7,8 +7,8 @@ Dense_0's kernel after the flatten; the logits are blocked as the model output);
 ``structured_masks(params, 0.5, groups=groups)`` removes the half of every group's channels
 with the smallest L2 norm (Li et al., 2017, arXiv:1608.08710); ``jc.structure.shrink`` returns
 smaller parameters and a function that runs them. The small parameters are then fine-tuned with
-an ordinary optax loop under ``jit``. ``shrink_linen`` gives the new widths, so the same small
-parameters also run in ``CNN(channels=(8, 16), hidden=32)``.
+an ordinary optax loop under ``jit`` (``jcompress.demo.fit``). ``shrink_linen`` gives the new
+widths, so the same small parameters also run in ``CNN(channels=(8, 16), hidden=32)``.
 
 Reported: test accuracy (mean ± std over seeds) of the dense model, the masked model before
 fine-tuning, and the shrunken fine-tuned model; parameter bytes; forward time of the jitted
@@ -22,56 +22,16 @@ the machine is shared, so read the ratio).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jcompress.demo import CNN, accuracy, batches, load_digits
+from jcompress.demo import CNN, accuracy, cross_entropy_loss, fit, load_digits, median_seconds
 from jcompress.pruning import apply_masks, structured_masks
+from jcompress.report import summarize
 from jcompress.structure import dependencies, shrink, shrink_linen
-
-
-def nbytes(tree) -> int:
-    return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
-
-
-def train(fn, params, data, *, steps: int, seed: int, lr: float):
-    """Adam on ``fn(params, images)``; returns the trained params."""
-    tx = optax.adam(lr)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, x, y):
-        def loss_fn(p):
-            logits = fn(p, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        grads = jax.grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    batch_size = 64
-    epochs = -(-steps // (len(data.x_train) // batch_size))
-    stream = batches(data.images("train"), data.y_train, batch_size, seed=seed, epochs=epochs)
-    for _, (x, y) in zip(range(steps), stream):
-        params, opt_state = step(params, opt_state, x, y)
-    return params
-
-
-def median_times(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each ``fn()``, the calls interleaved."""
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        jax.block_until_ready(f())  # compile
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            jax.block_until_ready(f())
-            times[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def run_seed(seed: int, *, steps: int, tune_steps: int, repeats: int) -> dict:
@@ -82,14 +42,20 @@ def run_seed(seed: int, *, steps: int, tune_steps: int, repeats: int) -> dict:
     def fn(p, x):
         return model.apply({"params": p}, x)
 
+    train_set = (data.images("train"), data.y_train)
     params = jax.jit(model.init)(jax.random.key(seed), x_test[:1])["params"]
-    params = train(fn, params, data, steps=steps, seed=seed, lr=3e-3)
+    params, _ = fit(
+        cross_entropy_loss(fn), optax.adam(3e-3), params, train_set, steps=steps, seed=seed
+    )
 
     groups = dependencies(fn, params, x_test)
     masks = structured_masks(params, 0.5, groups=groups)
     masked = apply_masks(params, masks)
     small_fn, small = shrink(fn, params, masks, x_test)
-    tuned = train(small_fn, small, data, steps=tune_steps, seed=seed + 1000, lr=1e-3)
+    tune_loss = cross_entropy_loss(small_fn)
+    tuned, _ = fit(
+        tune_loss, optax.adam(1e-3), small, train_set, steps=tune_steps, seed=seed + 1000
+    )
 
     # The same small parameters in a CNN rebuilt with the new widths.
     small_vars, widths = shrink_linen(model, {"params": params}, {"params": masks}, x_test)
@@ -102,15 +68,15 @@ def run_seed(seed: int, *, steps: int, tune_steps: int, repeats: int) -> dict:
         return 100 * float(accuracy(jax.jit(f)(p, x_test), data.y_test))
 
     dense_jit, small_jit = jax.jit(fn), jax.jit(small_fn)
-    times = median_times(
+    times = median_seconds(
         {"masked": lambda: dense_jit(masked, x_test), "shrunk": lambda: small_jit(tuned, x_test)},
-        repeats,
+        repeats=repeats,
     )
     return {
         "dense": test_acc(fn, params),
         "masked": test_acc(fn, masked),
         "shrunk+tuned": test_acc(small_fn, tuned),
-        "bytes": (nbytes(params), nbytes(small)),
+        "bytes": (summarize(params).memory_bytes, summarize(small).memory_bytes),
         "widths": widths,
         "speedup": times["masked"] / times["shrunk"],
         "times": times,

@@ -1,6 +1,6 @@
 """Calibrated compression of a small character-level transformer LM: perplexity table.
 
-The model is ``jcompress.demo._charlm.CharLM`` (2 pre-LN transformer blocks over bytes,
+The model is ``jcompress.demo.CharLM`` (2 pre-LN transformer blocks over bytes,
 ``d_model`` 128, context 64), trained once on Python's standard-library sources; its weights
 ship with jcompress (``load_charlm()``), so nothing is trained here. Every ``kernel`` (q/k/v/o,
 MLP, output head: input dimensions 128 or 512) is compressed; embeddings and norms stay float.
@@ -26,7 +26,7 @@ import time
 
 import jax
 
-from jcompress.demo._charlm import (
+from jcompress.demo import (
     calibrated_variants,
     calibration_windows,
     charlm_perplexity,

@@ -79,11 +79,7 @@ def train(seed: int, *, steps: int, pruned: bool) -> float:
 
         optimizer.update(model, nnx.grad(loss_fn)(model))
 
-    batch_size = 64
-    x_train = data.images("train")
-    epochs = -(-steps // (len(x_train) // batch_size))
-    stream = batches(x_train, data.y_train, batch_size, seed=seed, epochs=epochs)
-    for _, (x, y) in zip(range(steps), stream):
+    for x, y in batches(data.images("train"), data.y_train, 64, seed=seed, steps=steps):
         step(model, optimizer, jnp.asarray(x), jnp.asarray(y))
 
     if pruned:

@@ -22,7 +22,8 @@ Reported over ``--seeds`` seeds (mean ± std): accuracy of the dense, pruned and
 int8 biases) and the **on-disk ratio** (dense float32 bytes / the saved directory, orbax and JSON
 metadata included).
 
-    python examples/04_deep_compression.py [--quick] [--seeds 5] [--sparsity 0.95] [--bits 4]
+    python studies/deep_compression.py [--quick] [--seeds 5] [--sparsity 0.95] [--bits 4]
+    python studies/deep_compression.py --quick --out results.json  # a smoke run, results as JSON
 """
 
 from __future__ import annotations
@@ -326,7 +327,7 @@ def main(argv=None) -> dict:
         print("  (--quick: a smoke test; too few epochs for the accuracies to mean anything)")
     result = {"args": vars(args), "seeds": rows}
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        Path(args.out).expanduser().write_text(json.dumps(result, indent=1))
     return result
 
 

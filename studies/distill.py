@@ -30,29 +30,11 @@ same images, with the teacher's logits for them precomputed (``teacher_logits=``
    around Adam, a polynomial schedule) and int4 quantization-aware (``jc.quantization.
    fake_quantize`` in the forward pass), with and without the teacher, on the whole fit set.
 
-Parts 2 and 3 use the (T, alpha) chosen on validation in 1b and 1a. Measured (full mode, test
-errors out of 539, mean ± std over seeds 100-104):
+Parts 2 and 3 use the (T, alpha) chosen on validation in 1b and 1a. The results of the full run
+(5 seeds) and what they mean are in BENCHMARKS.md, section "Distillation".
 
-    teacher 64-1200-1200-10 (dropout + jitter)         15.0 ± 2.9
-    1a. 1006 images: alone / distilled (T=4, a=0.5)    10.4 ± 3.8 / 12.0 ± 3.2   no gap
-    1b.  101 images: alone / distilled (T=2, a=0.5)    59.4 ± 12.8 / 38.6 ± 9.6  47% closed
-        (per seed 45, 48, 59, 18, 60%: 46 ± 17%)
-    1c.  252 images: alone / distilled (T=8, a=0.5)    29.0 ± 3.2 / 20.6 ± 4.5   60% closed
-        (per seed 73, 65, 78, 53, 36%: 61 ± 17%)
-    2.  50 labels alone / + soft targets for 1006      92.6 ± 15.9 / 16.6 ± 3.9  98% closed
-    3.  90% pruned + int4: no teacher / distilled      12.2 ± 2.6 / 13.2 ± 4.1   no gain
-
-On 8x8 digits the regularised teacher is no better than an unregularised 64-300-100-10 trained
-on the same 1,006 images (1a, and 3 with the compressed student), so there is no gap to close.
-The teacher's soft targets pay off when the student has little labelled data: they close just
-under half the gap on the student's own 101 images (1b: 47%, short of the 50% goal; Hinton et
-al.'s Table 5: 87%; one seed 18%), 60% of the (smaller, 14-error) gap on 252 images (1c, the
-setting added after 1b missed the goal; one seed 36%; exploration seeds 0-2 had shown ~90%
-at 250 images), and nearly all of it when they label a transfer set 10x larger than the
-labelled one (2).
-
-    python examples/03_distill.py            # full: 5 seeds, 5 min on 2 cores at load ~3
-    python examples/03_distill.py --quick    # 2 seeds, a few steps: a smoke run
+    python studies/distill.py            # full: seeds 100-104, the numbers in BENCHMARKS.md
+    python studies/distill.py --quick    # 2 seeds, a few steps: a smoke run
 """
 
 from __future__ import annotations
