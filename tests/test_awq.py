@@ -9,8 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jcompress import calibration
-from jcompress.quantization import PerGroup, QArray, QuantSpec, dequantize, quantize
-from jcompress.quantization._awq import AWQArray, awq, awq_layer
+from jcompress.quantization import (
+    AWQArray,
+    PerGroup,
+    QArray,
+    QuantSpec,
+    awq,
+    awq_layer,
+    dequantize,
+    quantize,
+)
 from jcompress.runtime import compressed, roles
 from jcompress.tree import Role
 

@@ -13,11 +13,16 @@ import numpy as np
 import pytest
 
 from jcompress import calibration
-from jcompress.pruning import NM, apply_masks
-from jcompress.pruning._sparsegpt import sparsegpt_layer
-from jcompress.pruning._wanda import wanda_masks
-from jcompress.quantization import MSE, PerGroup, QArray, QuantSpec, dequantize, quantize
-from jcompress.quantization._gptq import gptq_layer
+from jcompress.pruning import NM, apply_masks, sparsegpt_layer, wanda_masks
+from jcompress.quantization import (
+    MSE,
+    PerGroup,
+    QArray,
+    QuantSpec,
+    dequantize,
+    gptq_layer,
+    quantize,
+)
 from jcompress.runtime import InputStats
 
 # ----------------------------------------------------------------------------------------------
@@ -529,7 +534,7 @@ def model():
 
 
 def test_gptq_model_equals_layer_level_and_beats_rtn(model):
-    from jcompress.quantization._gptq import gptq
+    from jcompress.quantization import gptq
 
     params, batches, x = model
     q = gptq(mlp, params, batches, SPECS[0], block_size=BLOCK, quiet=True)
@@ -555,8 +560,8 @@ def layer2_hessian(params, batches):
 
 
 def test_sequential_calibrates_on_compressed_outputs(model):
-    from jcompress.pruning._sparsegpt import sparsegpt
-    from jcompress.quantization._gptq import gptq
+    from jcompress.pruning import sparsegpt
+    from jcompress.quantization import gptq
 
     params, batches, _ = model
     rules = [("Dense_0/kernel", QuantSpec(bits=2)), (".*", SPECS[0])]
@@ -593,7 +598,7 @@ def test_sequential_calibrates_on_compressed_outputs(model):
 
 
 def test_sparsegpt_model_masks_and_error(model):
-    from jcompress.pruning._sparsegpt import sparsegpt
+    from jcompress.pruning import sparsegpt
 
     params, batches, x = model
     for structure, s in ((None, 0.5), (NM(2, 4), None)):
@@ -626,8 +631,8 @@ def test_sparsegpt_model_masks_and_error(model):
 
 
 def test_gptq_with_masks_keeps_pruned_zeros(model):
-    from jcompress.pruning._sparsegpt import sparsegpt
-    from jcompress.quantization._gptq import gptq
+    from jcompress.pruning import sparsegpt
+    from jcompress.quantization import gptq
 
     params, batches, _ = model
     pruned, masks = sparsegpt(mlp, params, batches, 0.5, block_size=SBLOCK, quiet=True)
@@ -640,7 +645,7 @@ def test_gptq_with_masks_keeps_pruned_zeros(model):
 def test_conv_stacked_and_equinox_layouts():
     from jax import lax
 
-    from jcompress.quantization._gptq import gptq
+    from jcompress.quantization import gptq
     from jcompress.tree import Role
 
     rng = np.random.default_rng(13)
@@ -679,8 +684,8 @@ def test_conv_stacked_and_equinox_layouts():
 
 
 def test_model_level_errors(model):
-    from jcompress.pruning._sparsegpt import sparsegpt
-    from jcompress.quantization._gptq import gptq
+    from jcompress.pruning import sparsegpt
+    from jcompress.quantization import gptq
 
     params, batches, _ = model
     unused = {**params, "Dense_2": {"kernel": jnp.ones((8, 4))}}
@@ -701,9 +706,8 @@ def test_linen_and_nnx_layouts(model):
 
     from jcompress import tree as jt
     from jcompress.demo import MLP
-    from jcompress.pruning._sparsegpt import sparsegpt
-    from jcompress.quantization import QArray
-    from jcompress.quantization._gptq import gptq
+    from jcompress.pruning import sparsegpt
+    from jcompress.quantization import QArray, gptq
     from jcompress.runtime import capture
 
     _, batches, _ = model
@@ -749,8 +753,8 @@ def test_one_gram_alive_per_pass_and_same_result(model, monkeypatch):
     """Default calibration captures one layer's Gram matrix per walk; layers_per_pass=None
     captures all in one walk; the results are identical."""
     import jcompress.runtime as runtime
-    from jcompress.pruning._sparsegpt import sparsegpt
-    from jcompress.quantization._gptq import gptq
+    from jcompress.pruning import sparsegpt
+    from jcompress.quantization import gptq
 
     params, batches, _ = model
     grams_per_call = []
@@ -785,7 +789,7 @@ def test_gptq_on_tied_embedding():
     use the same inputs."""
     import flax.linen as nn
 
-    from jcompress.quantization._gptq import gptq
+    from jcompress.quantization import gptq
 
     class TiedLM(nn.Module):
         @nn.compact
@@ -833,8 +837,8 @@ def test_sharded_parameters_equal_unsharded(model, devices):
     """Kernels sharded over the 8 virtual devices on the output axis: same results."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from jcompress.pruning._sparsegpt import sparsegpt
-    from jcompress.quantization._gptq import gptq
+    from jcompress.pruning import sparsegpt
+    from jcompress.quantization import gptq
 
     params, batches, _ = model
     mesh = Mesh(np.array(devices), ("model",))
@@ -900,10 +904,8 @@ def test_calibrated_methods_read_the_layout_from_fn(gpt2_model, method):
     """Without roles=, the roles come from fn's jaxpr: same result as with jc.roles, scales on
     the output rows of the (out, in) kernels, and better than the uncalibrated baseline."""
     import jcompress as jc
-    from jcompress.pruning import magnitude_masks
-    from jcompress.pruning._sparsegpt import sparsegpt
-    from jcompress.quantization import awq
-    from jcompress.quantization._gptq import gptq
+    from jcompress.pruning import magnitude_masks, sparsegpt
+    from jcompress.quantization import awq, gptq
 
     params, batches, x = gpt2_model
     roles = jc.roles(gpt2_style, params, x)
@@ -929,7 +931,7 @@ def test_calibrated_methods_read_the_layout_from_fn(gpt2_model, method):
 
 def test_wrong_roles_say_so_and_name_the_fix(gpt2_model):
     """Flax-layout roles on (out, in) kernels: the error names the role, not a missing Gram."""
-    from jcompress.quantization._gptq import gptq
+    from jcompress.quantization import gptq
     from jcompress.tree import Role
 
     params, batches, _ = gpt2_model

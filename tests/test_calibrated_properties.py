@@ -9,11 +9,8 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jcompress.pruning import NM
-from jcompress.pruning._sparsegpt import sparsegpt_layer
-from jcompress.pruning._wanda import wanda_masks
-from jcompress.quantization import PerGroup, PerTensor, QuantSpec, quantize
-from jcompress.quantization._gptq import gptq_layer
+from jcompress.pruning import NM, sparsegpt_layer, wanda_masks
+from jcompress.quantization import PerGroup, PerTensor, QuantSpec, gptq_layer, quantize
 from jcompress.runtime import InputStats
 
 # (shape, spec, act_order, block): a few static configurations (each is one compilation, the

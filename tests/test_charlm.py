@@ -19,8 +19,7 @@ from jcompress.demo._charlm import (
     heldout_windows,
     load_charlm,
 )
-from jcompress.quantization import PerGroup, QuantSpec, dequantize, quantize
-from jcompress.quantization._gptq import gptq
+from jcompress.quantization import PerGroup, QuantSpec, dequantize, gptq, quantize
 
 
 @pytest.fixture(scope="module")
