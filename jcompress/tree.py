@@ -23,6 +23,7 @@ import abc
 import dataclasses
 import difflib
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -45,11 +46,15 @@ __all__ = [
     "Params",
     "Role",
     "Where",
+    "check_array_leaf",
     "check_finite",
     "common_prefix_hint",
     "default_role",
+    "describe_form",
+    "is_array_leaf",
     "is_compressed",
     "is_concrete",
+    "is_equinox_module",
     "leaves_with_paths",
     "map_with_paths",
     "match_paths",
@@ -199,6 +204,35 @@ def path_str(keypath: Sequence[Any]) -> str:
     if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
         keys = keys[:-1]
     return "/".join(_key_str(k) for k in keys)
+
+
+def is_equinox_module(x: Any) -> bool:
+    """Whether ``x`` is an Equinox module (checked without importing equinox)."""
+    eqx = sys.modules.get("equinox")
+    return eqx is not None and isinstance(x, eqx.Module)
+
+
+def describe_form(tree: Any) -> str:
+    """A short name of a parameter tree's form, for error messages.
+
+    >>> describe_form({"Dense_0": {"kernel": 1.0}})
+    'a dict'
+    >>> describe_form([(1.0, 2.0)])
+    'a list'
+    """
+    if is_equinox_module(tree):
+        return f"an Equinox module ({type(tree).__name__})"
+    name = type(tree).__name__
+    if type(tree).__module__.startswith("flax."):
+        nnx = sys.modules.get("flax.nnx")
+        if nnx is not None and isinstance(tree, nnx.State):
+            leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+            held = "Variables" if any(isinstance(x, nnx.Variable) for x in leaves) else "arrays"
+            return f"an nnx.State of {held}"
+        return f"a flax {name}"
+    if isinstance(tree, dict | list | tuple):
+        return f"a {name}"
+    return f"a {type(tree).__module__}.{type(tree).__qualname__}"
 
 
 def _flatten(tree: Params, is_leaf: Callable[[Any], bool] | None = None):
@@ -452,6 +486,8 @@ def _is_floating(leaf: Any) -> bool:
 
 
 def _describe_where(where: Any) -> str:
+    if where is None:
+        return "the default selection (no where=)"
     if isinstance(where, str):
         return f"where={where!r}"
     if callable(where):
@@ -572,9 +608,12 @@ def select(
 
     if not allow_empty and not any(chosen):
         hint = (
-            "the default selects leaves named 'kernel'/'embedding' (Flax); for other layouts "
-            "pass roles= (jc.roles) or where="
-            if where is None
+            "without roles= it picks floating leaves named 'kernel'/'embedding' and assumes "
+            f"Flax's layouts, and {describe_form(tree)} has none (paths: "
+            f"{paths[:4]}{' ...' if len(paths) > 4 else ''}). Pass "
+            "roles=jc.roles(fn, params, *args), which reads each leaf's layout from the function "
+            "that uses it (Equinox's weight is (out, in)), or where= to pick leaves by path"
+            if where is None and roles is None
             else f"available paths: {paths[:8]}{' ...' if len(paths) > 8 else ''}"
         )
         raise ValueError(f"{what}: {_describe_where(where)} selects no leaf; {hint}")
@@ -742,10 +781,49 @@ def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def is_array_leaf(x: Any) -> bool:
+    """Whether ``x`` is an array leaf: an array, a compressed leaf or a Python number (not a
+    function or other object, as a whole Equinox module holds).
+
+    >>> import jax, jax.numpy as jnp
+    >>> is_array_leaf(jnp.ones(2)), is_array_leaf(1.0), is_array_leaf(jax.nn.relu)
+    (True, True, False)
+    """
+    return (
+        is_compressed(x)
+        or isinstance(x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct)
+        or type(x) in (bool, int, float, complex)
+    )
+
+
+def check_array_leaf(path: str, leaf: Any, *, what: str = "this transform") -> None:
+    """Raise ``TypeError`` if ``leaf`` is not an array (nor a compressed leaf, nor a number).
+
+    A whole Equinox module holds its activation functions (and other fields) as leaves: ``jit``,
+    ``grad`` and optax need its arrays alone, as ``eqx.partition`` gives them.
+
+    >>> import jax
+    >>> check_array_leaf("activation", jax.nn.gelu, what="prune")
+    Traceback (most recent call last):
+    ...
+    TypeError: activation: prune needs a tree of arrays, but this leaf is a function ...
+    """
+    if is_array_leaf(leaf):
+        return
+    kind = "function" if callable(leaf) else f"{type(leaf).__module__}.{type(leaf).__qualname__}"
+    raise TypeError(
+        f"{path}: {what} needs a tree of arrays, but this leaf is a {kind} ({leaf!r:.60}). A "
+        "whole Equinox module keeps such fields as leaves (as do other objects); pass its "
+        "arrays, `params, static = eqx.partition(model, eqx.is_inexact_array)`, and rebuild "
+        "the model with `eqx.combine(params, static)`, as optax and jax.jit need too"
+    )
+
+
 def check_finite(path: str, leaf: Any, *, what: str = "this transform") -> None:
     """Raise ``ValueError`` if a concrete leaf holds NaN or Inf; tracers are not checked.
 
-    Inside ``jit`` the caller records a flag in its state instead (DESIGN §2).
+    Inside ``jit`` the caller records a flag in its state instead (DESIGN §2). A leaf that is not
+    an array at all is a ``TypeError`` (:func:`check_array_leaf`).
 
     >>> import jax.numpy as jnp
     >>> check_finite("w", jnp.ones(2))
@@ -754,6 +832,7 @@ def check_finite(path: str, leaf: Any, *, what: str = "this transform") -> None:
     ...
     ValueError: w: pruning found 1 NaN/Inf value(s) in the weights; ...
     """
+    check_array_leaf(path, leaf, what=what)
     value = leaf.dequantize() if is_compressed(leaf) else leaf
     if not is_concrete(value) or not _is_floating(value):
         return

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from jcompress.checkpoint import _registry
-from jcompress.tree import Compressed, path_str
+from jcompress.tree import Compressed, describe_form, is_equinox_module, path_str
 
 _SCALARS = (bool, int, float, str)
 
@@ -41,6 +41,16 @@ class ArrayRef:
 
 
 def _unsupported(path: str, x: Any, why: str = "") -> TypeError:
+    if is_equinox_module(x):
+        return TypeError(
+            f"{path or '<root>'}: cannot save {describe_form(x)}: an Equinox module is code "
+            "(its class and static fields), and a jcompress checkpoint stores data only, so "
+            "that loading runs no code. Save its arrays by path, "
+            "`arrays = eqx.filter(model, eqx.is_array)`, "
+            "`jc.checkpoint.save(directory, dict(jc.tree.leaves_with_paths(arrays)))`, and put "
+            "them back into a model of the same structure: `eqx.combine(jc.tree.map_with_paths("
+            "lambda path, x, saved: saved, arrays, jc.checkpoint.load(directory)), model)`"
+        )
     return TypeError(
         f"{path or '<root>'}: cannot save a {type(x).__module__}.{type(x).__qualname__}"
         f"{why}; a jcompress checkpoint holds dict, list, tuple, None, bool/int/float/str, "

@@ -821,13 +821,19 @@ def saliency_masks(
         params, sparsity, what, structure=structure, scope=scope, where=where, roles=roles
     )
     values = _selected_values(params, p, what)
-    grad_leaves = jt.match_paths(params, grads, name="grads")
+    # Gradients exist for the array leaves only: a whole Equinox module's functions get `None`
+    # from eqx.filter_grad, so they are matched against the params' arrays.
+    arrays = jax.tree.map(
+        lambda x: x if jt.is_array_leaf(x) else None, params, is_leaf=jt.is_compressed
+    )
+    array_paths = [path for path, _ in jt.leaves_with_paths(arrays)]
+    grad_of = dict(zip(array_paths, jt.match_paths(arrays, grads, name="grads")))
     scores = {}
-    for (path, value), g in zip(values.items(), grad_leaves):
+    for path, value in values.items():
         if value is None:
             scores[path] = None
             continue
-        g = _float_value(g)
+        g = _float_value(grad_of[path])
         if g.shape != value.shape:
             raise ValueError(
                 f"{path}: grads has shape {g.shape} but the parameter has {value.shape}; pass "
