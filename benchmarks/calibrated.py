@@ -13,23 +13,26 @@ Two models:
 * LeNet-300-100 on digits: test accuracy over 5 seeds (mean ± std), per-channel 3 and 2 bits,
   70 % and 2:4.
 
-Calibration: 256 random training windows (char LM) / 512 training images (digits). Times are
-wall-clock seconds per method on a shared, noisy 2-core CPU (compile time included): compare
-them as ratios. Usage: ``python benchmarks/calibrated.py [--quick]``.
+Calibration: 256 random training windows (char LM) / 512 training images (digits). Quality and
+time are separate tables: times are wall-clock seconds per method, compile time included, with
+the noise measure of ``benchmarks/_harness.py``. Usage: ``python benchmarks/calibrated.py
+[--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Run
 
 from jcompress.demo import DigitsTask, fit
 from jcompress.demo._charlm import (
@@ -177,41 +180,34 @@ def goals(rows: list[dict]) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a tiny subset (seconds)")
-    args = ap.parse_args()
-    print("char LM (held-out perplexity):", flush=True)
-    lm = charlm_rows(args.quick)
-    print("digits LeNet-300-100 (test accuracy):", flush=True)
-    dg = digits_rows(args.quick)
-    print(f"\n{'method':<42}{'perplexity':>11}{'increase':>10}{'time s':>9}")
-    for r in lm:
-        print(f"{r['method']:<42}{r['ppl']:>11.3f}{r['increase']:>+10.3f}{r['seconds']:>9.1f}")
-    print(f"\n{'method':<42}{'accuracy':>17}{'time s':>9}")
-    for r in dg:
-        a = f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}"
-        print(f"{r['method']:<42}{a:>17}{r['seconds']:>9.2f}")
-    met = goals(lm)
-    print("\ngoals:", met)
-    result = {
-        "quick": args.quick,
-        "backend": jax.default_backend(),
-        "note": "shared noisy 2-core CPU; seconds include compilation",
-        "charlm": lm,
-        "digits": dg,
-        "goals": met,
-    }
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    path = os.path.join(os.path.dirname(__file__), "results", "calibrated.json")
-    with open(path, "w") as f:
-        json.dump(
-            result,
-            f,
-            indent=1,
-            default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x),
-        )
-    print(f"wrote {path}")
+    args = ap.parse_args(argv)
+    run = Run("calibrated", script=__file__, argv=argv, quick=args.quick)
+    title = "char LM: seconds per method (wall clock, compile included)"
+    with run.table("charlm_seconds", title, ["method", "seconds"]) as t:
+        lm = charlm_rows(args.quick)
+        for r in lm:
+            t.row([r["method"], r["seconds"]])
+    title = "char LM: held-out perplexity (lower is better)"
+    with run.table("charlm", title, ["method", "perplexity", "increase"], timed=False) as t:
+        for r in lm:
+            t.row([r["method"], f"{r['ppl']:.3f}", f"{r['increase']:+.3f}"], data=r)
+    title = "digits LeNet-300-100: seconds per method (median over seeds, compile included)"
+    with run.table("digits_seconds", title, ["method", "seconds"]) as t:
+        dg = digits_rows(args.quick)
+        for r in dg:
+            t.row([r["method"], r["seconds"]])
+    seeds = dg[0]["seeds"] if dg else 0
+    title = f"digits LeNet-300-100: test accuracy over {seeds} seeds"
+    with run.table("digits", title, ["method", "accuracy"], timed=False) as t:
+        for r in dg:
+            acc = f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}%"
+            t.row([r["method"], acc], data=r)
+    run.extra["goals"] = goals(lm)
+    print("\ngoals:", run.extra["goals"])
+    run.finish()
 
 
 if __name__ == "__main__":

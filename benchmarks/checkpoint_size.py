@@ -1,10 +1,9 @@
 """Checkpoint size and speed: ``jc.checkpoint`` vs a plain orbax ``PyTreeCheckpointer``.
 
 For each tree (dense, 90%-pruned, int8, int4, pruned int4, many small arrays) this prints the
-in-memory bytes (packed), the encoded payload ``jc.checkpoint.save`` writes, the bytes on disk
-for both writers, and median save / load times over interleaved repeats (the machine is shared
-and noisy: read the ratios, not the absolute times). Writes ``benchmarks/results/
-checkpoint_size.json``.
+in-memory bytes (packed), the encoded payload ``jc.checkpoint.save`` writes and the bytes on disk
+for both writers (one table), and median save / load times over interleaved repeats (another,
+timed with ``benchmarks/_harness.py``). Writes ``benchmarks/results/checkpoint_size.json``.
 
     python benchmarks/checkpoint_size.py [--quick]
 """
@@ -13,16 +12,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import shutil
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Run, Timed
 
 from jcompress import checkpoint, report
 from jcompress.quantization import QuantSpec, quantize
@@ -86,75 +87,60 @@ def _disk(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def measure(name: str, tree, repeats: int, tmp: Path) -> dict:
-    times = {"jc_save": [], "jc_load": [], "orbax_save": [], "orbax_load": []}
-    for r in range(repeats):  # interleaved
-        for writer in ("jc", "orbax"):
-            d = tmp / f"{writer}{r}"
-            shutil.rmtree(d, ignore_errors=True)
-            t = time.perf_counter()
-            (checkpoint.save if writer == "jc" else _orbax_save)(d, tree)
-            times[f"{writer}_save"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            jax.block_until_ready((checkpoint.load if writer == "jc" else _orbax_load)(d))
-            times[f"{writer}_load"].append(time.perf_counter() - t)
-    s = report.summarize(tree)
-    return {
-        "tree": name,
-        "values": s.size,
-        "memory_bytes": s.memory_bytes,
-        "encoded_bytes": s.encoded_bytes,
-        "jc_disk_bytes": _disk(tmp / "jc0"),
-        "orbax_disk_bytes": _disk(tmp / "orbax0"),
-        **{k: float(np.median(v)) for k, v in times.items()},
-    }
+def _fresh(directory: Path) -> tuple:
+    shutil.rmtree(directory, ignore_errors=True)
+    return ()
 
 
-def main(argv=None) -> list[dict]:
+def save_load_times(run, tree, repeats: int, tmp: Path) -> dict[str, float]:
+    """Median seconds of save (into a fresh directory) and load, both writers, interleaved."""
+    variants = {}
+    for writer, save, load in (
+        ("jc", checkpoint.save, checkpoint.load),
+        ("orbax", _orbax_save, _orbax_load),
+    ):
+        saved, fresh = tmp / writer, tmp / f"{writer}_save"
+        variants[f"{writer} save"] = Timed(
+            lambda save=save, d=fresh: save(d, tree), prepare=lambda d=fresh: _fresh(d)
+        )
+        variants[f"{writer} load"] = Timed(lambda load=load, d=saved: load(d))
+    return run.interleaved(variants, repeats=repeats, min_sample_s=0.0, warmup=1).wall
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    run = Run("checkpoint_size", script=__file__, argv=argv, quick=args.quick)
     repeats = 2 if args.quick else 5
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, tree in trees(args.quick).items():
-            rows.append(measure(name, tree, repeats, Path(tmp) / name.replace(" ", "_")))
-    dense = rows[0]["jc_disk_bytes"]
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"checkpoint size ({'quick' if args.quick else 'full'}; medians of {repeats})")
-    for col in (
-        "tree",
-        "memory",
-        "encoded",
-        "jc disk",
-        "orbax disk",
-        "orbax/jc",
-        "vs dense (jc)",
-        "save jc/orbax",
-        "load jc/orbax",
-    ):
-        t.add_column(col, justify="left" if col == "tree" else "right")
     fb = report.format_bytes
-    for r in rows:
-        t.add_row(
-            r["tree"],
-            fb(r["memory_bytes"]),
-            fb(r["encoded_bytes"]),
-            fb(r["jc_disk_bytes"]),
-            fb(r["orbax_disk_bytes"]),
-            f"{r['orbax_disk_bytes'] / r['jc_disk_bytes']:.2f}x",
-            f"{dense / r['jc_disk_bytes']:.1f}x" if r["tree"] != "200 small arrays" else "-",
-            f"{r['jc_save'] * 1e3:.0f}/{r['orbax_save'] * 1e3:.0f} ms",
-            f"{r['jc_load'] * 1e3:.0f}/{r['orbax_load'] * 1e3:.0f} ms",
-        )
-    Console(width=160).print(t)
-    out = Path(__file__).parent / "results" / "checkpoint_size.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"quick": args.quick, "repeats": repeats, "rows": rows}, indent=1))
-    print(f"wrote {out}")
-    return rows
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {}
+        columns = ["tree", "memory", "encoded", "jc disk", "orbax disk", "orbax / jc"]
+        columns.append("dense / jc")
+        with run.table("sizes", "checkpoint bytes", columns, timed=False) as t:
+            dense = None
+            for name, tree in trees(args.quick).items():
+                d = dirs[name] = Path(tmp) / name.replace(" ", "_")
+                checkpoint.save(d / "jc", tree)
+                _orbax_save(d / "orbax", tree)
+                s = report.summarize(tree)
+                jc, ob = _disk(d / "jc"), _disk(d / "orbax")
+                dense = dense or jc
+                small = name == "200 small arrays"
+                t.row(
+                    [name, fb(s.memory_bytes), fb(s.encoded_bytes), fb(jc), fb(ob), ob / jc,
+                     "-" if small else dense / jc],
+                    data={"memory": s.memory_bytes, "encoded": s.encoded_bytes, "jc": jc,
+                          "orbax": ob},
+                )  # fmt: skip
+        columns = ["tree", "jc save ms", "orbax save ms", "jc load ms", "orbax load ms"]
+        title = f"checkpoint save / load time (medians of {repeats} interleaved repeats)"
+        with run.table("times", title, columns) as t:
+            for name, tree in trees(args.quick).items():
+                times = save_load_times(run, tree, repeats, dirs[name])
+                t.row([name, *(1e3 * times[c[:-3]] for c in columns[1:])], data=times)
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ one process with interleaved repeats (medians reported):
   set), so no teacher runs in the step.
 
 The expected extra cost of ``distill`` over ``plain`` is one teacher forward pass, timed alone
-as ``teacher_fwd``. The machine is shared and noisy: read the ratios, not the absolute times.
+as ``teacher_fwd``. Timed with ``benchmarks/_harness.py`` (interleaved medians, noise measure).
 
     python benchmarks/distill.py [--quick]
 """
@@ -18,15 +18,15 @@ as ``teacher_fwd``. The machine is shared and noisy: read the ratios, not the ab
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Run
 
 from jcompress import distillation as jd
 from jcompress.demo import MLP
@@ -62,78 +62,28 @@ def build(student_features, batch, seed=0):
     return runs
 
 
-def time_runs(runs, *, repeats, inner):
-    for fn in runs.values():  # compile and warm up
-        jax.block_until_ready(fn())
-    samples = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():  # interleaved: noise hits every variant alike
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                out = fn()
-            jax.block_until_ready(out)
-            samples[name].append((time.perf_counter() - t0) / inner)
-    medians = {name: statistics.median(v) for name, v in samples.items()}
-    minima = {name: min(v) for name, v in samples.items()}
-    return medians, minima
-
-
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
-    args = parser.parse_args()
-    repeats, inner = (3, 5) if args.quick else (15, 20)
+    args = parser.parse_args(argv)
+    run = Run("distill", script=__file__, argv=argv, quick=args.quick)
+    repeats = 3 if args.quick else 15
     configs = [((30, 10), 64), ((30, 10), 512), ((300, 100, 10), 64), ((300, 100, 10), 512)]
     if args.quick:
         configs = configs[:1]
-    rows = []
-    for features, batch in configs:
-        runs = build(features, batch)
-        med, low = time_runs(runs, repeats=repeats, inner=inner)
-        rows.append(
-            {
-                "student": "64-" + "-".join(map(str, features)),
-                "teacher": "64-" + "-".join(map(str, TEACHER)),
-                "batch": batch,
-                "median_s": med,
-                "min_s": low,
-                "distill_over_plain": med["distill"] / med["plain"],
-                "precomputed_over_plain": med["precomputed"] / med["plain"],
-                "teacher_fwd_over_plain": med["teacher_fwd"] / med["plain"],
-            }
-        )
-    header = (
-        f"{'student':>16} {'batch':>5} {'plain ms':>9} {'distill ms':>10} {'precomp ms':>10} "
-        f"{'teacher fwd ms':>14} {'distill/plain':>13} {'precomp/plain':>13}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        m = r["median_s"]
-        print(
-            f"{r['student']:>16} {r['batch']:>5} {1e3 * m['plain']:9.3f} "
-            f"{1e3 * m['distill']:10.3f} {1e3 * m['precomputed']:10.3f} "
-            f"{1e3 * m['teacher_fwd']:14.3f} {r['distill_over_plain']:13.2f} "
-            f"{r['precomputed_over_plain']:13.2f}"
-        )
-    result = {
-        "benchmark": "distill",
-        "quick": args.quick,
-        "repeats": repeats,
-        "inner": inner,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()[:1]],
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "note": "shared, noisy machine: compare ratios, not absolute times",
-        "rows": rows,
-    }
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "distill.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out}")
+    columns = ["student", "batch", "plain ms", "distill ms", "precomputed ms", "teacher fwd ms"]
+    columns += ["distill / plain", "precomputed / plain"]
+    title = f"a train step of the student (teacher 64-{'-'.join(map(str, TEACHER))}), medians"
+    with run.table("step", title, columns) as t:
+        for features, batch in configs:
+            m = run.interleaved(build(features, batch), repeats=repeats).wall
+            t.row(
+                ["64-" + "-".join(map(str, features)), batch,
+                 *(1e3 * m[k] for k in ("plain", "distill", "precomputed", "teacher_fwd")),
+                 m["distill"] / m["plain"], m["precomputed"] / m["plain"]],
+                data=m,
+            )  # fmt: skip
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ of each layer's input if the runtime is not available), and reports parameter sa
 relative error of the logits on the test set, and test accuracy (mean ± std over seeds).
 
 Part 2 times one layer, ``x @ W`` vs ``LowRank.dot_general`` = ``(x @ a) @ b``, jitted, at a
-few sizes, batches and ranks: medians of interleaved repeats. The machine is shared and noisy:
-read the ratios, not the absolute times.
+few sizes, batches and ranks: medians of interleaved repeats (``benchmarks/_harness.py``, with
+its noise measure).
 
     python benchmarks/lowrank.py [--quick]
 
@@ -18,8 +18,8 @@ Writes ``benchmarks/results/lowrank.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import time
+import sys
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -27,12 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Run
+
 from jcompress.demo import MLP, accuracy, batches, load_digits
 from jcompress.structure import LowRank, low_rank, low_rank_report
 from jcompress.tree import is_compressed
-
-RESULTS = Path(__file__).parent / "results" / "lowrank.json"
-
 
 # ----------------------------------------------------------------------------------------------
 # Part 1: accuracy and error on a trained digits MLP
@@ -124,18 +124,18 @@ def part1(seeds: list[int], epochs: int, energies: list[float], ranks: list[int]
     return {"seeds": seeds, "epochs": epochs, "stats_source": source, "rows": summary}
 
 
-def print_part1(res: dict) -> None:
-    print(
-        f"\nLeNet-300-100 on digits, {len(res['seeds'])} seeds, stats: {res['stats_source']}\n"
-        f"{'setting':<26} {'ranks (seed 0)':<22} {'kernel params':>13} {'logit err':>10} "
-        f"{'test acc':>16}"
-    )
-    for key, r in res["rows"].items():
-        ranks = "dense" if r["ranks_seed0"] is None else str(r["ranks_seed0"])
-        print(
-            f"{key:<26} {ranks:<22} {r['kernel_params_kept_mean']:>12.1%} "
-            f"{r['logit_rel_err_mean']:>10.4f} {r['acc_mean']:>9.4f} ± {r['acc_std']:.4f}"
-        )
+def table1(run, seeds, epochs, energies, ranks) -> None:
+    title = f"LeNet-300-100 on digits, {len(seeds)} seeds: low rank, plain vs whitened"
+    columns = ["setting", "ranks (seed 0)", "kernel params kept", "logit rel. error"]
+    columns.append("test accuracy")
+    with run.table("digits", title, columns, timed=False) as t:
+        res = part1(seeds, epochs, energies, ranks)
+        for key, r in res["rows"].items():
+            ranks = "dense" if r["ranks_seed0"] is None else str(r["ranks_seed0"])
+            acc = f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}%"
+            kept = f"{100 * r['kernel_params_kept_mean']:.1f}%"
+            t.row([key, ranks, kept, r["logit_rel_err_mean"], acc], data=r)
+        t.note(f"Gram statistics from {res['stats_source']}; {epochs} epochs per seed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,87 +143,45 @@ def print_part1(res: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _time(fn, args, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        out.append(time.perf_counter() - t)
-    return out
-
-
-def part2(sizes: list[int], batches_: list[int], fractions: list[float], repeats: int) -> list:
+def part2(run, sizes, batches_, fractions, repeats) -> None:
     dn = (((1,), (0,)), ((), ()))
     dense_fn = jax.jit(lambda w, x: x @ w)
     lr_fn = jax.jit(lambda lr, x: lr.dot_general(x, dn))
-    rows = []
     rng = np.random.default_rng(0)
-    for n in sizes:
-        w = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
-        for frac in fractions:
-            r = max(1, int(frac * n))
-            lr = LowRank(
-                jnp.asarray(rng.standard_normal((n, r)), jnp.float32),
-                jnp.asarray(rng.standard_normal((r, n)), jnp.float32),
-            )
-            for b in batches_:
-                x = jnp.asarray(rng.standard_normal((b, n)), jnp.float32)
-                jax.block_until_ready((dense_fn(w, x), lr_fn(lr, x)))  # compile
-                td, tl = [], []
-                for _ in range(repeats):  # interleaved
-                    td += _time(dense_fn, (w, x), 1)
-                    tl += _time(lr_fn, (lr, x), 1)
-                d, low = float(np.median(td)), float(np.median(tl))
-                rows.append(
-                    {
-                        "n": n,
-                        "rank": r,
-                        "batch": b,
-                        "flops_ratio": n * n / (r * 2 * n),
-                        "dense_us": d * 1e6,
-                        "lowrank_us": low * 1e6,
-                        "speedup": d / low,
-                    }
+    title = "x @ W (n x n, float32) vs LowRank (x @ a) @ b, jitted, medians"
+    columns = ["n", "rank", "batch", "MAC ratio", "dense us", "low rank us", "speedup"]
+    with run.table("forward", title, columns) as t:
+        for n in sizes:
+            w = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
+            for frac in fractions:
+                r = max(1, int(frac * n))
+                lr = LowRank(
+                    jnp.asarray(rng.standard_normal((n, r)), jnp.float32),
+                    jnp.asarray(rng.standard_normal((r, n)), jnp.float32),
                 )
-    return rows
+                for b in batches_:
+                    x = jnp.asarray(rng.standard_normal((b, n)), jnp.float32)
+                    calls = {"dense": partial(dense_fn, w, x), "lowrank": partial(lr_fn, lr, x)}
+                    m = run.interleaved(calls, repeats=repeats).wall
+                    t.row(
+                        [n, r, b, n * n / (r * 2 * n), 1e6 * m["dense"], 1e6 * m["lowrank"],
+                         m["dense"] / m["lowrank"]],
+                        data=m,
+                    )  # fmt: skip
 
 
-def print_part2(rows: list) -> None:
-    print(
-        f"\nx @ W (n x n, float32) vs (x @ a) @ b, jitted, median of interleaved repeats, "
-        f"backend {jax.default_backend()}\n"
-        f"{'n':>6} {'rank':>5} {'batch':>6} {'MAC ratio':>9} {'dense us':>10} {'lowrank us':>11} "
-        f"{'speedup':>8}"
-    )
-    for r in rows:
-        print(
-            f"{r['n']:>6} {r['rank']:>5} {r['batch']:>6} {r['flops_ratio']:>8.1f}x "
-            f"{r['dense_us']:>10.1f} {r['lowrank_us']:>11.1f} {r['speedup']:>7.2f}x"
-        )
-
-
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds: fewer seeds/sizes")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    run = Run("lowrank", script=__file__, argv=argv, quick=args.quick)
     if args.quick:
-        p1 = part1([0, 1], 10, [0.7, 0.9], [8])
-        p2 = part2([512], [1, 64], [1 / 16, 1 / 4], 20)
+        table1(run, [0, 1], 10, [0.7, 0.9], [8])
+        part2(run, [512], [1, 64], [1 / 16, 1 / 4], 5)
     else:
-        p1 = part1([0, 1, 2, 3, 4], 40, [0.7, 0.9, 0.95, 0.99, 0.999], [4, 8, 16, 32])
-        p2 = part2([1024, 2048], [1, 16, 256], [1 / 32, 1 / 8, 1 / 4, 3 / 8], 30)
-    print_part1(p1)
-    print_part2(p2)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "quick": args.quick,
-        "backend": jax.default_backend(),
-        "note": "shared, noisy machine: read ratios; accuracy = mean ± std over seeds",
-        "digits_mlp": p1,
-        "forward": p2,
-    }
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {RESULTS}")
+        table1(run, [0, 1, 2, 3, 4], 40, [0.7, 0.9, 0.95, 0.99, 0.999], [4, 8, 16, 32])
+        part2(run, [1024, 2048], [1, 16, 256], [1 / 32, 1 / 8, 1 / 4, 3 / 8], 15)
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Methods, all jitted, timed after a warm-up, medians of interleaved repeats in on
 * ``bisect32``: 32 counting passes of a bisection over the int32 keys (per layer).
 
 Trees are made of realistic kernel shapes (4096x4096, 1024x4096, ...), from ~1M to ~51M
-parameters. The machine is shared and noisy: read the ratios, not the absolute times.
+parameters. Timed with ``benchmarks/_harness.py`` (interleaved medians, the noise measure);
+full sorts of more than 20M values are timed once.
 
 Usage: ``python benchmarks/mask_time.py [--quick]``; writes ``benchmarks/results/mask_time.json``.
 """
@@ -17,15 +18,15 @@ Usage: ``python benchmarks/mask_time.py [--quick]``; writes ``benchmarks/results
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import pathlib
-import platform
-import time
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Run, bind
 
 import jcompress.pruning as P
 
@@ -88,17 +89,12 @@ def bisect_layer(params, s):
     return jax.tree.map(one, params)
 
 
-def timed(fn, *args):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0
-
-
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small trees only")
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    run = Run("mask_time", script=__file__, argv=argv, quick=args.quick)
     sizes = ["1M", "4M"] if args.quick else list(TREES)
     methods = {
         "jcompress layer": ours("layer"),
@@ -107,59 +103,29 @@ def main():
         "sort layer": jax.jit(sort_layer),
         "sort global": jax.jit(sort_global),
     }
-    rows = []
-    print(f"magnitude masks at sparsity {SPARSITY}; median seconds (jitted, after warm-up)")
-    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    header = f"{'params':>8} " + " ".join(f"{m:>17}" for m in methods) + "  sort/ours(layer)"
-    print(header)
-    for name in sizes:
-        params = make_tree(TREES[name])
-        n = sum(x.size for x in jax.tree.leaves(params))
-        s = jnp.float32(SPARSITY)
-        # Check the exact count once.
-        masks = methods["jcompress layer"](params, s)
-        for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks)):
-            assert int(m.size - np.count_nonzero(m)) == round(float(np.float32(SPARSITY)) * w.size)
-        for fn in methods.values():
-            timed(fn, params, s)  # warm-up (compile)
-        repeats = args.repeats if n < 20e6 else max(2, args.repeats // 2)
-        times = {m: [] for m in methods}
-        for r in range(repeats):
-            for m, fn in methods.items():
-                if m.startswith("sort") and n > 20e6 and r > 0:
-                    continue  # one timed run of a full sort of >20M values is enough
-                times[m].append(timed(fn, params, s))
-        med = {m: float(np.median(t)) for m, t in times.items()}
-        ratio = med["sort layer"] / med["jcompress layer"]
-        print(f"{name:>8} " + " ".join(f"{med[m]:17.3f}" for m in methods) + f"  {ratio:8.1f}x")
-        for m in methods:
-            rows.append(
-                {
-                    "tree": name,
-                    "params": int(n),
-                    "method": m,
-                    "median_s": med[m],
-                    "runs": len(times[m]),
-                    "vs_jcompress_layer": med[m] / med["jcompress layer"],
-                }
-            )
-    out = pathlib.Path(__file__).parent / "results" / "mask_time.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "mask_time",
-                "sparsity": SPARSITY,
-                "machine": f"{platform.processor() or platform.machine()}, "
-                f"{os.cpu_count()} cores, {jax.default_backend()}",
-                "load_average_end": os.getloadavg()[0],
-                "note": "shared machine, noisy: compare ratios within a row",
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
+    columns = ["parameters", *(f"{m} (s)" for m in methods), "sort layer / jcompress layer"]
+    title = f"magnitude masks at sparsity {SPARSITY}, jitted, median seconds after warm-up"
+    with run.table("masks", title, columns) as table:
+        for name in sizes:
+            params = make_tree(TREES[name])
+            n = sum(x.size for x in jax.tree.leaves(params))
+            s = jnp.float32(SPARSITY)
+            # Check the exact count once.
+            masks = methods["jcompress layer"](params, s)
+            for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks)):
+                kept = int(m.size - np.count_nonzero(m))
+                assert kept == round(float(np.float32(SPARSITY)) * w.size)
+            calls = bind(methods, params, s)
+            big = n > 20e6  # one timed run of a full sort of >20M values is enough
+            fast = {m: f for m, f in calls.items() if not (big and m.startswith("sort"))}
+            repeats = args.repeats if not big else max(2, args.repeats // 2)
+            med = run.interleaved(fast, repeats=repeats, min_sample_s=0.0).wall
+            if big:
+                slow = {m: f for m, f in calls.items() if m not in fast}
+                med.update(run.interleaved(slow, repeats=1, min_repeats=1, min_sample_s=0).wall)
+            ratio = med["sort layer"] / med["jcompress layer"]
+            table.row([name, *(med[m] for m in methods), ratio], data={"params": int(n), **med})
+    run.finish()
 
 
 if __name__ == "__main__":

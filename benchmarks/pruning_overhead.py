@@ -1,267 +1,193 @@
 """Training throughput with ``prune(...)`` around adam vs the same plain optax loop.
 
-Same model, data, optimizer and number of steps; both steps jitted. Runs are interleaved
-(A B, B A, A B, ...) so machine noise hits both sides alike; the ratio ``plain_time /
-prune_time`` (1.0 = no overhead) is reported as the median over repeats with a bootstrap 95%
-confidence interval. Two phases:
+Table ``scan`` (the reference measurement): an MLP 64-1024-1024-10 on a fixed batch of 64,
+adam(1e-3), ``prune`` with gradual magnitude pruning to 90%
+(``polynomial_schedule(0.9, ..., update_every=100)``), 2000 steps in ONE jitted ``lax.scan`` (the
+loop carry is updated in place, as in a real training loop; no per-call dispatch), the same
+scan for plain adam. Rows:
 
-* ``during``: inside a polynomial schedule that changes the target every 10 steps, so one step
-  in ten recomputes the masks (under ``lax.cond``: the other steps skip it);
-* ``after``: past the schedule's end, masks fixed (the steady state of fine-tuning).
+* ``after``: the count is past the schedule's end and the final masks are in the state (the
+  steady state of fine-tuning): the defaults, ``lean`` (``check_finite=False,
+  mask_gradients=False``) and ``fixed`` (``masks=`` given instead of a schedule);
+* ``during``: the schedule is active and changes its target every 100 steps, so 20 of the 2000
+  steps recompute the masks (a ranking of every weight, under ``lax.cond``); reported
+  separately, with the cost of one recomputation estimated from the two rows.
 
-Variants of ``prune``: the defaults; ``lean`` (``check_finite=False, mask_gradients=False``);
-``fixed`` / ``fixed-lean`` (``masks=`` given instead of a schedule: no ``lax.cond``, "after" only).
-Each is measured with both steps jitted plainly ("copied": every output is a new buffer) and with
-``donate_argnums=(0, 1)`` on both ("donated": params and state updated in place, unchanged masks
-stay where they are). Next to the clocks, ``hlo_traffic_mb`` adds up the operand and result bytes
-of the compiled step's top-level instructions: a load-independent estimate of the memory traffic
-that explains most of the ratio on these memory-bound steps.
+Table ``step``: the same with one jitted step per call (blocks of steps, the state copied or
+donated with ``donate_argnums=(0, 1)``), on the wide MLP and on LeNet-300-100, where fixed
+per-call costs show.
 
-Two models: a wider MLP whose step takes several milliseconds (where fixed costs are small next to
-the work) and LeNet-300-100 on digits (tiny steps make every fixed cost visible; jaxpruner reports
-0.84 on a digits MLP).
+Ratios are ``plain time / prune time`` (1.0 = no overhead): the median over interleaved rounds
+of the per-round ratio, with a bootstrap 95% interval, wall clock and process CPU time (all
+threads), timed and noise-checked by ``benchmarks/_harness.py``.
 
     python benchmarks/pruning_overhead.py           # full
-    python benchmarks/pruning_overhead.py --quick   # LeNet after the schedule only (~15 s)
+    python benchmarks/pruning_overhead.py --quick   # short scans, one model
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import pathlib
-import platform
-import re
-import time
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Run, Timed, bootstrap_ci
 
 from jcompress.demo import MLP
 from jcompress.pruning import magnitude_masks, polynomial_schedule, prune
 
-UPDATE_EVERY = 10
+UPDATE_EVERY = 100
 END_STEP = 1_000_000  # "during": never reached; "after": the count is set past it
+LEAN = {"check_finite": False, "mask_gradients": False}
 
 
 def make_problem(name: str):
-    if name == "wide-mlp":
-        features, inputs, batch = (1024, 1024, 10), 512, 64
-    else:  # LeNet-300-100 on digits-sized inputs
-        features, inputs, batch = (300, 100, 10), 64, 64
+    features, inputs = {"mlp": ((1024, 1024, 10), 64), "lenet": ((300, 100, 10), 64)}[name]
     model = MLP(features)
-    x = jax.random.normal(jax.random.key(0), (batch, inputs))
-    y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
+    x = jax.random.normal(jax.random.key(0), (64, inputs))
+    y = jax.random.randint(jax.random.key(1), (64,), 0, 10)
     params = model.init(jax.random.key(2), x[:1])["params"]
 
     def loss_fn(p):
-        return optax.softmax_cross_entropy_with_integer_labels(
-            model.apply({"params": p}, x), y
-        ).mean()
+        logits = model.apply({"params": p}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     return params, loss_fn
 
 
-def make_step(tx, loss_fn, *, donate: bool):
+def contenders(params, phase: str) -> dict[str, tuple]:
+    """``{name: (transform, count to start from or None)}``, plain adam first."""
+    schedule = polynomial_schedule(0.9, begin_step=0, end_step=END_STEP, update_every=UPDATE_EVERY)
+    count = 1 if phase == "during" else END_STEP  # during: the first change comes at step 100
+    out = {"plain": (optax.adam(1e-3), None)}
+    out["default"] = (prune(optax.adam(1e-3), schedule=schedule), count)
+    if phase == "after":
+        out["lean"] = (prune(optax.adam(1e-3), schedule=schedule, **LEAN), count)
+        masks = magnitude_masks(params, 0.9)
+        out["fixed"] = (prune(optax.adam(1e-3), masks=masks), None)
+    return out
+
+
+def _step(tx, loss_fn):
     def step(params, state):
         grads = jax.grad(loss_fn)(params)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    # Donating params and state lets XLA update them in place (and keep unchanged masks where
-    # they are instead of copying them to a new output buffer).
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return step
 
 
-def fresh(tree):
-    """A copy that a donating step may consume, so every block starts from the same state."""
-    return jax.tree.map(jnp.copy, tree)
+def _start(tx, count, params, run_once):
+    """The state to start every timed call from: at ``count``, final masks in place (after)."""
+    state = tx.init(params)
+    if count is not None:
+        state = state._replace(count=jnp.int32(count))
+        if count == END_STEP:  # one step computes the final masks; start from them
+            _, state = run_once(params, state)
+            state = state._replace(count=jnp.int32(count))
+    return state
 
 
-def time_block(step, params, state, n: int) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds (all threads) of ``n`` steps."""
-    params, state = fresh(params), fresh(state)
-    jax.block_until_ready((params, state))
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(n):
-        params, state = step(params, state)
-    jax.block_until_ready((params, state))
-    return time.perf_counter() - wall, time.process_time() - cpu
+def _ratios(times, name: str) -> dict:
+    out = {}
+    for clock, samples in (("wall", times.samples), ("cpu", times.cpu_samples)):
+        r = np.asarray(samples["plain"]) / np.asarray(samples[name])
+        out[clock] = {"median": float(np.median(r)), "ci95": bootstrap_ci(r)}
+    return out
 
 
-def bootstrap_ci(ratios: np.ndarray, *, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    medians = np.median(rng.choice(ratios, (rounds, len(ratios)), replace=True), axis=1)
-    return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
+def _fmt(r: dict) -> str:
+    lo, hi = r["ci95"]
+    return f"{r['median']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1}
-_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
-_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = (.*?) ([\w-]+)\((.*?)\)(?:,|$)")
-_FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "conditional"}
+def scan_table(run, steps: int, repeats: int) -> None:
+    params, loss_fn = make_problem("mlp")
+    title = f"MLP 64-1024-1024-10, adam, GMP to 90%: {steps} steps in one lax.scan, plain / prune"
+    columns = ["phase", "prune options", "plain ms/step", "prune ms/step", "wall [95% CI]"]
+    columns.append("CPU [95% CI]")
+    with run.table("scan", title, columns) as t:
+        after_ms = None
+        for phase in ("after", "during"):
+            calls = {}
+            for name, (tx, count) in contenders(params, phase).items():
+                step = _step(tx, loss_fn)
+                scan = jax.jit(lambda p, s, step=step: lax.scan(
+                    lambda c, _: (step(*c), None), (p, s), None, length=steps)[0])  # fmt: skip
+                state = _start(tx, count, params, jax.jit(step))
+                calls[name] = Timed(lambda scan=scan, state=state: scan(params, state))
+            times = run.interleaved(calls, repeats=repeats, min_sample_s=0.0)
+            for name in calls:
+                if name == "plain":
+                    continue
+                r = _ratios(times, name)
+                ms = {k: 1e3 * times.wall[k] / steps for k in ("plain", name)}
+                t.row(
+                    [phase, name, ms["plain"], ms[name], _fmt(r["wall"]), _fmt(r["cpu"])],
+                    data={"ratios": r, **times.as_dict()},
+                )
+                if phase == "after" and name == "default":
+                    after_ms = ms[name]
+                if phase == "during":
+                    recomputes = steps // UPDATE_EVERY
+                    extra = (ms[name] - after_ms) * steps / recomputes
+                    t.note(
+                        f"during: {recomputes} of the {steps} steps recompute the masks; one "
+                        f"recomputation costs about {extra:.1f} ms (from the two default rows)"
+                    )
 
 
-def hlo_traffic_mb(compiled) -> float:
-    """A load-independent estimate of a step's memory traffic: the bytes of the operands and
-    results of every top-level instruction of the compiled HLO (the not-taken branch of a
-    ``lax.cond`` is not counted; a gather counts its whole table)."""
-    entry = re.search(r"^ENTRY .*?^}", compiled.as_text(), re.M | re.S).group(0)
-    sizes, total = {}, 0
-    for line in entry.splitlines()[1:]:
-        if not (m := _INSTRUCTION.match(line)):
-            continue
-        name, shape, op, operands = m.groups()
-        sizes[name] = sum(
-            _BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
-            for t, dims in _SHAPE.findall(shape)
-        )
-        if op not in _FREE:
-            total += sizes[name] + sum(sizes.get(o, 0) for o in re.findall(r"%([\w.-]+)", operands))
-    return total / 1e6
+def step_table(run, models: list[tuple[str, int]], repeats: int) -> None:
+    title = "one jitted step per call (blocks of steps), after the schedule, plain / prune"
+    columns = ["model", "params, state", "prune options", "plain ms/step", "wall [95% CI]"]
+    columns.append("CPU [95% CI]")
+    with run.table("step", title, columns) as t:
+        for model, block in models:
+            params, loss_fn = make_problem(model)
+            for donate in (False, True):
+                calls = {}
+                for name, (tx, count) in contenders(params, "after").items():
+                    step = jax.jit(_step(tx, loss_fn), donate_argnums=(0, 1) if donate else ())
+                    state = _start(tx, count, params, jax.jit(_step(tx, loss_fn)))
+
+                    def run_block(p, s, step=step, block=block):
+                        for _ in range(block):
+                            p, s = step(p, s)
+                        return p, s
+
+                    fresh = lambda p=params, s=state: jax.tree.map(jnp.copy, (p, s))
+                    calls[name] = Timed(run_block, prepare=fresh, calls=block)
+                times = run.interleaved(calls, repeats=repeats, min_sample_s=0.0)
+                for name in calls:
+                    if name == "plain":
+                        continue
+                    r = _ratios(times, name)
+                    t.row(
+                        [model, "donated" if donate else "copied", name,
+                         1e3 * times.wall["plain"], _fmt(r["wall"]), _fmt(r["cpu"])],
+                        data={"ratios": r, **times.as_dict()},
+                    )  # fmt: skip
 
 
-# prune's options: the defaults; "lean" (no per-step NaN/Inf read of the gradients, no gradient
-# masking before the inner optimizer: only the final select is left); "fixed" and "fixed-lean"
-# fine-tune with masks= given (no schedule, no lax.cond), measured in the "after" phase only.
-LEAN = {"check_finite": False, "mask_gradients": False}
-VARIANTS = {"default": {}, "lean": LEAN, "fixed": {}, "fixed-lean": LEAN}
-
-
-def load() -> float:
-    return os.getloadavg()[0]
-
-
-def measure(name: str, phase: str, *, donate: bool, repeats: int, steps: int) -> list[dict]:
-    """One plain step against every prune variant of ``phase``, interleaved."""
-    params, loss_fn = make_problem(name)
-    schedule = polynomial_schedule(0.9, begin_step=0, end_step=END_STEP, update_every=UPDATE_EVERY)
-    contenders = {"plain": (optax.adam(1e-3), None)}
-    for variant, options in VARIANTS.items():
-        if variant.startswith("fixed"):
-            if phase == "after":
-                masks = magnitude_masks(params, 0.9)
-                contenders[variant] = (prune(optax.adam(1e-3), masks=masks, **options), None)
-        else:
-            # "during": the target changes at step 10; "after": the count is past the end.
-            count = jnp.int32(1 if phase == "during" else END_STEP)
-            contenders[variant] = (prune(optax.adam(1e-3), schedule=schedule, **options), count)
-    starts, steps_of, traffic = {}, {}, {}
-    for key, (tx, count) in contenders.items():
-        state = tx.init(params)
-        if count is not None:
-            state = state._replace(count=count)
-        step = make_step(tx, loss_fn, donate=donate)
-        traffic[key] = hlo_traffic_mb(step.lower(params, state).compile())
-        # Compile and warm up; for "after", the first step computes the final masks.
-        starts[key], steps_of[key] = step(fresh(params), state), step
-        for _ in range(3):
-            time_block(step, *starts[key], 2)
-
-    times = {key: [] for key in contenders}
-    load_before = load()
-    for r in range(repeats):
-        # Every block starts from the same states: "during" blocks cross the same number of
-        # target changes (steps // UPDATE_EVERY of them).
-        order = list(contenders) if r % 2 == 0 else list(contenders)[::-1]
-        for key in order:
-            times[key].append(time_block(steps_of[key], *starts[key], steps))
-    loads = [round(load_before, 2), round(load(), 2)]
-    plain_times = np.array(times.pop("plain"))
-    rows = []
-    for variant, prune_times in times.items():
-        prune_times = np.array(prune_times)
-        row = {
-            "model": name,
-            "phase": phase,
-            "variant": variant,
-            "donate": donate,
-            "steps_per_block": steps,
-            "repeats": repeats,
-            "update_every": UPDATE_EVERY,
-            "load_average_1min": loads,
-            "hlo_traffic_mb": {"plain": traffic["plain"], "prune": traffic[variant]},
-        }
-        for i, clock in enumerate(("wall", "cpu")):
-            ratios = plain_times[:, i] / prune_times[:, i]
-            low, high = bootstrap_ci(ratios)
-            row[clock] = {
-                "plain_step_ms": 1e3 * float(np.median(plain_times[:, i])) / steps,
-                "prune_step_ms": 1e3 * float(np.median(prune_times[:, i])) / steps,
-                "ratio_median": float(np.median(ratios)),
-                "ratio_ci95": [low, high],
-            }
-        rows.append(row)
-    return rows
-
-
-def format_row(row: dict) -> str:
-    donate = "donated" if row["donate"] else "copied"
-    parts = [f"{row['model']:>14} {row['phase']:>6} {row['variant']:>10} {donate:>7}:"]
-    for clock in ("wall", "cpu"):
-        c = row[clock]
-        parts.append(
-            f"{clock} {c['plain_step_ms']:.3f}/{c['prune_step_ms']:.3f} ms ratio "
-            f"{c['ratio_median']:.3f} [{c['ratio_ci95'][0]:.3f}, {c['ratio_ci95'][1]:.3f}]"
-        )
-    traffic = row["hlo_traffic_mb"]
-    parts.append(f"HLO {traffic['plain']:.1f}/{traffic['prune']:.1f} MB")
-    parts.append(f"load {row['load_average_1min']}")
-    return "  ".join(parts)
-
-
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    repeats, wide_steps, lenet_steps = (4, 10, 50) if args.quick else (31, 40, 400)
-
-    rows = []
-    for name, steps in (("wide-mlp", wide_steps), ("lenet-300-100", lenet_steps)):
-        if args.quick and name == "wide-mlp":
-            continue  # --quick: LeNet after the schedule only (each variant is a compilation)
-        for phase in ("after",) if args.quick else ("during", "after"):
-            for donate in (False, True):
-                for row in measure(name, phase, donate=donate, repeats=repeats, steps=steps):
-                    rows.append(row)
-                    print(format_row(row), flush=True)
-
-    print()
-    print(
-        "| model | phase | prune options | params, state | clock | plain step (ms) "
-        "| prune step (ms) | plain/prune median [95% CI] | HLO traffic plain/prune (MB) |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        for clock in ("wall", "cpu"):
-            c, traffic = r[clock], r["hlo_traffic_mb"]
-            print(
-                f"| {r['model']} | {r['phase']} | {r['variant']} | "
-                f"{'donated' if r['donate'] else 'copied'} | {clock} | "
-                f"{c['plain_step_ms']:.3f} | {c['prune_step_ms']:.3f} | {c['ratio_median']:.3f} "
-                f"[{c['ratio_ci95'][0]:.3f}, {c['ratio_ci95'][1]:.3f}] | "
-                f"{traffic['plain']:.1f} / {traffic['prune']:.1f} |"
-            )
-    result = {
-        "benchmark": "pruning_overhead",
-        "quick": args.quick,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()[:1]],
-        "machine": platform.machine(),
-        "note": "shared, noisy machine: compare ratios, not absolute times. 'cpu' is the "
-        "process CPU time of all threads (robust to other jobs), 'wall' the elapsed time; "
-        f"'during' recomputes the masks every {UPDATE_EVERY} steps; 'donated': both steps are "
-        "jitted with donate_argnums=(0, 1); hlo_traffic_mb: operand + result bytes of the "
-        "compiled step's top-level instructions (a load-independent estimate)",
-        "rows": rows,
-    }
-    out = pathlib.Path(__file__).parent / "results" / "pruning_overhead.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    args = parser.parse_args(argv)
+    run = Run("pruning_overhead", script=__file__, argv=argv, quick=args.quick)
+    if args.quick:
+        scan_table(run, steps=200, repeats=3)
+        step_table(run, [("lenet", 20)], repeats=3)
+    else:
+        scan_table(run, steps=2000, repeats=9)
+        step_table(run, [("mlp", 40), ("lenet", 400)], repeats=15)
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ Part 3, stored bytes per parameter: ``QArray.nbytes`` (packed) vs the ideal pack
 and what the device buffers really hold on this backend (XLA:CPU keeps one byte per int4/int2
 element in buffers; compiled programs use packed layouts internally).
 
-The machine is shared and noisy (2 cores, other jobs running): read the ratios, not the absolute
-times.
+Timed with ``benchmarks/_harness.py`` (interleaved medians, the noise measure per table).
 
     python benchmarks/quantize.py [--quick]
 
@@ -27,8 +26,8 @@ Writes ``benchmarks/results/quantize.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import itertools
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +35,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Run
 
 import jcompress.quantization as jq
 from jcompress.quantization import MSE, AbsMax, PerChannel, PerGroup, QuantSpec
@@ -45,7 +47,6 @@ try:
 except ImportError:  # pragma: no cover - reported in the output
     qwix = None
 
-RESULTS = Path(__file__).parent / "results" / "quantize.json"
 QWIX_TYPES = {8: jnp.int8, 4: jnp.int4, 2: jnp.int2}
 
 
@@ -101,23 +102,20 @@ def reconstruction(shape, group: int, grid: int):
     return rows
 
 
-def print_reconstruction(rows):
+def reconstruction_table(run, shape, group, grid) -> None:
+    title = f"relative squared error |w - deq|^2 / |w|^2 of a {shape} kernel (lower is better)"
+    with run.table("reconstruction", title, [], timed=False) as t:
+        rows = reconstruction(shape, group, grid)
+        _fill(t, rows)
+
+
+def _fill(t, rows) -> None:
     cols = [k for k in rows[0] if k not in ("weights", "bits", "granularity")]
     for r in rows[1:]:
         cols += [k for k in r if k not in cols and k not in ("weights", "bits", "granularity")]
-    print("\nPart 1: relative squared error |w - deq|^2 / |w|^2 (lower is better)")
-    print("| weights    | bits | granularity | " + " | ".join(f"{c:>14}" for c in cols) + " |")
-    print("|" + "---|" * (3 + len(cols)))
+    t.columns = ["weights", "bits", "granularity", *cols]
     for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c, "-")
-            cells.append(f"{v:14.3e}" if isinstance(v, float) else f"{v!s:>14}")
-        print(
-            f"| {r['weights']:<10} | {r['bits']:>4} | {r['granularity']:<11} | "
-            + " | ".join(cells)
-            + " |"
-        )
+        t.row([r["weights"], r["bits"], r["granularity"], *(r.get(c, "-") for c in cols)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,19 +151,7 @@ def _big_tree(d_in: int, widths: tuple[int, ...]):
     return model, x, params
 
 
-def _median_times(fns: dict, args: dict, repeats: int) -> dict:
-    times = {k: [] for k in fns}
-    for fn_name, fn in fns.items():  # warm-up (compile)
-        jax.block_until_ready(fn(*args[fn_name]))
-    for _ in range(repeats):  # interleaved
-        for fn_name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args[fn_name]))
-            times[fn_name].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
-def quantize_time(d_in: int, widths: tuple[int, ...], repeats: int, mse_grid: int):
+def quantize_time(run, d_in: int, widths: tuple[int, ...], repeats: int, mse_grid: int):
     model, x, params = _big_tree(d_in, widths)
     n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     specs = {
@@ -191,7 +177,8 @@ def quantize_time(d_in: int, widths: tuple[int, ...], repeats: int, mse_grid: in
                 args[f"qwix {qtype} per-channel"] = (params,)
             except Exception as e:  # report, do not hide
                 qwix_note = f"qwix {qtype} failed: {type(e).__name__}: {str(e)[:120]}"
-    times = _median_times(fns, args, repeats)
+    calls = {name: (lambda fn=fn, a=args[name]: fn(*a)) for name, fn in fns.items()}
+    times = run.interleaved(calls, repeats=repeats, min_sample_s=0.0).wall
     # The MSE search once (it is grid x the work of absmax).
     mse = jax.jit(lambda p: jq.quantize(p, QuantSpec(bits=4, calibration=MSE(grid=mse_grid))))
     jax.block_until_ready(mse(params))
@@ -199,18 +186,6 @@ def quantize_time(d_in: int, widths: tuple[int, ...], repeats: int, mse_grid: in
     jax.block_until_ready(mse(params))
     times[f"jc int4 per-channel MSE(grid={mse_grid})"] = time.perf_counter() - t0
     return n, times, qwix_note, params
-
-
-def print_times(n, times, qwix_note):
-    print(f"\nPart 2: jitted quantize time of a {n / 1e6:.1f}M-parameter tree (median, warm)")
-    ref = times.get("qwix int8 per-channel")
-    print("| method                              | seconds | vs qwix int8 |")
-    print("|-------------------------------------|---------|--------------|")
-    for k, v in times.items():
-        ratio = f"{v / ref:12.2f}" if ref else "           -"
-        print(f"| {k:<35} | {v:7.3f} | {ratio} |")
-    if qwix_note:
-        print(f"({qwix_note})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,19 +228,11 @@ def stored_bytes(params):
     return n, rows
 
 
-def print_bytes(rows):
-    print("\nPart 3: bytes per quantized parameter (kernels only; biases stay float)")
-    cols = list(rows[0])[1:-1]
-    print("| config                 | " + " | ".join(f"{c:>29}" for c in cols) + " |")
-    print("|" + "---|" * (1 + len(cols)))
-    for r in rows:
-        print(f"| {r['config']:<22} | " + " | ".join(f"{r[c]:29.4f}" for c in cols) + " |")
-
-
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small weights and tree")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    run = Run("quantize", script=__file__, argv=argv, quick=args.quick)
     if args.quick:
         shape, group, grid = (256, 64), 32, 20
         d_in, widths, repeats, mse_grid = 256, (512, 256, 512, 256), 3, 10
@@ -273,34 +240,26 @@ def main() -> None:
         shape, group, grid = (2048, 512), 128, 100
         # 12 Dense layers 4096 <-> 2048: 100.7M parameters (403 MB in float32).
         d_in, widths, repeats, mse_grid = 4096, (2048, 4096) * 6, 5, 20
-    print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform}, {platform.processor() or '?'}; "
-        f"qwix {'installed' if qwix is not None else 'NOT installed'}"
-    )
-    recon = reconstruction(shape, group, grid)
-    print_reconstruction(recon)
-    n, times, qwix_note, params = quantize_time(d_in, widths, repeats, mse_grid)
-    print_times(n, times, qwix_note)
-    _, byte_rows = stored_bytes(params)
-    print_bytes(byte_rows)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "quick": args.quick,
-                "jax": jax.__version__,
-                "backend": jax.devices()[0].platform,
-                "qwix": None if qwix is None else "installed",
-                "qwix_note": qwix_note,
-                "reconstruction": {"shape": shape, "group": group, "mse_grid": grid, "rows": recon},
-                "quantize_time": {"parameters": n, "repeats": repeats, "seconds": times},
-                "bytes_per_param": byte_rows,
-                "note": "shared, noisy 2-core machine: compare ratios, not absolute times",
-            },
-            indent=1,
-        )
-    )
-    print(f"\nwrote {RESULTS}")
+    print(f"qwix {'installed' if qwix is not None else 'NOT installed'}")
+    reconstruction_table(run, shape, group, grid)
+    sizes = (d_in, *widths)
+    n = sum(a * b + b for a, b in itertools.pairwise(sizes))
+    title = f"jitted quantize time of a {n / 1e6:.1f}M-parameter tree (median seconds, warm)"
+    with run.table("quantize_time", title, ["method", "seconds", "vs qwix int8"]) as t:
+        n, times, qwix_note, params = quantize_time(run, d_in, widths, repeats, mse_grid)
+        ref = times.get("qwix int8 per-channel")
+        for k, v in times.items():
+            t.row([k, v, v / ref if ref else "-"])
+        if qwix_note:
+            t.note(qwix_note)
+        t.note(f"the MSE row is one timed run (grid {mse_grid})")
+    title = "bytes per quantized parameter (kernels only; biases stay float)"
+    with run.table("bytes", title, [], timed=False) as t:
+        _, byte_rows = stored_bytes(params)
+        t.columns = list(byte_rows[0])[:-1]
+        for r in byte_rows:
+            t.row([r[c] for c in t.columns])
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -1,26 +1,37 @@
 """Runtime speed: ``jit(jc.compressed(f))`` on int8 / int4 weights vs ``jit(f)`` in float32.
 
-Cases: one 4096x4096 linear layer at batch 1, 4, 16, 64, 256; the digits MLP (LeNet-300-100);
-a small transformer block (attention + MLP). Variants, all jit-compiled in one process:
+CPU mode (default), every table with the noise measure of ``benchmarks/_harness.py``:
 
-* ``float32``: ``jax.jit(f)`` on the float parameters (the baseline, ratio 1.0);
-* ``int8 w-only`` / ``int4 w-only`` / ``int8 g64 w-only`` (per-group scales, groups of 64):
-  ``jit(compressed(f))``, the weight-only dispatch for the backend, batch and weight size (on CPU:
-  the looped "limbs" formulation, exact to float rounding, or "chunked" dequantization);
-* ``int4 widened``: the int4 tree after ``widen`` (4-bit values in int8 containers: on XLA:CPU
-  the same RAM as int4 buffers, no per-call int4 -> int8 conversion);
-* ``int8 dequant``: ``compressed(f, formulation="dequantize")`` (what a naive runtime does);
-* ``int8 x int8``: ``compressed(f, mode="int8")`` (W8A8, dynamic per-token activation scales);
-  ``int8 x int8 static``: the same with a static activation step in ``act_scale``;
-* conv: one 3x3 64->64 convolution on 32x32 maps, float vs ``compressed`` (which dequantizes
-  convolution kernels);
-* ``qwix w-only`` / ``qwix w8a8``: Qwix PTQ of the same linen model, when Qwix is installed.
+* ``decode K x N``: a chain of ``layers`` distinct bias-free ``Dense(N)`` layers on ``(batch, K)``
+  inputs, layer i+1 fed ``x0 + 1e-3·max(output i)`` (nothing can be skipped, merged or hoisted),
+  ``layers`` chosen so that the float32 weights hold >= 1 GiB (several times the last-level
+  cache: each layer's weight comes from memory, as in a model's decode step; one layer timed
+  alone would sit in cache and flatter the float baseline), K x N = 4096 x 4096 and
+  4096 x 11008, batch 1, 4, 16, 64, 256. Variants, all jit-compiled in one process, trees made
+  once with ``runtime_layout`` (int8 containers, output-major per-channel weights on CPU):
 
-Ratios are float32 time / variant time (> 1: faster than float32), from medians of interleaved
-repeats. The machine is shared with other engineers' jobs: absolute times are noisy, read the
-ratios. Writes ``benchmarks/results/runtime.json``.
+  - ``float32``: ``jax.jit(f)`` on the float parameters (the baseline, ratio 1.0);
+  - ``int8``, ``int4``: per-channel weight-only; ``int8 g128``, ``int4 g128``: ``PerGroup(128)``;
+    ``int4 g32 asym``: ``PerGroup(32)``, asymmetric; all ``jit(compressed(f))``, the weight-only
+    dispatch (results equal ``f(dequantize(tree))`` to float rounding);
+  - ``int4 packed``: the int4 tree as quantized, without ``runtime_layout``;
+  - ``int8 x int8``: ``compressed(f, mode="int8")`` (W8A8, dynamic per-token activation scales);
+  - ``qwix int8``: Qwix weight-only PTQ of the same linen model, when Qwix is installed.
+
+  Ratios are float32 time / variant time (> 1: faster than float32), medians of interleaved
+  samples. Each table's notes name the formulation ``jc.explain`` reports per variant.
+* ``decode, one thread``: batch 1 and 4 of both shapes again in a child process pinned to one
+  CPU with XLA's Eigen single-threaded: on a shared machine the multi-threaded float baseline
+  suffers most from other jobs, so read both.
+* ``MLP block``: a stack of 4096-wide two-layer MLP blocks ``x + W2·gelu(W1·x)``
+  (4096 -> 11008 -> 4096), one decode step at batch 1 and 4.
+* ``other models``: one 3x3 64->64 convolution on 32x32 maps (``QArray`` convolutions
+  dequantize their kernel), the digits MLP (LeNet-300-100, below the dispatch threshold:
+  dequantized) and a small transformer block (attention + MLP, ``jc.roles`` for its layouts).
 
     python benchmarks/runtime.py [--quick]
+
+Writes ``benchmarks/results/runtime.json`` (``--quick``: small shapes, ``results/quick/``).
 
 GPU mode (``--gpu``, chosen automatically when ``jax.default_backend() == "gpu"``): the
 bfloat16 rows of issue #4. ONE unattended command on the device machine (repository root):
@@ -57,7 +68,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -70,8 +80,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Run
+
 from jcompress.demo import MLP
 from jcompress.quantization import PerGroup, QArray, QuantSpec, quantize
+from jcompress.quantization._kernels import runtime_layout
 from jcompress.quantization._qarray import widen
 from jcompress.runtime import compressed, explain, roles
 
@@ -130,16 +144,6 @@ class Block(nn.Module):
         return x + nn.Dense(x.shape[-1])(nn.relu(h))
 
 
-def _time(fn, args, inner):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / inner
-
-
 _QWIX = (("qwix w-only", None), ("qwix w8a8", "int8"))
 
 
@@ -151,57 +155,201 @@ def _qwix_ptq(model, params, x, act):
     return (lambda p, x: ptq.apply({"params": p}, x)), qwix.quantize_params(params, abstract)
 
 
-def _qwix_variants(model, params, x):
-    if qwix is None:
-        return {}
-    out = {}
-    for name, act in _QWIX:
+# ---- CPU mode --------------------------------------------------------------------------------
+
+GIB = 1 << 30
+DECODE_SPECS = {  # variant -> (spec, runtime_layout)
+    "int8": (QuantSpec(bits=8), True),
+    "int4": (QuantSpec(bits=4), True),
+    "int8 g128": (QuantSpec(bits=8, granularity=PerGroup(128)), True),
+    "int4 g128": (QuantSpec(bits=4, granularity=PerGroup(128)), True),
+    "int4 g32 asym": (QuantSpec(bits=4, granularity=PerGroup(32), symmetric=False), True),
+    "int4 packed": (QuantSpec(bits=4), False),
+}
+
+
+class Residual(nn.Module):
+    """``blocks`` MLP blocks ``x + Dense(width)(gelu(Dense(hidden)(x)))``, bias-free."""
+
+    hidden: int
+    blocks: int
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.blocks):
+            h = nn.gelu(nn.Dense(self.hidden, use_bias=False)(x))
+            x = x + nn.Dense(x.shape[-1], use_bias=False)(h)
+        return x
+
+
+def _decode_variants(model, params, x, *, w8a8=True, qwix_too=True) -> dict[str, tuple]:
+    """``{name: (jitted function, tree)}``: float32 first, then the compressed variants."""
+    fn = lambda p, x: model.apply({"params": p}, x)
+    out = {"float32": (jax.jit(fn), params)}
+    trees = {}
+    for name, (spec, laid) in DECODE_SPECS.items():
+        q = quantize(params, spec)
+        trees[name] = runtime_layout(q) if laid else q
+        out[name] = (jax.jit(compressed(fn)), trees[name])
+    if w8a8:
+        out["int8 x int8"] = (jax.jit(compressed(fn, mode="int8")), trees["int8"])
+    if qwix_too and qwix is not None:
         try:
-            apply, qp = _qwix_ptq(model, params, x, act)
-            fn = jax.jit(apply)
-            fn(qp, x)
-            out[name] = (fn, qp)
+            apply, qp = _qwix_ptq(model, params, x, None)
+            out["qwix int8"] = (jax.jit(apply), qp)
         except Exception as e:  # report, do not hide
-            print(f"  ({name} unavailable: {type(e).__name__}: {str(e)[:80]})")
+            print(f"  (qwix unavailable: {type(e).__name__}: {str(e)[:80]})")
     return out
 
 
-def bench_case(name, model, x, *, repeats, inner, attention=False, group=None, conv=False):
-    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+def _calls(variants: dict[str, tuple], x) -> dict[str, Any]:
+    """``{name: () -> f(tree, x)}`` for the harness's timer."""
+    return {v: (lambda f=f, p=p: f(p, x)) for v, (f, p) in variants.items()}  # its own tree each
+
+
+def _formulations(fn, tree, x) -> str:
+    """What ``jc.explain`` reports for a variant: ``formulation (compiled path)``, deduplicated."""
+    try:
+        found = {f"{r.formulation} ({r.compiled})" for r in explain(fn, tree, x)}
+    except Exception as e:  # report, never fatal
+        return f"explain failed: {type(e).__name__}"
+    return ", ".join(sorted(found)) or "-"
+
+
+def decode_table(run, k, n, batches, *, layers, repeats, budget_s, explain_batches=()) -> None:
+    """One ``decode K x N`` table: rows are batches, columns float32 time per layer and ratios."""
+    model = Chain(n, layers, dtype=jnp.float32)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, k)))["params"]
+    variants = _decode_variants(model, params, jnp.zeros((1, k)))
+    names = [v for v in variants if v != "float32"]
+    gib = layers * k * n * 4 / GIB
+    title = f"decode {k}x{n}: {layers} distinct layers ({gib:.2f} GiB float32), float32 / variant"
+    found: dict[str, list[str]] = {}
+    table_id = "decode_square" if k == n else "decode_wide"
+    with run.table(table_id, title, ["batch", "float32 ms/layer", *names]) as t:
+        for b in batches:
+            x = jax.random.normal(jax.random.key(b), (b, k))
+            fns = _calls(variants, x)
+            times = run.interleaved(fns, repeats=repeats, min_sample_s=0.0, max_seconds=budget_s)
+            ratios = [times.ratio("float32", v) for v in names]
+            t.row([b, 1e3 * times.wall["float32"] / layers, *ratios], data=times.as_dict())
+            for v in names if b in explain_batches else ():
+                if not v.startswith("qwix"):
+                    found.setdefault(v, []).append(f"{_formulations(*variants[v], x)} at {b}")
+        for v, where in found.items():
+            t.note(f"{v}: {'; '.join(where)}")
+
+
+def mlp_block_table(run, width, hidden, blocks, batches, *, repeats, budget_s) -> None:
+    model = Residual(hidden, blocks)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, width)))["params"]
+    variants = _decode_variants(model, params, jnp.zeros((1, width)), qwix_too=False)
+    keep = ("float32", "int8", "int4", "int4 g128", "int8 x int8")
+    variants = {v: variants[v] for v in keep}
+    gib = blocks * 2 * width * hidden * 4 / GIB
+    title = (
+        f"MLP block {width}->{hidden}->{width} (gelu, residual), {blocks} blocks ({gib:.2f} GiB "
+        "float32): one decode step, float32 / variant"
+    )
+    names = list(keep[1:])
+    with run.table("mlp_block", title, ["batch", "float32 ms/step", *names]) as t:
+        for b in batches:
+            x = jax.random.normal(jax.random.key(b), (b, width))
+            fns = _calls(variants, x)
+            times = run.interleaved(fns, repeats=repeats, min_sample_s=0.0, max_seconds=budget_s)
+            ratios = [times.ratio("float32", v) for v in names]
+            t.row([b, 1e3 * times.wall["float32"], *ratios], data=times.as_dict())
+
+
+def _model_variants(model, params, x, *, attention=False, conv=False) -> dict[str, tuple]:
     fn = lambda p, x: model.apply({"params": p}, x)
     role_map = roles(fn, params, x) if attention else None
     q8 = quantize(params, QuantSpec(bits=8), roles=role_map)
     q4 = quantize(params, QuantSpec(bits=4), roles=role_map)
-    variants = {
+    out = {
         "float32": (jax.jit(fn), params),
-        "int8 w-only": (jax.jit(compressed(fn)), q8),
-        "int4 w-only": (jax.jit(compressed(fn)), q4),
-        "int4 widened": (jax.jit(compressed(fn)), widen(q4)),
-        "int8 dequant": (jax.jit(compressed(fn, formulation="dequantize")), q8),
+        "int8": (jax.jit(compressed(fn)), runtime_layout(q8, roles=role_map)),
+        "int4 packed": (jax.jit(compressed(fn)), q4),
+        "int4": (jax.jit(compressed(fn)), runtime_layout(q4, roles=role_map)),
+        "int8 dequantize": (jax.jit(compressed(fn, formulation="dequantize")), q8),
         "int8 x int8": (jax.jit(compressed(fn, mode="int8")), q8),
     }
-    if not conv:
-        variants["int8 x int8 static"] = (jax.jit(compressed(fn, mode="int8")), _static(q8, x))
-    if group is not None:
-        spec = QuantSpec(bits=8, granularity=PerGroup(size=group))
-        variants[f"int8 g{group} w-only"] = (jax.jit(compressed(fn)), quantize(params, spec))
-    if not conv:
-        variants.update(_qwix_variants(model, params, x))
-    times = {k: [] for k in variants}
-    for _ in range(repeats):  # interleaved
-        for k, (f, p) in variants.items():
-            times[k].append(_time(f, (p, x), inner))
-    med = {k: float(np.median(v)) for k, v in times.items()}
-    paths = sorted({r.compiled for r in explain(variants["int8 w-only"][0], q8, x)})
-    row = {
-        "case": name,
-        "float32_ms": med["float32"] * 1e3,
-        "ratios": {k: med["float32"] / v for k, v in med.items() if k != "float32"},
-        "compiled_paths_int8_w_only": paths,
-    }
-    cells = "  ".join(f"{k} {r:5.2f}x" for k, r in row["ratios"].items())
-    print(f"{name:<24} float32 {row['float32_ms']:8.2f} ms  {cells}  [{', '.join(paths)}]")
-    return row
+    if not conv and qwix is not None:
+        for name, act in _QWIX:
+            try:
+                apply, qp = _qwix_ptq(model, params, x, act)
+                out[name] = (jax.jit(apply), qp)
+            except Exception as e:  # report, do not hide
+                print(f"  ({name} unavailable: {type(e).__name__}: {str(e)[:80]})")
+    return out
+
+
+def models_table(run, quick: bool, *, repeats: int) -> None:
+    key = jax.random.key(1)
+    seq = (1, 32, 256) if quick else (1, 128, 512)
+    cases = [
+        ("conv3x3 64, b=1", Conv(), jax.random.normal(key, (1, 32, 32, 64)), {"conv": True}),
+        ("conv3x3 64, b=16", Conv(), jax.random.normal(key, (16, 32, 32, 64)), {"conv": True}),
+        ("digits MLP, b=256", MLP((300, 100, 10)), jax.random.normal(key, (256, 64)), {}),
+        (
+            f"transformer block {seq}",
+            Block(heads=4, hidden=1024) if quick else Block(),
+            jax.random.normal(key, seq),
+            {"attention": True},
+        ),
+    ]
+    columns = ["model", "float32 ms", "int8", "int4 packed", "int4", "int8 dequantize"]
+    columns += ["int8 x int8", *(name for name, _ in _QWIX if qwix is not None)]
+    with run.table("models", "other models: float32 / variant", columns) as t:
+        for name, model, x, kw in cases:
+            params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+            variants = _model_variants(model, params, x, **kw)
+            fns = _calls(variants, x)
+            times = run.interleaved(fns, repeats=repeats)
+            cells = [times.ratio("float32", c) if c in variants else "-" for c in columns[2:]]
+            t.row([name, 1e3 * times.wall["float32"], *cells], data=times.as_dict())
+            f, p = variants["int8"]
+            t.note(f"{name}, int8: {_formulations(f, p, x)}")
+
+
+def _layers(k: int, n: int, quick: bool) -> int:
+    """Enough distinct layers for >= 1 GiB of float32 weights (quick: 2)."""
+    return 2 if quick else max(2, math.ceil(GIB / (4 * k * n)))
+
+
+def cpu_main(args) -> int:
+    run = Run("runtime", script=__file__, argv=args.argv, quick=args.quick)
+    width, wide = (512, 1536) if args.quick else (4096, 11008)
+    shapes = [(width, width), (width, wide)]
+    repeats, budget = (3, 5.0) if args.quick else (7, 60.0)
+    if args.single_thread_rows:  # the child of run.single_thread
+        for k, n in shapes:
+            decode_table(
+                run, k, n, (1, 4), layers=_layers(k, n, args.quick), repeats=repeats,
+                budget_s=budget,
+            )  # fmt: skip
+        run.finish()
+        return 0
+    print(f"jax {jax.__version__} on {jax.default_backend()}: float32 time / variant time")
+    batches = (1, 16) if args.quick else (1, 4, 16, 64, 256)
+    for k, n in shapes:
+        layers = _layers(k, n, args.quick)
+        decode_table(
+            run, k, n, batches, layers=layers, repeats=repeats, budget_s=budget,
+            explain_batches=(batches[0], batches[-1]),
+        )  # fmt: skip
+    child = run.single_thread([*(["--quick"] if args.quick else []), "--single-thread-rows"])
+    for table in child["tables"]:
+        table["id"] += "_one_thread"
+        table["title"] += ", one thread"
+        run.adopt(table, "one thread: a child process pinned to one CPU, Eigen single-threaded")
+    blocks = 1 if args.quick else 3
+    mlp_block_table(
+        run, width, wide, blocks, (1, 4), repeats=repeats, budget_s=budget
+    )  # fmt: skip
+    models_table(run, args.quick, repeats=repeats)
+    run.finish()
+    return 0
 
 
 # ---- GPU mode (bfloat16 rows of issue #4) --------------------------------------------------
@@ -222,18 +370,20 @@ _CONTROL = ("parameter", "tuple", "get-tuple-element", "while", "call", "conditi
 
 
 class Chain(nn.Module):
-    """``layers`` bias-free bf16 Dense(``features``) layers; layer i+1 reads ``x0 + 1e-3·max(y_i)``
-    (a full reduction of the previous output: nothing can be skipped, merged or hoisted)."""
+    """``layers`` bias-free Dense(``features``) layers (bf16 by default); layer i+1 reads
+    ``x0 + 1e-3·max(y_i)`` (a full reduction of the previous output: nothing can be skipped,
+    merged or hoisted)."""
 
     features: int
     layers: int
+    dtype: Any = jnp.bfloat16
 
     @nn.compact
     def __call__(self, x):
         x0 = x
         for _ in range(self.layers):
             dense = nn.Dense(
-                self.features, use_bias=False, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16
+                self.features, use_bias=False, dtype=self.dtype, param_dtype=self.dtype
             )
             y = dense(x)
             x = x0 + 1e-3 * jnp.max(y, axis=-1, keepdims=True)
@@ -632,7 +782,7 @@ def gpu_main(args) -> int:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     parser.add_argument("--gpu", action="store_true", help="bf16 GPU rows (default on a GPU)")
     parser.add_argument("--dry-run", action="store_true", help="GPU mode, tiny shapes, any device")
     parser.add_argument("--n", type=int, nargs="+", help="GPU mode: override the N sizes")
@@ -640,57 +790,12 @@ def main(argv=None):
     parser.add_argument(
         "--budget-s", type=float, default=240.0, help="GPU mode: start no cell after this"
     )
+    parser.add_argument("--single-thread-rows", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.gpu or args.dry_run or jax.default_backend() == "gpu":
         return gpu_main(args)
-    repeats, inner = (3, 2) if args.quick else (9, 5)
-    batches = (1, 16) if args.quick else (1, 4, 16, 64, 256)
-    width = 1024 if args.quick else 4096
-    print(
-        f"jax {jax.__version__} on {jax.default_backend()} ({platform.processor() or 'cpu'}); "
-        "shared, noisy machine: read the ratios (float32 time / variant time)"
-    )
-    rows = []
-    key = jax.random.key(1)
-    for b in batches:
-        x = jax.random.normal(key, (b, width))
-        rows.append(
-            bench_case(
-                f"linear {width} b={b}", Linear(width), x, repeats=repeats, inner=inner, group=64
-            )
-        )
-    for b in (1, 16):
-        x = jax.random.normal(key, (b, 32, 32, 64))
-        rows.append(
-            bench_case(f"conv3x3 64 b={b}", Conv(), x, repeats=repeats, inner=inner, conv=True)
-        )
-    digits = jax.random.normal(key, (256, 64))
-    rows.append(
-        bench_case("digits MLP b=256", MLP((300, 100, 10)), digits, repeats=repeats, inner=inner)
-    )
-    seq = jax.random.normal(key, (1, 32 if args.quick else 128, 256 if args.quick else 512))
-    block = Block(heads=4, hidden=1024) if args.quick else Block()
-    rows.append(
-        bench_case(
-            f"transformer block {seq.shape}",
-            block,
-            seq,
-            repeats=repeats,
-            inner=inner,
-            attention=True,
-        )
-    )
-    out = Path(__file__).parent / "results" / "runtime.json"
-    out.parent.mkdir(exist_ok=True)
-    meta = {
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "quick": args.quick,
-        "note": "shared 2-core CPU with other jobs running: noisy; ratios = float32 / variant",
-        "qwix": None if qwix is None else getattr(qwix, "__version__", "installed"),
-    }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    return cpu_main(args)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ side in one process, ``fn(apply_masks(params, masks), x)`` (masked dense) agains
   Dense 10 (whole norm groups removed), batch 64;
 
 with 50% and 75% of every prunable group's channels removed (the output layer is blocked and
-keeps its width). Times are medians of interleaved repeats; the machine is shared and noisy, so
-read the ratios. Parameters are random (speed does not depend on the values).
+keeps its width). Times are medians of interleaved repeats (``benchmarks/_harness.py``, with
+its noise measure). Parameters are random (speed does not depend on the values).
 
 It also times building the channel-group masks (``structured_masks(..., groups=...)``) for the CNN
 of ``examples/05_shrink_cnn.py``: the first call (one compiled program for the model's groups)
@@ -30,8 +30,7 @@ Writes ``benchmarks/results/shrink.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -40,11 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Run
+
 from jcompress.demo import CNN, MLP
 from jcompress.pruning import apply_masks, structured_masks
 from jcompress.structure import dependencies, shrink
-
-RESULTS = Path(__file__).parent / "results" / "shrink.json"
 
 
 class GroupedCNN(nn.Module):
@@ -82,112 +82,64 @@ def mask_build_times() -> dict[str, float]:
     return out
 
 
-def median_times(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each ``fn()``, the calls interleaved."""
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        jax.block_until_ready(f())  # compile
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            jax.block_until_ready(f())
-            times[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def count(tree) -> int:
     return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 
 
-def case(name: str, model, x: jax.Array, fractions, repeats: int) -> list[dict]:
+def case(run, table, name: str, model, x: jax.Array, fractions, repeats: int) -> None:
     def fn(p, x):
         return model.apply({"params": p}, x)
 
     params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
     groups = dependencies(fn, params, x)
     dense = jax.jit(fn)
-    rows = []
     for s in fractions:
         masks = structured_masks(params, s, groups=groups)
         masked = apply_masks(params, masks)
         small_fn, small = shrink(fn, params, masks, x)
         small_jit = jax.jit(small_fn)
         err = float(jnp.max(jnp.abs(small_jit(small, x) - dense(masked, x))))
-        t = median_times(
+        t = run.interleaved(
             {
                 "masked": lambda m=masked: dense(m, x),
                 "shrunk": lambda f=small_jit, p=small: f(p, x),
             },
-            repeats,
-        )
-        rows.append(
-            {
-                "model": name,
-                "removed": s,
-                "params_dense": count(params),
-                "params_shrunk": count(small),
-                "masked_ms": 1e3 * t["masked"],
-                "shrunk_ms": 1e3 * t["shrunk"],
-                "speedup": t["masked"] / t["shrunk"],
-                "max_abs_diff": err,
-            }
-        )
-        print(
-            f"| {name:<28} | {100 * s:>6.0f}% | {count(params):>9} | {count(small):>9} | "
-            f"{1e3 * t['masked']:>9.3f} | {1e3 * t['shrunk']:>9.3f} | "
-            f"{t['masked'] / t['shrunk']:>7.2f}x | {err:.1e} |",
-            flush=True,
-        )
-    return rows
+            repeats=repeats,
+        ).wall
+        table.row(
+            [name, f"{100 * s:.0f}%", count(params), count(small), 1e3 * t["masked"],
+             1e3 * t["shrunk"], t["masked"] / t["shrunk"], f"{err:.1e}"],
+            data=t,
+        )  # fmt: skip
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    run = Run("shrink", script=__file__, argv=argv, quick=args.quick)
     repeats = 5 if args.quick else 41
     batch = 256
     rng = np.random.default_rng(0)
-    print(f"batch {batch}, {repeats} interleaved repeats, {jax.devices()[0].platform}")
-    print(
-        "| model                        | removed | params    | shrunk    | masked ms | "
-        "shrunk ms | speedup  | max diff |"
-    )
-    print("|" + "|".join("-" * w for w in (30, 9, 11, 11, 11, 11, 10, 10)) + "|")
     models = [
         ("MLP 784-1024-1024-10", MLP((1024, 1024, 10)), (batch, 784)),
         ("CNN 8x8x1 32-64ch Dense128", CNN(channels=(32, 64), hidden=128), (batch, 8, 8, 1)),
         ("grouped CNN 16x16 64-g8:128", GroupedCNN(), (64, 16, 16, 3)),
         ("GroupNorm CNN 16x16x3 64-128", GroupNormCNN(), (64, 16, 16, 3)),
     ]
-    rows = []
-    for name, model, shape in models:
-        x = jnp.asarray(rng.uniform(size=shape), jnp.float32)
-        rows += case(name, model, x, (0.5, 0.75), repeats)
-    build = mask_build_times()
-    print(
-        f"channel-group masks, CNN of examples/05: first call {build['first_call_s']:.2f} s "
-        f"(compile), second call {1e3 * build['second_call_s']:.1f} ms"
-    )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "shrink",
-                "quick": args.quick,
-                "batch": batch,
-                "repeats": repeats,
-                "backend": jax.devices()[0].platform,
-                "machine": platform.machine(),
-                "jax": jax.__version__,
-                "note": "shared, noisy machine: read the ratios",
-                "rows": rows,
-                "group_masks_cnn05": build,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {RESULTS}")
+    columns = ["model", "removed", "params", "shrunk params", "masked ms", "shrunk ms"]
+    columns += ["speedup", "max diff"]
+    title = f"forward time, masked dense vs shrunk ({repeats} interleaved repeats)"
+    with run.table("forward", title, columns) as table:
+        for name, model, shape in models:
+            x = jnp.asarray(rng.uniform(size=shape), jnp.float32)
+            case(run, table, name, model, x, (0.5, 0.75), repeats)
+    title = "channel-group masks for the CNN of examples/05 (structured_masks with groups=)"
+    with run.table("group_masks", title, ["call", "seconds"]) as table:
+        build = mask_build_times()
+        table.row(["first (compiles the group program)", build["first_call_s"]])
+        table.row(["second, another sparsity (cached)", build["second_call_s"]])
+    run.finish()
 
 
 if __name__ == "__main__":
