@@ -1,7 +1,7 @@
 """``prune``: pruning as the outermost optax transform, with masks kept in its state.
 
 The masks, the target sparsity they were made for, a step count and a NaN/Inf flag live in the
-optimizer state (DESIGN §2), so a training step stays one jitted function and the user's loop
+optimizer state, so a training step stays one jitted function and the user's loop
 needs no extra call: the returned updates drive pruned weights to exactly zero.
 """
 
@@ -206,22 +206,19 @@ def prune(
     Cost per step, on top of ``inner`` (XLA fuses the selects into the passes that ``inner``
     and ``optax.apply_updates`` make anyway): one read of the gradients (the NaN/Inf check), a
     read of the masks (one byte per selected weight) in each pass that consumes the masked
-    gradients and in the final select, a copy of the masks into the new state unless the state
-    is donated, and a ``lax.cond`` whose mask recomputation runs only when the target changes.
-    On a memory-bound step each pass shows: ``benchmarks/pruning_overhead.py`` measures
-    plain/prune throughput (CPU time, a 1.6M-parameter MLP with adam, after the schedule) of
-    about 0.87 to 0.90 with the defaults and 0.92 to 0.95 with ``check_finite=False,
-    mask_gradients=False``; the NaN/Inf check is most of the difference. For a long fine-tune
-    once the masks are final, switch to fixed masks (no ``lax.cond``) and donate the
-    parameters and state, ``jax.jit(step, donate_argnums=(0, 1))``: 0.95 with the defaults,
-    0.99 with both options off::
+    gradients and in the final select, and a ``lax.cond`` whose mask recomputation (a ranking of
+    every selected weight) runs only on the steps where the target changes. Inside one jitted
+    ``lax.scan`` over the training steps the masks stay in place; with one jitted call per step,
+    every output, unchanged masks included, is a new buffer unless the parameters and state are
+    donated (``jax.jit(step, donate_argnums=(0, 1))``). ``check_finite=False,
+    mask_gradients=False`` drop the two optional passes, and once the masks are final, fixed
+    masks drop the ``lax.cond``::
 
         fixed = prune(optax.adam(1e-3), masks=masks_of(state))
         state = fixed.init(params)._replace(inner_state=state.inner_state)
 
-    (With a schedule, donation does not pay on XLA:CPU today: the scratch space of the mask
-    recomputation makes each step's temporary buffer large enough to be mapped afresh.) Nothing
-    is recompiled when the masks change. The state holds one bool per selected weight.
+    ``benchmarks/pruning_overhead.py`` measures these against plain optax (BENCHMARKS.md).
+    Nothing is recompiled when the masks change. The state holds one bool per selected weight.
     Unstructured sparsity saves no time on XLA: it is the accuracy-preserving step before an
     encoded checkpoint or structured shrinking.
 
