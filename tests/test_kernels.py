@@ -502,6 +502,12 @@ def test_runtime_layout_take_index_stored_checkpoint_vmap_scan(tmp_path):
     for got in (mapped, scanned):
         np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
     assert "OutMajor" in repr(laid)
+    from jcompress.quantization import AWQArray
+
+    awq = AWQArray(q4.values, q4.scale, act_scale=jnp.ones((2, 8, 1)), bits=4, dtype=jnp.float32)
+    with pytest.raises(TypeError, match="runtime layouts are for QArray leaves only"):
+        awq.with_layout(OutMajor(1, 1))
+    assert awq.widen().values.dtype == jnp.int8 and type(awq.widen()) is AWQArray
 
 
 def test_runtime_layout_model_explain_and_no_retrace(monkeypatch):

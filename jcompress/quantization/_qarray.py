@@ -374,6 +374,11 @@ class QArray(jtree.Compressed):
             return base
         if not isinstance(layout, OutMajor):
             raise TypeError(f"QArray layout must be None or an OutMajor, got {layout!r}")
+        if type(self) is not QArray:
+            raise TypeError(
+                f"{type(self).__name__} computes through a plain QArray of its own: runtime "
+                "layouts are for QArray leaves only (widen() works on every kind)"
+            )
         order = layout.stored_order(len(self.shape))
         children = [None if c is None else jnp.transpose(c, order) for c in base._children()]
         out = object.__new__(type(self))  # subclasses (AWQArray) keep their type
