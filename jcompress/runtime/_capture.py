@@ -16,8 +16,8 @@ import numpy as np
 from jax import lax
 
 from jcompress.runtime import _interpret as ip
-from jcompress.runtime._roles import consumer_role, trace_params
-from jcompress.tree import Params, leaves_with_paths
+from jcompress.runtime._roles import consumer_role
+from jcompress.tree import Params, is_compressed, leaves_with_paths
 
 __all__ = ["InputStats", "Moments", "capture", "collect_inputs", "consumer_inputs"]
 
@@ -89,7 +89,7 @@ def consumer_inputs(eqn: Any, invals: list[Any], facts: list[ip.View | None]):
     give the leaf no weight role, and grouped convolutions.
     """
     i, view, role = consumer_role(eqn, facts)
-    if role is None or eqn.primitive.name in (ip.GATHER, ip.DYNAMIC_SLICE):
+    if role is None or eqn.primitive.name in ip.INDEXING:
         return None
     name = eqn.primitive.name
     x = ip.Interpreter.materialize(invals[1 - i])
@@ -208,7 +208,7 @@ _MAX_TRACES = 32
 
 
 def _signature(x: Any) -> Any:
-    if ip.is_compressed(x):
+    if is_compressed(x):
         return (jax.tree.structure(x), tuple((a.shape, a.dtype) for a in jax.tree.leaves(x)))
     if ip.is_array_like(x):
         return (tuple(x.shape), np.dtype(x.dtype), getattr(x, "weak_type", False))
@@ -218,14 +218,14 @@ def _signature(x: Any) -> Any:
 def _trace_cached(fn: Callable[..., Any], params: Params, args: tuple) -> ip.Traced:
     """``trace_params`` once per ``fn``, tree structure, shapes and static values (what
     ``jax.jit`` keys its cache on), so calls on new batches reuse the compiled program."""
-    flat, treedef = jax.tree_util.tree_flatten(((params, *args), {}), is_leaf=ip.is_compressed)
+    flat, treedef = jax.tree_util.tree_flatten(((params, *args), {}), is_leaf=is_compressed)
     key = (fn, treedef, tuple(_signature(x) for x in flat))
     try:
         hit = _TRACES.get(key)
     except TypeError:  # an unhashable static value: trace every time
-        return trace_params(fn, params, args)
+        return ip.trace_params(fn, params, args)
     if hit is None:
-        hit = trace_params(fn, params, args)
+        hit = ip.trace_params(fn, params, args)
         _TRACES[key] = hit
         if len(_TRACES) > _MAX_TRACES:
             _TRACES.popitem(last=False)
@@ -324,7 +324,7 @@ def _collect_jit(jaxpr, facts, summary, paths):
     @jax.jit
     def run(leaves):
         interp = _Collect(summary, paths)
-        values = [ip.Deferred(x) if ip.is_compressed(x) else x for x in leaves]
+        values = [ip.Deferred(x) if is_compressed(x) else x for x in leaves]
         interp.run(jaxpr, values, list(facts))
         return interp.records
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
-
 from jcompress.runtime import _interpret as ip
 from jcompress.tree import Params, Role, leaves_with_paths
 
-__all__ = ["consumer_role", "roles", "trace_params"]
+__all__ = ["consumer_role", "roles"]
 
 
 def _role(kind: str, view: ip.View, contracting, output, stacked=()) -> Role | None:
@@ -91,22 +89,6 @@ class _RoleFinder(ip.Interpreter):
         )
 
 
-def trace_params(fn: Callable[..., Any], params: Params, args: tuple) -> ip.Traced:
-    """Trace ``fn(params, *args)``, turning a path mismatch into an error that names it."""
-    try:
-        return ip.trace(fn, (params, *args))
-    except Exception as e:
-        if isinstance(e, KeyError) or "NotFound" in type(e).__name__:
-            paths = [p for p, _ in leaves_with_paths(params)]
-            raise ValueError(
-                f"fn(params, *args) failed looking up {e} in params: the parameter tree does not "
-                f"have the paths fn consumes. Its paths are {paths[:8]}"
-                f"{' ...' if len(paths) > 8 else ''}. For linen, pass "
-                "`lambda p, x: model.apply({'params': p}, x)` with `variables['params']`"
-            ) from e
-        raise
-
-
 def roles(fn: Callable[..., Any], params: Params, *args: Any) -> dict[str, Role]:
     """Every leaf's :class:`~jcompress.tree.Role`, inferred from how ``fn`` consumes it.
 
@@ -149,13 +131,13 @@ def roles(fn: Callable[..., Any], params: Params, *args: Any) -> dict[str, Role]
     {'b': Role(kind='other', contracting=(), output=(), stacked=()),
      'w': Role(kind='matmul', contracting=(0,), output=(1,), stacked=())}
     """
-    traced = trace_params(fn, params, args)
+    traced = ip.trace_params(fn, params, args)
     finder = _RoleFinder()
 
     def run(*leaves):
         return finder.run(traced.jaxpr, list(leaves), traced.facts())[0]
 
-    jax.make_jaxpr(run)(*[ip._stand_in(x) for x in traced.leaves])
+    ip.run_abstract(traced, run)
     out = {}
     for path, _ in leaves_with_paths(params):
         found = finder.found.get(path)

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from jcompress.runtime import _interpret as ip
-from jcompress.runtime._roles import consumer_role, trace_params
+from jcompress.runtime._roles import consumer_role
 
 __all__ = ["tap"]
 
@@ -22,7 +22,7 @@ class _Tap(ip.Interpreter):
     def consume(self, eqn, invals, facts):
         outs = super().consume(eqn, invals, facts)
         i, view, role = consumer_role(eqn, facts)
-        if view is None or role is None or eqn.primitive.name in (ip.GATHER, ip.DYNAMIC_SLICE):
+        if view is None or role is None or eqn.primitive.name in ip.INDEXING:
             return outs
         self.consumed.add(view.path)
         if view.path in self.inputs_of:
@@ -74,7 +74,7 @@ def tap(
         )
 
     def tapped(params, *args):
-        traced = trace_params(fn, params, args)
+        traced = ip.trace_params(fn, params, args)
         interp = _Tap(inputs_of, outputs_of)
         outs, _ = interp.run(traced.jaxpr, list(traced.leaves), traced.facts())
         missing = sorted((inputs_of | outputs_of) - interp.consumed)

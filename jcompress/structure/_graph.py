@@ -44,7 +44,7 @@ import jax
 import numpy as np
 
 from jcompress.runtime import _interpret as ip
-from jcompress.runtime._roles import trace_params
+from jcompress.runtime._views import _reshape_rule
 from jcompress.tree import Group, Member, Params, leaves_with_paths
 
 __all__ = ["dependencies"]
@@ -274,7 +274,7 @@ class Dependencies(ip.Interpreter):
                 return self.bind(eqn, vals, [free]), [free]
             return ip._bind(eqn, vals), [None] * len(eqn.outvars)
         if eqn.primitive.name in ip.INLINED:
-            return self._inline(eqn, invals, infacts)
+            return ip.inline(self, eqn, invals, infacts)
         if eqn.primitive.name == ip.SCAN:
             return self._scan_body(eqn, invals, infacts)
         outfacts = self.rule(eqn, infacts)
@@ -647,7 +647,7 @@ class Dependencies(ip.Interpreter):
         ins, outs, a = shapes[0], tuple(eqn.outvars[0].aval.shape), axes[0]
         # The walker's reshape rule, on a view of the input axes themselves, gives the input
         # axes behind each output axis (a merge: several; a split: the same ones repeated).
-        sources = ip._reshape_rule(ip.identity_view("", len(ins)), ins, outs).axes
+        sources = _reshape_rule(ip.identity_view("", len(ins)), ins, outs).axes
         for k in set(range(len(ins))) - {k for src in sources for k in src}:
             self.drop(a[k], f"is dropped by {why}")
         new: list[Any] = []
@@ -786,7 +786,7 @@ class Dependencies(ip.Interpreter):
 
 def analyze(fn: Callable[..., Any], params: Params, args: tuple) -> tuple[ip.Traced, Dependencies]:
     """Trace ``fn(params, *args)`` and run the analysis abstractly (no FLOPs)."""
-    traced = trace_params(fn, params, args)
+    traced = ip.trace_params(fn, params, args)
     deps = Dependencies()
 
     def run(*leaves):
@@ -794,7 +794,7 @@ def analyze(fn: Callable[..., Any], params: Params, args: tuple) -> tuple[ip.Tra
         deps.finish(facts)
         return outs
 
-    jax.make_jaxpr(run)(*[ip._stand_in(x) for x in traced.leaves])
+    ip.run_abstract(traced, run)
     return traced, deps
 
 
