@@ -704,7 +704,7 @@ def test_model_level_errors(model):
 def test_linen_and_nnx_layouts(model):
     from flax import nnx
 
-    from jcompress import tree as jt
+    from jcompress import tree as jtree
     from jcompress.demo import MLP
     from jcompress.pruning import sparsegpt
     from jcompress.quantization import QArray, gptq
@@ -740,12 +740,11 @@ def test_linen_and_nnx_layouts(model):
 
     pruned, masks = sparsegpt(nnx_fn, state, batches, 0.5, block_size=SBLOCK, quiet=True)
     assert isinstance(pruned, nnx.State)
-    leaves = dict(jt.leaves_with_paths(pruned))
+    leaves = dict(jtree.leaves_with_paths(pruned))
     assert (np.asarray(leaves["l0/kernel"])[~np.asarray(masks["l0"]["kernel"])] == 0).all()
     assert (np.sum(~np.asarray(masks["l1"]["kernel"]), 0) == 8).all()
-    q = dict(
-        jt.leaves_with_paths(gptq(nnx_fn, state, batches, SPECS[0], block_size=BLOCK, quiet=True))
-    )
+    quantized = gptq(nnx_fn, state, batches, SPECS[0], block_size=BLOCK, quiet=True)
+    q = dict(jtree.leaves_with_paths(quantized))
     assert isinstance(q["l0/kernel"], QArray) and not isinstance(q["l0/bias"], QArray)
 
 

@@ -13,7 +13,8 @@ from flax import nnx
 
 import jcompress.pruning as P
 from jcompress.demo import CNN, MLP
-from jcompress.pruning._masks import masks_from_scores, plan
+from jcompress.pruning._masks import masks_from_scores
+from jcompress.pruning._plan import plan
 from jcompress.pruning._threshold import exact_count, keys_of, prune_lowest
 from jcompress.tree import Group, Member, Role, leaves_with_paths
 

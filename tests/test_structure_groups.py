@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from test_structure import filled, fine_tune, n_params, shrink_in_dtype
 
 import jcompress as jc
-from jcompress.pruning import Channels, _masks, apply_masks, magnitude_masks, structured_masks
-from jcompress.pruning._masks import masks_from_scores, plan
+from jcompress.pruning import Channels, _groups, apply_masks, magnitude_masks, structured_masks
+from jcompress.pruning._masks import masks_from_scores
+from jcompress.pruning._plan import plan
 from jcompress.structure import dependencies, shrink, shrink_nnx
 from jcompress.tree import Member, Role
 
@@ -293,11 +294,11 @@ def test_group_masks_compile_once(cases):
     fn, params, x = cases["groupnorm"]
     groups = dependencies(fn, params, x)
     structured_masks(params, 0.5, groups=groups)
-    before = _masks._group_program.cache_info()
+    before = _groups._group_program.cache_info()
     program_count = before.currsize
     a = structured_masks(params, 0.25, groups=groups)
     b = jax.jit(lambda s: structured_masks(params, s, groups=groups))(0.25)
-    after = _masks._group_program.cache_info()
+    after = _groups._group_program.cache_info()
     assert after.currsize == program_count and after.hits >= before.hits + 2
     jax.tree.map(np.testing.assert_array_equal, a, b)  # jit == eager
     dead = np.flatnonzero(~np.asarray(a["Conv_0"]["kernel"]).reshape(-1))

@@ -41,7 +41,7 @@ from flax import nnx
 import jcompress as jc
 from jcompress import pruning as P
 from jcompress import quantization as Q
-from jcompress import tree as jt
+from jcompress import tree as jtree
 
 FORMS = (
     "linen_params",
@@ -192,7 +192,7 @@ class Form:
         return [p for p, r in self.roles.items() if r.kind in ("matmul", "conv")]
 
     def leaves(self, tree):
-        return dict(jt.leaves_with_paths(tree))
+        return dict(jtree.leaves_with_paths(tree))
 
     def loss(self, params):
         return jnp.mean(jnp.square(self.fn(params, self.x).astype(jnp.float32)))
@@ -753,10 +753,10 @@ def test_checkpoint_round_trip(form, which, tmp_path):
             jc.checkpoint.save(tmp_path / "ckpt", tree)
         # the fix the message gives: save the arrays by path, rebuild into the module
         arrays = eqx.filter(tree, eqx.is_array)
-        jc.checkpoint.save(tmp_path / "by_path", dict(jt.leaves_with_paths(arrays)))
+        jc.checkpoint.save(tmp_path / "by_path", dict(jtree.leaves_with_paths(arrays)))
         loaded = jc.checkpoint.load(tmp_path / "by_path")
         loaded = eqx.combine(
-            jt.map_with_paths(lambda p, x, saved: saved, arrays, loaded),
+            jtree.map_with_paths(lambda p, x, saved: saved, arrays, loaded),
             tree,
         )
     else:

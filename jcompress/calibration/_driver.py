@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jcompress import tree as jt
+from jcompress import tree as jtree
 from jcompress.calibration._matrices import LeafMatrices
-from jcompress.tree import Role, check_finite, leaves_with_paths, map_with_paths
+from jcompress.tree import Role, leaves_with_paths, map_with_paths
 
 __all__ = [
     "Layer",
@@ -64,7 +64,7 @@ def check_stats(paths: list[str], stats: Any, what: str) -> None:
             f"{what}: no input statistics for the selected leaves {', '.join(lines)}{more}; "
             "capture them with jc.capture(fn, params, *batch) on the same params (a leaf that "
             "fn never multiplies has none: exclude it with where=)"
-            + jt.common_prefix_hint(missing, list(stats))
+            + jtree.common_prefix_hint(missing, list(stats))
         )
 
 
@@ -139,7 +139,7 @@ def roles_from_fn(
     for path, leaf in leaves_with_paths(params):
         role = inferred.get(path)
         if role is None or role.kind == "other":
-            default = jt.default_role(path, leaf)
+            default = jtree.default_role(path, leaf)
             if default is not None and default.kind in ("matmul", "conv"):
                 inferred[path] = default
     return inferred
@@ -169,25 +169,24 @@ def select_layers(
     params: Any,
     batches: Iterable[Any],
     *,
-    where: jt.Where,
+    where: jtree.Where,
     roles: Mapping[str, Role] | None,
     what: str,
-) -> tuple[dict[str, Role], Mapping[str, Role] | None]:
+) -> jtree.Selection:
     """The leaves a calibrated method compresses, each with its role, checked eagerly.
 
     Roles come from ``fn``'s jaxpr unless given (:func:`roles_from_fn`); the default selection is
     every floating matmul/conv leaf; each selected leaf must be finite and lay out as stacked
-    ``(in, out)`` matrices. Returns ``({path: role}, roles)`` (the roles used, for the method's
-    own resolution of rules).
+    ``(in, out)`` matrices. Returns the :class:`~jcompress.tree.Selection` (its ``roles`` are
+    the resolved roles of the selected leaves).
     """
     roles = roles_from_fn(fn, params, batches, roles, what)
-    selection = jt.select(params, where, roles=roles, kinds=("matmul", "conv"), what=what)
-    resolved = jt.resolve_roles(params, selection, roles)
-    leaves = dict(leaves_with_paths(params))
-    for path, role in resolved.items():
-        check_finite(path, leaves[path], what=what)
-        LeafMatrices.of(path, np.shape(leaves[path]), role)
-    return resolved, roles
+    chosen = jtree.selection(params, where, roles=roles, kinds=("matmul", "conv"), what=what)
+    for path, role in chosen.roles.items():
+        leaf = chosen.leaves[path]
+        jtree.check_finite(path, leaf, what=what)
+        LeafMatrices.of(path, np.shape(leaf), role)
+    return chosen
 
 
 def calibrate(

@@ -106,8 +106,10 @@ class LeafMatrices:
                 "jc.capture(fn, params, *batch, gram=True) from the same fn and params"
             )
         if math.prod(np.shape(gram)) != s * c * c:
+            expected = (*self.sizes(self.stacked), c, c)
             raise ValueError(
-                f"{self.path}: fn feeds this leaf {np.shape(gram)[-1]} input channels, but its "
+                f"{self.path}: fn feeds this leaf {np.shape(gram)[-1]} input channels (its Gram "
+                f"matrix has shape {tuple(np.shape(gram))}, expected {expected}), but its "
                 f"role contracts axes {self.contracting} of shape {self.shape} ({c} channels): "
                 "the role does not describe how fn uses the leaf (a non-Flax layout, such as "
                 "a kernel stored (out, in)?); pass roles=jc.roles(fn, params, *args)"

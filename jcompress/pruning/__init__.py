@@ -4,13 +4,12 @@ Masks are pytrees with the parameters' paths; ``apply_masks`` zeroes the pruned 
 Counts are exact: a pool of ``S`` weights at sparsity ``s`` loses ``round(float32(s) * S)``.
 """
 
-from jcompress.pruning._masks import (
-    apply_masks,
+from jcompress.pruning._apply import apply_masks, sparsity
+from jcompress.pruning._criteria import (
     magnitude_masks,
     nm_masks,
     random_masks,
     saliency_masks,
-    sparsity,
     structured_masks,
 )
 from jcompress.pruning._structures import NM, Channels, Unstructured

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jcompress.pruning._plan import check_fraction
+
 __all__ = ["Schedule", "constant_schedule", "polynomial_schedule"]
 
 _MAX_UPDATES = 2**20
@@ -31,13 +33,7 @@ Schedule = Callable[[ArrayLike], jax.Array]
 def _check_sparsity(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
-    value = float(value)
-    if not (0.0 <= value < 1.0):
-        raise ValueError(
-            f"{name} must be in [0, 1) (the fraction of weights removed), got {value}; "
-            "for 90% sparsity pass 0.9"
-        )
-    return value
+    return check_fraction(value, name)
 
 
 def _check_step(name: str, value: int, *, minimum: int = 0) -> int:

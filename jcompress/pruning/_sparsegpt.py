@@ -32,11 +32,9 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jcompress import calibration
-from jcompress import tree as jt
-from jcompress.pruning._masks import _unwrapped_structure, plan
+from jcompress.pruning._plan import check_nm_size, check_sparsity, plan_selection
 from jcompress.pruning._structures import NM, Channels, Structure, Unstructured
-from jcompress.pruning._threshold import exact_count
-from jcompress.pruning._wanda import keep_largest
+from jcompress.pruning._threshold import exact_count, keep_largest
 from jcompress.tree import Params, Role, Where
 
 __all__ = ["SparseGPTLayer", "sparsegpt", "sparsegpt_layer"]
@@ -112,21 +110,14 @@ def _sparsegpt_stack(leaf, stats, sparsity, *, lay, structure, block_size, percd
 
 def _structure_and_sparsity(path: str, sparsity: Any, n: int) -> tuple[Any, Any]:
     if isinstance(sparsity, NM):
-        if n % sparsity.m:
-            raise ValueError(
-                f"{path}: {sparsity.n}:{sparsity.m} sparsity needs the contracting axis (size "
-                f"{n}) divisible by {sparsity.m}; exclude it with where= or pad the layer"
-            )
+        check_nm_size(path, n, sparsity)
         return sparsity, jnp.float32(sparsity.sparsity)
     if isinstance(sparsity, Unstructured):
         raise TypeError(f"{path}: pass the sparsity as a float (Unstructured is the default)")
-    if jt.is_concrete(sparsity):
-        value = float(sparsity)
-        if not 0.0 <= value < 1.0:
-            raise ValueError(
-                f"{path}: sparsity must be in [0, 1) (the fraction of weights removed), got "
-                f"{sparsity!r}; for N:M pass NM(n=2, m=4)"
-            )
+    try:
+        check_sparsity(sparsity, Unstructured(), what="SparseGPT", required=True)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; for N:M pass NM(n=2, m=4)") from None
     return Unstructured(), jnp.asarray(sparsity, jnp.float32)
 
 
@@ -242,19 +233,15 @@ def sparsegpt(
             f"{what} prunes single weights or N:M groups, not channels; use "
             "jc.pruning.structured_masks for Channels"
         )
-    layers, roles = calibration.select_layers(
-        fn, params, batches, where=where, roles=roles, what=what
-    )
-    p = plan(
+    layers = calibration.select_layers(fn, params, batches, where=where, roles=roles, what=what)
+    p, _ = plan_selection(
         params,
         structure=structure,
-        where=lambda path, _: path in layers,
-        roles=roles,
+        where=layers,
         sparsity=sparsity,
         what=what,
+        require_sparsity=True,
     )
-    if sparsity is None and not isinstance(p.structure, NM):
-        raise ValueError(f"{what} needs a sparsity in [0, 1), got None")
     layer_sparsity = p.structure if isinstance(p.structure, NM) else sparsity
     calibration.check_options(what, block_size=block_size, percdamp=percdamp, what=what)
     options = {"block_size": block_size, "percdamp": float(percdamp)}
@@ -275,13 +262,11 @@ def sparsegpt(
         fn,
         params,
         batches,
-        list(layers),
+        list(layers.paths),
         compress,
         what=what,
         sequential=sequential,
         layers_per_pass=layers_per_pass,
         quiet=quiet,
     )
-    pairs = jt.leaves_with_paths(params)
-    leaves = [masks.get(path, True) for path, _ in pairs]
-    return pruned, jax.tree_util.tree_unflatten(_unwrapped_structure(params, len(pairs)), leaves)
+    return pruned, layers.unflatten(masks)

@@ -1,6 +1,6 @@
-"""Exact pruning counts and exact, sort-free selection of the lowest scores.
+"""Exact pruning counts and exact selection of the lowest scores: the one place for both.
 
-Two shared mechanisms (DESIGN §4: "exact thresholds exist once"):
+Two shared mechanisms, and the selections built on them:
 
 * :func:`exact_count`: ``k = round(float32(s) * S)`` with round-half-to-even, computed exactly in
   32-bit integers (x64 is off) from the float32's mantissa and exponent, so it is right for
@@ -12,26 +12,51 @@ Two shared mechanisms (DESIGN §4: "exact thresholds exist once"):
   Everything below ``T`` is removed; among keys equal to ``T`` the lowest positions (in the
   documented order) go first, so the count is exact even when every score is equal.
 
+* :func:`lowest` (a pool per row, exact count by :func:`exact_count`), :func:`lowest_sorted`
+  (the same by a stable sort, for the small pools of channel groups), :func:`keep_largest` (a
+  traced ``k`` per row, sort-based), :func:`nm_keep` (``n`` kept in every ``m``) and
+  :func:`kth_smallest` (an order statistic, by the same two histogram passes).
+
 Keys: a non-negative float32's bit pattern read as an int32 is monotone in its value, so
 ``key = bitcast(abs(score))`` orders scores exactly (``-0.0`` becomes ``+0.0``; NaN keys sort
-above ``+inf``). Key ``-1`` marks an entry that must be removed first (already pruned).
+above ``+inf``). Key ``-1`` marks an entry that must be removed first (already pruned). Ties are
+always broken the same way: among equal keys the lowest positions are removed first.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-__all__ = ["PRUNED_KEY", "exact_count", "keys_of", "prune_lowest"]
+__all__ = [
+    "PRUNED_KEY",
+    "and_previous",
+    "exact_count",
+    "from_rows",
+    "keep_largest",
+    "keys_of",
+    "kth_smallest",
+    "lowest",
+    "lowest_sorted",
+    "nm_keep",
+    "prune_lowest",
+    "to_rows",
+    "with_previous",
+]
 
 PRUNED_KEY = -1
 """The key of an entry that is already pruned: lower than every score's key."""
 
 _MAX_COUNT = 2**31 - 1
 _LEVELS = ((16, 15), (0, 16))  # (shift, bits): top 15 bits, then the low 16 bits
+_PAIRWISE_MAX_M = 16  # N:M ranks by pairwise comparison up to this m, by a sort above it
 
 
 def keys_of(scores: jax.Array) -> jax.Array:
@@ -115,6 +140,38 @@ def _locate(counts: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array]:
     return index, jnp.where(index > 0, before, 0)
 
 
+def _threshold(keys: list[jax.Array], rank: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row, the ``rank``-th smallest non-negative key (1-based) over every array, and how
+    many keys equal to it are among the ``rank`` smallest: two histogram passes, no sort."""
+    rows = keys[0].shape[0]
+    prefix = jnp.zeros((rows,), jnp.int32)  # the bits of the threshold found so far
+    row_base = jnp.arange(rows, dtype=jnp.int32)[:, None]
+    for shift, nbits in _LEVELS:
+        buckets = 1 << nbits
+        hist = jnp.zeros((rows * buckets,), jnp.int32)
+        for x in keys:
+            inside = (x >= 0) & ((x >> (shift + nbits)) == prefix[:, None])
+            bucket = row_base * buckets + ((x >> shift) & (buckets - 1))
+            index = jnp.where(inside, bucket, rows * buckets)  # out of range: dropped
+            hist = hist.at[index.reshape(-1)].add(1, mode="drop")
+        bucket, before = _locate(hist.reshape(rows, buckets), rank)
+        rank = rank - before
+        prefix = (prefix << nbits) | bucket
+    return prefix, rank
+
+
+def kth_smallest(keys: jax.Array, rank: int) -> jax.Array:
+    """The ``rank``-th smallest (0-based) of each row of non-negative int32 ``keys (B, N)``:
+    ``(B,)``, by the histogram passes of :func:`prune_lowest` (no sort).
+
+    >>> kth_smallest(jnp.array([[5, 1, 3, 1], [0, 7, 7, 2]], jnp.int32), 2).tolist()
+    [3, 7]
+    """
+    keys = jnp.asarray(keys, jnp.int32)
+    rank = jnp.full((keys.shape[0],), int(rank) + 1, jnp.int32)
+    return _threshold([keys], rank)[0]
+
+
 def prune_lowest(
     keys: Sequence[jax.Array], k: jax.typing.ArrayLike, *, maybe_pruned: bool = True
 ) -> list[jax.Array]:
@@ -150,20 +207,7 @@ def prune_lowest(
     if maybe_pruned:
         pruned = sum(jnp.sum(x < 0, axis=1, dtype=jnp.int32) for x in keys)
         k = jnp.maximum(k - pruned, 0)  # entries still to remove among non-negative keys
-    rank = k
-    prefix = jnp.zeros((rows,), jnp.int32)  # the bits of the threshold found so far
-    row_base = jnp.arange(rows, dtype=jnp.int32)[:, None]
-    for shift, nbits in _LEVELS:
-        buckets = 1 << nbits
-        hist = jnp.zeros((rows * buckets,), jnp.int32)
-        for x in keys:
-            inside = (x >= 0) & ((x >> (shift + nbits)) == prefix[:, None])
-            bucket = row_base * buckets + ((x >> shift) & (buckets - 1))
-            index = jnp.where(inside, bucket, rows * buckets)  # out of range: dropped
-            hist = hist.at[index.reshape(-1)].add(1, mode="drop")
-        bucket, before = _locate(hist.reshape(rows, buckets), rank)
-        rank = rank - before
-        prefix = (prefix << nbits) | bucket
+    prefix, rank = _threshold(keys, k)
     # Remove `rank` of the keys equal to `threshold`, lowest positions first: count the ties
     # per block of `width` entries, find the block where the count reaches `rank`, and rank the
     # ties inside that one block only.
@@ -189,3 +233,98 @@ def prune_lowest(
         out.append(((b > threshold) | ((b == threshold) & ~removed_tie)).reshape(x.shape))
         offset += nblocks
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Selections built on the threshold: per row, pooled, sorted, N:M
+# ----------------------------------------------------------------------------------------------
+
+
+def to_rows(x: jax.Array, lead: tuple[int, ...]) -> tuple[jax.Array, tuple]:
+    """``x`` with the ``lead`` axes moved first, as ``(prod(lead sizes), rest)``, and the
+    layout :func:`from_rows` needs to undo it."""
+    perm = tuple(lead) + tuple(a for a in range(x.ndim) if a not in lead)
+    y = jnp.transpose(x, perm)
+    rows = math.prod(y.shape[: len(lead)])
+    return y.reshape(rows, math.prod(y.shape[len(lead) :])), (perm, y.shape)
+
+
+def from_rows(x: jax.Array, layout: tuple) -> jax.Array:
+    """Undo :func:`to_rows`."""
+    perm, shape = layout
+    return jnp.transpose(x.reshape(shape), tuple(np.argsort(perm)))
+
+
+def with_previous(keys: jax.Array, previous: Any) -> jax.Array:
+    """``keys`` with the entries a previous mask pruned set to :data:`PRUNED_KEY`."""
+    if previous is None:
+        return keys
+    alive = jnp.broadcast_to(jnp.asarray(previous, bool), keys.shape)
+    return jnp.where(alive, keys, PRUNED_KEY)
+
+
+def and_previous(mask: jax.Array, previous: Any) -> jax.Array:
+    """``mask`` and a previous mask (``None``: nothing pruned before)."""
+    return mask if previous is None else mask & jnp.asarray(previous, bool)
+
+
+# The kernels are jitted on int32 keys (static layout arguments), so eager calls compile once
+# per shape whatever the dtype, and a caller's jit simply inlines them.
+
+
+@functools.partial(jax.jit, static_argnames=("pruned",))
+def lowest(keys: list[jax.Array], sparsity: jax.Array, pruned: bool) -> list[jax.Array]:
+    """Keep masks of ``(B, N_i)`` keys pooled per row, ``round(s * sum N_i)`` removed per row
+    (:func:`prune_lowest`; ``pruned``: whether any key may be :data:`PRUNED_KEY`)."""
+    total = sum(k.shape[1] for k in keys)
+    return prune_lowest(keys, exact_count(sparsity, total), maybe_pruned=pruned)
+
+
+def keep_largest(scores: jax.Array, k: jax.typing.ArrayLike, axis: int = -1) -> jax.Array:
+    """Keep mask removing the ``k`` lowest ``scores`` along ``axis`` (ties: lowest index first).
+
+    ``k`` may be traced and broadcasts against the other axes. A stable sort ranks the entries;
+    NaN scores rank highest (kept).
+
+    >>> keep_largest(jnp.array([[3.0, 1.0, 2.0, 1.0]]), 2).tolist()
+    [[True, False, True, False]]
+    """
+    order = jnp.argsort(scores, axis=axis, stable=True)
+    rank = jnp.argsort(order, axis=axis, stable=True)
+    return rank >= jnp.asarray(k, jnp.int32)
+
+
+def lowest_sorted(keys: list[jax.Array], sparsity: jax.Array) -> list[jax.Array]:
+    """:func:`lowest` by a stable sort (:func:`keep_largest`), for small pools (channel groups).
+
+    Same contract (``round(s * N)`` of each row's pooled ``(B, N_i)`` keys removed, or every
+    :data:`PRUNED_KEY` if more; ties: lowest position first, arrays in order); a sort of a few
+    thousand channels compiles several times faster than the histogram passes.
+    """
+    flat = jnp.concatenate(keys, axis=1)
+    k = jnp.maximum(exact_count(sparsity, flat.shape[1]), jnp.sum(flat == PRUNED_KEY, axis=1))
+    keep = keep_largest(flat, k[:, None], axis=1)
+    return jnp.split(keep, np.cumsum([x.shape[1] for x in keys])[:-1].tolist(), axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "n", "m"))
+def nm_keep(keys: jax.Array, axis: int, n: int, m: int) -> jax.Array:
+    """Keep mask of ``n`` in every ``m`` consecutive ``keys`` along ``axis`` (the largest; ties:
+    the lowest positions pruned first); :data:`PRUNED_KEY` entries stay pruned.
+
+    >>> nm_keep(jnp.array([1, 4, 3, 2, 0, 0, 0, 0], jnp.int32), 0, 2, 4).tolist()
+    [False, True, True, False, False, False, True, True]
+    """
+    y = jnp.moveaxis(keys, axis, -1)
+    grouped = y.reshape(*y.shape[:-1], y.shape[-1] // m, m)
+    if m <= _PAIRWISE_MAX_M:
+        # rank = how many in the group are kept before me: larger keys, or equal keys at a
+        # higher position (equal keys: the lowest positions are pruned first).
+        other, me = grouped[..., None, :], grouped[..., :, None]
+        later = np.arange(m)[None, :] > np.arange(m)[:, None]
+        rank = jnp.sum((other > me) | ((other == me) & later), axis=-1)
+        keep = rank < n
+    else:
+        keep = keep_largest(grouped, m - n)
+    keep = keep.reshape(y.shape) & (y != PRUNED_KEY)  # pruned before: stays pruned
+    return jnp.moveaxis(keep, -1, axis)

@@ -20,28 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcompress import tree as jt
 from jcompress.calibration import check_stats
-from jcompress.pruning._masks import _unwrapped_structure, plan
+from jcompress.pruning._plan import plan_selection
 from jcompress.pruning._structures import NM, Structure
-from jcompress.pruning._threshold import exact_count
+from jcompress.pruning._threshold import exact_count, keep_largest, keys_of, nm_keep
 from jcompress.tree import Params, Role, Where
 
-__all__ = ["keep_largest", "per_output_keep", "wanda_masks", "wanda_scores"]
-
-
-def keep_largest(scores: jax.Array, k: jax.typing.ArrayLike, axis: int = -1) -> jax.Array:
-    """Keep mask removing the ``k`` lowest ``scores`` along ``axis`` (ties: lowest index first).
-
-    ``k`` may be traced and broadcasts against the other axes. A stable sort ranks the entries;
-    NaN scores rank highest (kept).
-
-    >>> keep_largest(jnp.array([[3.0, 1.0, 2.0, 1.0]]), 2).tolist()
-    [[True, False, True, False]]
-    """
-    order = jnp.argsort(scores, axis=axis, stable=True)
-    rank = jnp.argsort(order, axis=axis, stable=True)
-    return rank >= jnp.asarray(k, jnp.int32)
+__all__ = ["per_output_keep", "wanda_masks", "wanda_scores"]
 
 
 def per_output_keep(scores: jax.Array, role: Role, sparsity: Any, structure: Structure):
@@ -49,10 +34,7 @@ def per_output_keep(scores: jax.Array, role: Role, sparsity: Any, structure: Str
     ``round(s · C)`` of its ``C`` contracting entries go (:class:`Unstructured`), or the lowest
     ``m - n`` of each ``m`` consecutive entries along the last contracting axis (:class:`NM`)."""
     if isinstance(structure, NM):
-        y = jnp.moveaxis(scores, role.group_axis, -1)
-        grouped = y.reshape(*y.shape[:-1], y.shape[-1] // structure.m, structure.m)
-        keep = keep_largest(grouped, structure.m - structure.n).reshape(y.shape)
-        return jnp.moveaxis(keep, -1, role.group_axis)
+        return nm_keep(keys_of(scores), role.group_axis, structure.n, structure.m)
     lead = (*role.stacked, *role.output)
     rest = tuple(a for a in range(scores.ndim) if a not in lead)
     perm = (*lead, *rest)
@@ -147,24 +129,21 @@ def wanda_masks(
     [[False, False], [True, True]]
     """
     what = "Wanda pruning"
-    if where is None:
-        where = jt.select(params, None, roles=roles, kinds=("matmul", "conv"), what=what)
-    p = plan(params, structure=structure, where=where, roles=roles, sparsity=sparsity, what=what)
-    if sparsity is None and not isinstance(p.structure, NM):
-        raise ValueError(f"{what} needs a sparsity in [0, 1), got None")
-    pairs = jt.leaves_with_paths(params)
-    selected = [bool(s) for s in jt.match_paths(params, p.selection, name="selection")]
-    chosen = [path for (path, _), s in zip(pairs, selected) if s]
-    check_stats(chosen, stats, what)
-    leaves = []
-    for (path, leaf), s in zip(pairs, selected):
-        if not s:
-            leaves.append(True)
-            continue
-        jt.check_finite(path, leaf, what=what)
-        role = p.roles[path]
-        value = leaf.dequantize() if jt.is_compressed(leaf) else jnp.asarray(leaf)
-        sumsq = _stats_for(path, leaf, role, stats)
-        s_value = jnp.float32(0) if sparsity is None else jnp.asarray(sparsity, jnp.float32)
-        leaves.append(_leaf_keep(value, sumsq, s_value, role=role, structure=p.structure))
-    return jax.tree_util.tree_unflatten(_unwrapped_structure(params, len(pairs)), leaves)
+    p, chosen = plan_selection(
+        params,
+        structure=structure,
+        where=where,
+        roles=roles,
+        sparsity=sparsity,
+        what=what,
+        kinds=("matmul", "conv"),
+        require_sparsity=True,
+    )
+    check_stats(list(chosen.paths), stats, what)
+    values = chosen.check_finite().values()
+    s_value = jnp.float32(0) if sparsity is None else jnp.asarray(sparsity, jnp.float32)
+    keep = {}
+    for path, role in p.roles.items():
+        sumsq = _stats_for(path, chosen.leaves[path], role, stats)
+        keep[path] = _leaf_keep(values[path], sumsq, s_value, role=role, structure=p.structure)
+    return chosen.unflatten(keep)

@@ -27,13 +27,12 @@ def resolve_calibrated(
     any calibration pass: :func:`jcompress.calibration.select_layers` (roles from ``fn``,
     default matmul/conv selection, finite leaves that flatten to matrices), the rules, and each
     spec's layout."""
-    layers, roles = calibration.select_layers(
-        fn, params, batches, where=where, roles=roles, what=what
+    layers = calibration.select_layers(fn, params, batches, where=where, roles=roles, what=what)
+    chosen, specs = resolve_specs(
+        params, spec_or_rules, where=lambda path, _: path in layers, roles=layers.roles, what=what
     )
-    resolved = resolve_specs(
-        params, spec_or_rules, where=lambda path, _: path in layers, roles=roles, what=what
-    )
-    leaves = dict(jtree.leaves_with_paths(params))
-    for path, (spec, role) in resolved.items():
-        layout(path, tuple(leaves[path].shape), spec, role)
-    return resolved
+    out = {}
+    for path, role in chosen.roles.items():
+        layout(path, tuple(chosen.leaves[path].shape), specs[path], role)
+        out[path] = (specs[path], role)
+    return out

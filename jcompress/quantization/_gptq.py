@@ -321,10 +321,7 @@ def gptq(
     resolved = resolve_calibrated(
         fn, params, batches, spec_or_rules, where=where, roles=roles, what=what
     )
-    mask_of = {}
-    if masks is not None:
-        paths = [p for p, _ in jtree.leaves_with_paths(params)]
-        mask_of = dict(zip(paths, jtree.match_paths(params, masks, name="masks")))
+    mask_of = {} if masks is None else jtree.match_by_path(params, masks, name="masks")
     calibration.check_options(what, block_size=block_size, percdamp=percdamp, what=what)
     options = {"block_size": block_size, "percdamp": float(percdamp), "act_order": bool(act_order)}
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jcompress import tree as jtree
 from jcompress.quantization._calibration import Scales, compute_scales, fake_quant
-from jcompress.quantization._quantize import map_planned
+from jcompress.quantization._quantize import map_quantized
 from jcompress.quantization._spec import QuantSpec, SpecOrRules
 
 __all__ = ["fake_quantize"]
@@ -66,4 +66,4 @@ def fake_quantize(
     Array([[1., 0.],
            [1., 1.]], dtype=float32)
     """
-    return map_planned(_fake_leaf, params, spec_or_rules, where, roles, scales, "fake_quantize")
+    return map_quantized(_fake_leaf, params, spec_or_rules, where, roles, scales, "fake_quantize")

@@ -4,33 +4,41 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jcompress import tree as jtree
-from jcompress.quantization._calibration import Scales, compute_scales, layout, to_int
+from jcompress.quantization._calibration import Layout, Scales, compute_scales, layout, to_int
 from jcompress.quantization._qarray import QArray, storage_dtype
 from jcompress.quantization._spec import QuantSpec, SpecOrRules, resolve_specs
 
 __all__ = ["calibrate", "dequantize", "nonfinite", "quantize"]
 
 
-def _plan(params, spec_or_rules, where, roles, what):
-    """``{path: (spec, Layout)}`` for the leaves to quantize, with eager value checks."""
-    resolved = resolve_specs(params, spec_or_rules, where=where, roles=roles, what=what)
-    leaves = dict(jtree.leaves_with_paths(params))
-    plan = {}
-    for path, (spec, role) in resolved.items():
-        leaf = leaves[path]
-        jtree.check_finite(path, leaf, what=what)
-        plan[path] = (spec, layout(path, tuple(leaf.shape), spec, role))
-    return plan
+class Quantized(NamedTuple):
+    """A leaf to quantize: its spec, the blocks that share a scale, and the leaf itself."""
+
+    spec: QuantSpec
+    lay: Layout
+    leaf: Any
 
 
-def _checked_scales(path, given, spec: QuantSpec, lay) -> Scales:
+def resolve_quantized(params, spec_or_rules, where, roles, what) -> dict[str, Quantized]:
+    """``{path: Quantized}`` for the leaves to quantize, with eager value checks."""
+    chosen, specs = resolve_specs(params, spec_or_rules, where=where, roles=roles, what=what)
+    resolved = chosen.roles
+    chosen.check_finite()
+    out = {}
+    for path, role in resolved.items():
+        leaf, spec = chosen.leaves[path], specs[path]
+        out[path] = Quantized(spec, layout(path, tuple(leaf.shape), spec, role), leaf)
+    return out
+
+
+def _checked_scales(path, given, spec: QuantSpec, lay: Layout) -> Scales:
     if not isinstance(given, Scales):
         raise TypeError(
             f"{path}: scales= entries must be Scales (from jc.quantization.calibrate), got "
@@ -52,8 +60,8 @@ def _checked_scales(path, given, spec: QuantSpec, lay) -> Scales:
     return given
 
 
-def scales_for(plan, scales) -> dict[str, Scales] | None:
-    """The given ``scales`` for the planned leaves, checked by path and shape."""
+def scales_for(quantized: dict[str, Quantized], scales) -> dict[str, Scales] | None:
+    """The given ``scales`` for the leaves to quantize, checked by path and shape."""
     if scales is None:
         return None
     if not isinstance(scales, Mapping):
@@ -61,23 +69,26 @@ def scales_for(plan, scales) -> dict[str, Scales] | None:
             "scales= must be the {path: Scales} dict returned by jc.quantization.calibrate, got "
             f"{type(scales).__name__}"
         )
-    reference = {p: 0 for p in plan}
-    matched = jtree.match_paths(
+    reference = {p: 0 for p in quantized}
+    matched = jtree.match_by_path(
         reference, scales, name="scales", is_leaf=lambda x: isinstance(x, Scales)
     )
-    return {p: _checked_scales(p, s, *plan[p]) for p, s in zip(plan, matched)}
+    return {
+        p: _checked_scales(p, s, quantized[p].spec, quantized[p].lay) for p, s in matched.items()
+    }
 
 
-def map_planned(leaf_fn, params, spec_or_rules, where, roles, scales, what):
-    """``leaf_fn(w, scales | None, spec=, lay=)`` on every planned leaf; others unchanged."""
-    plan = _plan(params, spec_or_rules, where, roles, what)
-    given = scales_for(plan, scales)
+def map_quantized(leaf_fn, params, spec_or_rules, where, roles, scales, what):
+    """``leaf_fn(w, scales | None, spec=, lay=)`` on every leaf to quantize; others unchanged."""
+    quantized = resolve_quantized(params, spec_or_rules, where, roles, what)
+    given = scales_for(quantized, scales)
 
     def leaf(path, x):
-        if path not in plan:
+        if path not in quantized:
             return x
-        spec, lay = plan[path]
-        return leaf_fn(jnp.asarray(x), None if given is None else given[path], spec=spec, lay=lay)
+        q = quantized[path]
+        frozen = None if given is None else given[path]
+        return leaf_fn(jnp.asarray(x), frozen, spec=q.spec, lay=q.lay)
 
     return jtree.map_with_paths(leaf, params)
 
@@ -120,11 +131,9 @@ def calibrate(
     >>> s["Dense_0/kernel"].scale.shape
     (1, 3)
     """
-    plan = _plan(params, spec_or_rules, where, roles, "calibrate")
-    leaves = dict(jtree.leaves_with_paths(params))
+    quantized = resolve_quantized(params, spec_or_rules, where, roles, "calibrate")
     return {
-        p: compute_scales(jnp.asarray(leaves[p]), spec=spec, lay=lay)
-        for p, (spec, lay) in plan.items()
+        p: compute_scales(jnp.asarray(q.leaf), spec=q.spec, lay=q.lay) for p, q in quantized.items()
     }
 
 
@@ -176,7 +185,7 @@ def quantize(
     >>> q["Dense_0"]["kernel"].nbytes   # 512 int4 values + 16 float32 scales
     320
     """
-    return map_planned(_quantize_leaf, params, spec_or_rules, where, roles, scales, "quantize")
+    return map_quantized(_quantize_leaf, params, spec_or_rules, where, roles, scales, "quantize")
 
 
 def dequantize(tree: jtree.Params) -> jtree.Params:

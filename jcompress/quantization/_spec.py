@@ -255,22 +255,20 @@ def resolve_specs(
     where: jtree.Where,
     roles: Mapping[str, jtree.Role] | None,
     what: str,
-) -> dict[str, tuple[QuantSpec, jtree.Role]]:
-    """``{path: (spec, role)}`` for every leaf to quantize, in tree order.
+) -> tuple[jtree.Selection, dict[str, QuantSpec]]:
+    """The leaves to quantize and ``{path: spec}`` for each, in tree order.
 
     A leaf is quantized if ``where`` selects it and its first matching rule has a spec. Every rule
     must win at least one selected leaf (a rule shadowed by an earlier one, or matching only
-    leaves ``where`` leaves out, is an error), and the result must not be empty.
+    leaves ``where`` leaves out, is an error), and the result must not be empty. The returned
+    :class:`~jcompress.tree.Selection` holds exactly the leaves to quantize (its ``roles`` are
+    resolved on first use).
     """
     rules = _check_rules(spec_or_rules)
-    selection = jtree.select(params, where, roles=roles, what=what)
-    pairs = jtree.leaves_with_paths(params)
-    chosen = set(jtree.selected_paths(selection))
+    chosen = jtree.selection(params, where, roles=roles, what=what)
     specs: dict[str, QuantSpec] = {}
     wins = [0] * len(rules)
-    for path, leaf in pairs:
-        if path not in chosen:
-            continue
+    for path, leaf in chosen.leaves.items():
         if jtree.is_compressed(leaf):
             raise ValueError(
                 f"{path}: {what} got a leaf that is already compressed ({type(leaf).__name__}); "
@@ -282,7 +280,7 @@ def resolve_specs(
                 if spec is not None:
                     specs[path] = spec
                 break
-    all_paths = [p for p, _ in pairs]
+    all_paths = list(chosen.all_paths)
     more = " ..." if len(all_paths) > 6 else ""
     for (regex, rx, _), n in zip(rules, wins):
         if n == 0 and rx is not None:
@@ -301,5 +299,4 @@ def resolve_specs(
             f"{what}: every selected leaf is left in float by the rules (spec None); nothing to "
             "quantize"
         )
-    resolved = jtree.resolve_roles(params, {p: p in specs for p in all_paths}, roles)
-    return {p: (specs[p], resolved[p]) for p in specs}
+    return chosen.narrow(specs), specs

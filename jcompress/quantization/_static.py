@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcompress import tree as jt
+from jcompress import tree as jtree
 from jcompress.calibration import check_batches
+from jcompress.pruning._threshold import kth_smallest
 from jcompress.quantization._qarray import QArray
 from jcompress.quantization._spec import AbsMax, Percentile
 
@@ -78,46 +79,32 @@ class _Range:
         return jnp.sum(r * n, axis=0) / jnp.maximum(total, 1.0), total
 
 
-def _order_statistic(bits: jax.Array, rank: int) -> jax.Array:
-    """The ``rank``-th smallest (0-based) of non-negative floats given as their int32 bit
-    patterns (monotonic for non-negative floats) along the last axis: a bisection over bit
-    patterns, 31 counting passes instead of a sort."""
-
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = lo + (hi - lo) // 2
-        enough = jnp.sum(bits <= mid[..., None], axis=-1, dtype=jnp.int32) > rank
-        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-    lo = jnp.zeros(bits.shape[:-1], jnp.int32)
-    hi = jnp.full(bits.shape[:-1], np.iinfo(np.int32).max, jnp.int32)
-    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-    return jax.lax.bitcast_convert_type(lo, jnp.float32)
-
-
 def _percentile(a: jax.Array, q: float) -> jax.Array:
     """``np.percentile(a, q, axis=-1)`` (linear interpolation) of ``a >= 0``, NaN if any NaN."""
     n = a.shape[-1]
     position = q / 100.0 * (n - 1)
     below = int(np.floor(position))
     frac = np.float32(position - below)
-    bits = jax.lax.bitcast_convert_type(a, jnp.int32)
-    low = _order_statistic(bits, below)
-    high = _order_statistic(bits, min(below + 1, n - 1)) if frac else low
+    bits = jax.lax.bitcast_convert_type(a, jnp.int32).reshape(-1, n)  # monotone for a >= 0
+
+    def order_statistic(rank: int) -> jax.Array:
+        k = kth_smallest(bits, rank).reshape(a.shape[:-1])
+        return jax.lax.bitcast_convert_type(k, jnp.float32)
+
+    low = order_statistic(below)
+    high = order_statistic(min(below + 1, n - 1)) if frac else low
     r = low + (high - low) * frac
     return jnp.where(jnp.any(jnp.isnan(a), axis=-1), jnp.float32(jnp.nan), r)
 
 
-def _chosen_paths(qparams: jt.Params, where: jt.Where) -> tuple[list[str], bool]:
-    """Selected paths, and whether the selection was explicit (then every one must work)."""
-    pairs = jt.leaves_with_paths(qparams)
+def _chosen(qparams: jtree.Params, where: jtree.Where) -> tuple[dict[str, QArray], bool]:
+    """``{path: QArray}`` selected, and whether the selection was explicit (then every one
+    must work)."""
     if where is None:
-        return [p for p, x in pairs if type(x) is QArray], False
-    selection = jt.select(qparams, where, kinds=("matmul",), what=_WHAT)
-    paths = jt.selected_paths(selection)
-    leaves = dict(pairs)
-    for path in paths:
-        leaf = leaves[path]
+        pairs = jtree.leaves_with_paths(qparams)
+        return {p: x for p, x in pairs if type(x) is QArray}, False
+    chosen = jtree.selection(qparams, where, kinds=("matmul",), what=_WHAT)
+    for path, leaf in chosen.leaves.items():
         if isinstance(leaf, QArray) and type(leaf) is not QArray:
             raise TypeError(
                 f"{path}: a {type(leaf).__name__}'s act_scale holds its own per-input-channel "
@@ -130,7 +117,7 @@ def _chosen_paths(qparams: jt.Params, where: jt.Where) -> tuple[list[str], bool]
                 f"{type(leaf).__name__}; quantize the parameters first "
                 "(jc.quantization.quantize / gptq) or exclude this leaf with where="
             )
-    return paths, True
+    return dict(chosen.leaves), True
 
 
 def _ranges(fn, qparams, batches, paths, q) -> dict[str, tuple[jax.Array, jax.Array]]:
@@ -154,12 +141,12 @@ def _ranges(fn, qparams, batches, paths, q) -> dict[str, tuple[jax.Array, jax.Ar
 
 def calibrate_activations(
     fn: Callable[..., Any],
-    qparams: jt.Params,
+    qparams: jtree.Params,
     batches: Iterable[Any],
     *,
     calibration: AbsMax | Percentile = _ABSMAX,
-    where: jt.Where = None,
-) -> jt.Params:
+    where: jtree.Where = None,
+) -> jtree.Params:
     """Static int8 activation steps for the quantized matmuls of ``fn`` (W8A8 static).
 
     Runs ``fn(qparams, *batch)`` (weights dequantized, activations float) over the calibration
@@ -206,7 +193,8 @@ def calibrate_activations(
             f"got {calibration!r}"
         )
     check_batches(batches, None, _WHAT)
-    paths, explicit = _chosen_paths(qparams, where)
+    leaves, explicit = _chosen(qparams, where)
+    paths = list(leaves)
     if not paths:
         raise ValueError(
             f"{_WHAT}: qparams hold no plain QArray leaf; quantize the matmul weights first "
@@ -230,7 +218,6 @@ def calibrate_activations(
     from jcompress.runtime import roles as infer_roles
 
     roles = infer_roles(fn, qparams, *(first if isinstance(first, tuple) else (first,)))
-    leaves = dict(jt.leaves_with_paths(qparams))
     steps = {}
     for path, (r, _) in ranges.items():
         r = np.asarray(r, np.float32)
@@ -251,4 +238,4 @@ def calibrate_activations(
             bits=leaf.bits,
             dtype=leaf.dtype,
         )
-    return jt.map_with_paths(lambda p, x: steps.get(p, x), qparams)
+    return jtree.map_with_paths(lambda p, x: steps.get(p, x), qparams)

@@ -58,10 +58,11 @@ def unwrap(tree: Params) -> Params:
     return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=_is_wrapper)
 
 
-def rewrap(like: Params, values: Params) -> Params:
+def rewrap(like: Params, values: Params, *, name: str = "values") -> Params:
     """``values`` (a tree or flat ``{path: value}`` dict with ``like``'s paths) in ``like``'s
     structure: where ``like`` holds an nnx ``Variable``, the result holds one of the same type
-    around the value. The inverse of :func:`unwrap`.
+    around the value. The inverse of :func:`unwrap`; ``name`` names ``values`` in a path
+    mismatch error.
 
     >>> from flax import nnx
     >>> import jax.numpy as jnp
@@ -69,7 +70,7 @@ def rewrap(like: Params, values: Params) -> Params:
     >>> type(out["kernel"]).__name__, out["kernel"].get_value().tolist()
     ('Param', [0.0, 0.0])
     """
-    return map_with_paths(lambda _, __, v: v, like, values, names=["values"])
+    return map_with_paths(lambda _, __, v: v, like, values, names=[name])
 
 
 def outer_structure(tree: Params, n: int) -> Any:
@@ -105,8 +106,8 @@ def describe_form(tree: Any) -> str:
     if type(tree).__module__.startswith("flax."):
         nnx = sys.modules.get("flax.nnx")
         if nnx is not None and isinstance(tree, nnx.State):
-            leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-            held = "Variables" if any(isinstance(x, nnx.Variable) for x in leaves) else "arrays"
+            leaves = jax.tree.leaves(tree, is_leaf=is_variable)
+            held = "Variables" if any(is_variable(x) for x in leaves) else "arrays"
             return f"an nnx.State of {held}"
         return f"a flax {name}"
     if isinstance(tree, dict | list | tuple):

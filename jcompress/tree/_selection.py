@@ -46,6 +46,7 @@ class Selection:
       tree: the parameter tree it was made from.
       paths: the selected paths, in tree order.
       all_paths: every path of ``tree``, in tree order.
+      pairs: ``[(path, leaf), ...]`` of every leaf (:func:`~jcompress.tree.leaves_with_paths`).
       leaves: ``{path: leaf}`` of the selected leaves (nnx ``Variable`` s unwrapped, compressed
         leaves whole).
       roles: ``{path: Role}`` of the selected leaves: the given ``roles=``, else Flax's layouts
@@ -74,7 +75,7 @@ class Selection:
         self.paths = tuple(p for (p, _), c in zip(pairs, chosen) if c)
         self.leaves = {p: x for (p, x), c in zip(pairs, chosen) if c}
         self.what = what
-        self._pairs = pairs
+        self.pairs = pairs
         self._treedef = treedef
         self._chosen = chosen
         self._given_roles = roles
@@ -95,7 +96,7 @@ class Selection:
 
     @functools.cached_property
     def roles(self) -> dict[str, Role]:
-        return _resolve(self._pairs, self._chosen, self._given_roles)
+        return _resolve(self.pairs, self._chosen, self._given_roles)
 
     def narrow(self, paths: Iterable[str]) -> Selection:
         """The selection of only those selected ``paths`` (the same tree, roles and name).
@@ -108,8 +109,8 @@ class Selection:
         unknown = sorted(keep - set(self.paths))
         if unknown:
             raise ValueError(f"{self.what}: {unknown[:5]} are not selected paths")
-        chosen = [p in keep for p, _ in self._pairs]
-        out = Selection(self.tree, self._pairs, self._treedef, chosen, self._given_roles, self.what)
+        chosen = [p in keep for p, _ in self.pairs]
+        out = Selection(self.tree, self.pairs, self._treedef, chosen, self._given_roles, self.what)
         if "roles" in self.__dict__:
             out.roles = {p: r for p, r in self.roles.items() if p in keep}
         return out
@@ -126,9 +127,17 @@ class Selection:
         return {p: _float_value(x) for p, x in self.leaves.items()}
 
     def match(self, other: Params | Mapping[str, Any], *, name: str) -> dict[str, Any]:
-        """``{path: other's leaf}`` for the selected paths; ``other`` has ``tree``'s paths (a
-        pytree or a flat ``{path: value}`` dict), checked as by
-        :func:`~jcompress.tree.match_by_path`."""
+        """``{path: other's leaf}`` for the selected paths. ``other`` has ``tree``'s paths (a
+        pytree or a flat ``{path: value}`` dict, checked as by
+        :func:`~jcompress.tree.match_by_path`) or is a flat dict of exactly the selected paths.
+
+        >>> import jax.numpy as jnp
+        >>> s = selection({"a": jnp.ones(2), "b": jnp.ones(2)}, "a")
+        >>> s.match({"a": 1, "b": 2}, name="scores"), s.match({"a": 3}, name="scores")
+        ({'a': 1}, {'a': 3})
+        """
+        if isinstance(other, Mapping) and set(other) == set(self.paths):
+            return {p: other[p] for p in self.paths}
         matched = match_by_path(self.tree, other, name=name)
         return {p: matched[p] for p in self.paths}
 
@@ -140,7 +149,7 @@ class Selection:
         unknown = [p for p in values if p not in known]
         if unknown:
             raise ValueError(f"{self.what}: {unknown[:5]} are not paths of the parameter tree")
-        treedef = outer_structure(self.tree, len(self._pairs))
+        treedef = outer_structure(self.tree, len(self.pairs))
         leaves = [values.get(p, default) for p in self.all_paths]
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
