@@ -25,38 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcompress import tree as jt
+from jcompress import tree as jtree
 from jcompress.runtime import _interpret as ip
 from jcompress.structure._graph import Dependencies, Fact, analyze, dependencies
-from jcompress.tree import Group, Member, Params
+from jcompress.tree import Group, Member, Params, member_table, per_channel
 
 __all__ = ["shrink", "shrink_linen", "shrink_nnx"]
-
-
-def _unwrap(x: Any) -> Any:
-    get = getattr(x, "get_value", None)
-    return get() if callable(get) and not isinstance(x, jax.Array | np.ndarray) else x
-
-
-def _per_index(m: np.ndarray, member: Member, reduce: Callable[..., np.ndarray]) -> np.ndarray:
-    """``m`` reduced to ``(axis_size, blocks)``: over every other axis (and within each block)."""
-    if member.blocks == 1:
-        other = tuple(a for a in range(m.ndim) if a != member.axis)
-        return reduce(m, axis=other)[:, None]
-    b = member.block_axis % m.ndim
-    other = tuple(a for a in range(m.ndim) if a not in (member.axis, b))
-    x = np.moveaxis(reduce(m, axis=other), (0, 1) if member.axis < b else (1, 0), (0, 1))
-    return reduce(x.reshape(x.shape[0], member.blocks, -1), axis=2)
-
-
-def _per_channel(
-    per_index: np.ndarray, member: Member, size: int, reduce: Callable[..., Any]
-) -> np.ndarray:
-    """Per channel of the group, ``reduce`` over the indices (and block) it occupies."""
-    n = per_index.shape[0]
-    return np.array(
-        [reduce(per_index[member.indices(c, n), member.block(c, n)]) for c in range(size)]
-    )
 
 
 def _member_alive(mask: Any, shape: tuple[int, ...], member: Member, size: int) -> np.ndarray:
@@ -64,29 +38,30 @@ def _member_alive(mask: Any, shape: tuple[int, ...], member: Member, size: int) 
     m = np.asarray(mask, bool)
     if m.ndim == 0:
         return np.full(size, bool(m))
-    per_index = _per_index(np.broadcast_to(m, shape), member, np.any)
-    return _per_channel(per_index, member, size, np.any)
+    table = member_table(member, size, shape)
+    return per_channel(np.broadcast_to(m, shape), table, np.any)
 
 
 def _member_scores(leaf: Any, member: Member, size: int) -> np.ndarray:
     """Per channel, the sum of squares of the member's weights ``(size,)``."""
     x = np.asarray(leaf).astype(np.float32)
-    return _per_channel(_per_index(x * x, member, np.sum), member, size, np.sum)
+    return per_channel(x * x, member_table(member, size, x.shape), np.sum)
 
 
-def _revive(dead: np.ndarray, score: np.ndarray, size: int, blocks: int, round_to: int):
+def _revive(dead: np.ndarray, score: np.ndarray, group: Group, round_to: int) -> np.ndarray:
     """``dead`` with the highest-scored channels of each block revived, so the kept width is a
     multiple of ``round_to`` (or full), equal in every block."""
-    per = size // blocks
-    kept = per - len(dead) // blocks
+    per = group.size // group.blocks
+    kept = per - len(dead) // group.blocks
     extra = 0
-    while (kept + extra) * blocks % round_to and kept + extra < per:
+    while (kept + extra) * group.blocks % round_to and kept + extra < per:
         extra += 1
     if not extra:
         return dead
     out = []
-    for b in range(blocks):
-        d = dead[dead // per == b]
+    in_block = group.block_of(dead)
+    for b in range(group.blocks):
+        d = dead[in_block == b]
         out.append(np.setdiff1d(d, d[np.argsort(-score[d], kind="stable")[:extra]]))
     return np.concatenate(out)
 
@@ -127,7 +102,7 @@ def _removed(
         if all_alive.all():
             continue
         dead = np.flatnonzero(~all_alive)
-        counts = np.bincount(dead // (g.size // g.blocks), minlength=g.blocks)
+        counts = g.per_block(dead)
         if np.any(counts != counts[0]):
             raise ValueError(
                 f"masks remove {counts.tolist()} channels from the {g.blocks} blocks of a group "
@@ -137,7 +112,7 @@ def _removed(
             )
         if round_to > 1:
             score = sum(_member_scores(leaves[m.path], m, g.size) for m in g.members)
-            dead = _revive(dead, score, g.size, g.blocks, round_to)
+            dead = _revive(dead, score, g, round_to)
         if len(dead):
             out[g] = dead
     return out
@@ -151,11 +126,11 @@ def _drop_indices(removed: dict[Group, np.ndarray], shapes: dict[str, tuple]) ->
     out: dict[tuple, list[set[int]]] = {}
     for g, dead in removed.items():
         for m in g.members:
-            n = shapes[m.path][m.axis]
-            key = (m.path, m.axis, m.block_axis % len(shapes[m.path]) if m.blocks > 1 else None)
-            sets = out.setdefault((*key, m.blocks), [set() for _ in range(m.blocks)])
-            for c in dead:
-                sets[m.block(int(c), n)].update(m.indices(int(c), n))
+            table = member_table(m, g.size, shapes[m.path])
+            key = (m.path, m.axis, table.block_axis if m.blocks > 1 else None, m.blocks)
+            sets = out.setdefault(key, [set() for _ in range(m.blocks)])
+            for s, indices in zip(sets, table.occupied(dead)):
+                s.update(indices.tolist())
     return {k: [np.array(sorted(s), np.int64) for s in v] for k, v in out.items()}
 
 
@@ -166,7 +141,7 @@ def _shrink_leaf(leaf: Any, mask: Any, drops: list[tuple]) -> jax.Array:
     convolution kernel's input rows) are gathered block by block first, on the original
     columns. NumPy on concrete values (no XLA compile per shape), ``jnp`` otherwise.
     """
-    xp = np if jt.is_concrete(leaf) else jnp
+    xp = np if jtree.is_concrete(leaf) else jnp
     x = xp.asarray(leaf)
     m = np.asarray(mask, bool)
     if m.ndim or not m:
@@ -286,7 +261,7 @@ class _Shrinker(Dependencies):
 
 
 def _signature(args: tuple) -> tuple:
-    leaves, treedef = jax.tree_util.tree_flatten(args, is_leaf=jt.is_compressed)
+    leaves, treedef = jax.tree_util.tree_flatten(args, is_leaf=jtree.is_compressed)
     sig = []
     for x in leaves:
         if ip._is_array_like(x):
@@ -307,7 +282,7 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if ip._is_array_like(x) else x,
         tree,
-        is_leaf=jt.is_compressed,
+        is_leaf=jtree.is_compressed,
     )
 
 
@@ -320,9 +295,11 @@ def _small_fn(fn, param_structs, removed, order) -> Callable[..., Any]:
         if key not in cache:
             cache[key] = _Program(fn, param_structs, _abstract(args), by_members, order)
         program = cache[key]
-        flat, _ = jax.tree_util.tree_flatten(((small_params, *args), {}), is_leaf=jt.is_compressed)
+        flat, _ = jax.tree_util.tree_flatten(
+            ((small_params, *args), {}), is_leaf=jtree.is_compressed
+        )
         leaves = [x for x in flat if ip._is_array_like(x)]
-        shapes = {p: tuple(np.shape(x)) for p, x in jt.leaves_with_paths(small_params)}
+        shapes = {p: tuple(np.shape(x)) for p, x in jtree.leaves_with_paths(small_params)}
         runner = _Shrinker(program, shapes)
         outs, _ = runner.run(program.traced.jaxpr, leaves, runner.initial(program.traced))
         return jax.tree_util.tree_unflatten(program.traced.out_tree, outs)
@@ -389,20 +366,19 @@ def shrink(
     """
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
-    pairs = jt.leaves_with_paths(params)
-    mask_leaves = [_unwrap(m) for m in jt.match_paths(params, masks, name="masks")]
-    for (path, _), m in zip(pairs, mask_leaves):
-        if not jt.is_concrete(m):
+    pairs = jtree.leaves_with_paths(params)
+    by_path = jtree.unwrap(jtree.match_by_path(params, masks, name="masks"))
+    for path, m in by_path.items():
+        if not jtree.is_concrete(m):
             raise ValueError(f"{path}: shrink needs concrete masks; call it outside jit")
-    leaves = {p: _unwrap(x) for p, x in pairs}
+    leaves = dict(pairs)
     for path, leaf in leaves.items():
-        jt.check_finite(path, leaf, what="shrink")
+        jtree.check_finite(path, leaf, what="shrink")
     groups = dependencies(fn, params, *args)
-    by_path = dict(zip([p for p, _ in pairs], mask_leaves))
     removed = _removed(groups, leaves, by_path, round_to)
     shapes = {p: tuple(np.shape(x)) for p, x in leaves.items()}
     drops = _drop_indices(removed, shapes)
-    small_params = jt.map_with_paths(
+    small_params = jtree.map_with_paths(
         lambda p, x: _shrink_leaf(
             x, by_path[p], [(a, b, i) for (q, a, b, _), i in drops.items() if q == p]
         ),
@@ -455,9 +431,8 @@ def shrink_linen(
 
     small_fn, small = shrink(fn, variables, masks, *args, round_to=round_to)
     del small_fn
-    pairs = jt.leaves_with_paths(variables)
-    shapes = {p: tuple(np.shape(_unwrap(x))) for p, x in pairs}
-    small_shapes = {p: tuple(np.shape(_unwrap(x))) for p, x in jt.leaves_with_paths(small)}
+    shapes = {p: tuple(np.shape(x)) for p, x in jtree.leaves_with_paths(variables)}
+    small_shapes = {p: tuple(np.shape(x)) for p, x in jtree.leaves_with_paths(small)}
     widths = {}
     for p, shape in shapes.items():
         head, _, name = p.rpartition("/")
