@@ -287,12 +287,7 @@ def summarize(tree: jtree.Params, *, reference: jtree.Params | None = None) -> S
         if r is not None:
             rows.append(r)
     if reference is not None:
-        refs = dict(
-            zip(
-                [p for p, _ in jtree.leaves_with_paths(tree)],
-                jtree.match_paths(tree, reference, name="reference"),
-            )
-        )
+        refs = jtree.match_by_path(tree, reference, name="reference")
         out = []
         for r in rows:
             ref = _leaf_report(r.path, refs[r.path])

@@ -111,7 +111,7 @@ def _host(x: Any) -> np.ndarray | None:
     return np.asarray(x)
 
 
-def plan(refs: list[_schema.ArrayRef]) -> tuple[list[dict], dict[str, Any], np.ndarray]:
+def encode_arrays(refs: list[_schema.ArrayRef]) -> tuple[list[dict], dict[str, Any], np.ndarray]:
     """Entries for the schema, arrays for orbax, and the blob."""
     entries, stored, blob_parts, offset = [], {}, [], 0
     for i, ref in enumerate(refs):
@@ -163,7 +163,7 @@ def plan(refs: list[_schema.ArrayRef]) -> tuple[list[dict], dict[str, Any], np.n
 def write(directory: Path, tree: Any, walked: tuple | None = None) -> None:
     """Write a checkpoint into ``directory`` (created; not atomic: see :func:`save`)."""
     node, refs = walked if walked is not None else _schema.to_node(tree)
-    entries, stored, blob = plan(refs)
+    entries, stored, blob = encode_arrays(refs)
     directory.mkdir(parents=True, exist_ok=True)
     if blob.size:
         stored["blob"] = blob
