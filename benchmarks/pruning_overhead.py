@@ -185,8 +185,8 @@ def main(argv=None) -> None:
         scan_table(run, steps=200, repeats=3)
         step_table(run, [("lenet", 20)], repeats=3)
     else:
-        scan_table(run, steps=2000, repeats=9)
-        step_table(run, [("mlp", 40), ("lenet", 400)], repeats=15)
+        scan_table(run, steps=2000, repeats=5)
+        step_table(run, [("mlp", 40), ("lenet", 400)], repeats=9)
     run.finish()
 
 
