@@ -735,7 +735,9 @@ def test_init_rejects_nonfinite_params():
 @pytest.mark.parametrize(
     "make, error, match",
     [
-        (lambda m: {**m, "extra": True}, ValueError, "unexpected 'extra'"),
+        # an extra path that keeps everything is ignored (optax.masked hides leaves from
+        # prune); one that prunes something is an error naming it
+        (lambda m: {**m, "extra": jnp.zeros(3, bool)}, ValueError, "extra: masks prune"),
         (lambda m: jax.tree.map(lambda x: jnp.asarray(x, float), m), TypeError, "bool arrays"),
         (
             lambda m: {**m, "Dense_0": {**m["Dense_0"], "kernel": jnp.ones((3, 3), bool)}},

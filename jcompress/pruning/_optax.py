@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax import lax
 
 from jcompress import tree as jtree
@@ -47,17 +46,6 @@ class PruneState(NamedTuple):
     target: jax.Array
     count: jax.Array
     nonfinite: jax.Array
-
-
-def _is_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _unwrap(tree: Any) -> Any:
-    """``tree`` with every nnx ``Variable`` replaced by its value (same paths)."""
-    return jax.tree.map(
-        lambda x: x.get_value() if _is_variable(x) else x, tree, is_leaf=_is_variable
-    )
 
 
 def _like(reference: Any, other: Any, name: str) -> Any:
@@ -157,7 +145,20 @@ def _fixed_masks(params: Any, masks: Any) -> tuple[Any, jax.Array]:
             counts[1] += int(kept.size)
         return jnp.array(m, copy=True)  # the state owns its buffers (donation-safe)
 
-    out = jtree.map_with_paths(check, params, _unwrap(masks), names=["masks"])
+    given = dict(jtree.leaves_with_paths(jtree.unwrap(masks)))
+    wanted = {path for path, _ in jtree.leaves_with_paths(params)}
+    for path, m in list(given.items()):
+        if path in wanted:
+            continue
+        if np.all(np.asarray(m)):  # keeps everything: a leaf optax.masked (say) hid from prune
+            del given[path]
+        else:
+            raise ValueError(
+                f"{path}: masks prune this leaf, but prune does not see it among the parameters "
+                "(inside optax.masked, the masked-out leaves are removed before prune): unmask "
+                "it, or make its mask True"
+            )
+    out = jtree.map_with_paths(check, params, given, names=["masks"])
     return out, jnp.float32(counts[0] / counts[1] if counts[1] else 0.0)
 
 
@@ -333,7 +334,7 @@ def prune(
     def init(params: Any) -> PruneState:
         # prune's own state is built on plain arrays; the inner optimizer sees exactly what
         # the caller passed (Variables or arrays), as it would without prune.
-        plain = _unwrap(params)
+        plain = jtree.unwrap(params)
         for path, leaf in jtree.leaves_with_paths(plain):
             jtree.check_finite(path, leaf, what="prune")
         if fixed is not None:
@@ -398,8 +399,8 @@ def prune(
                 "prune: update needs the current parameters: tx.update(grads, state, params)"
             )
         # Everything inside runs on the masks' structure (plain arrays), matched by path.
-        p = _like(state.masks, _unwrap(params), "params")
-        g = _like(state.masks, _unwrap(updates), "updates")
+        p = _like(state.masks, jtree.unwrap(params), "params")
+        g = _like(state.masks, jtree.unwrap(updates), "updates")
         # NaN/Inf: the incoming updates every step; the parameters (and updates) where masks
         # are computed from them (a finite update keeps finite weights finite). The per-step
         # check only feeds the returned flag, so it stays off the path to the updates.
@@ -489,7 +490,7 @@ def masks_of(opt_state: Any) -> Any:
     Raises:
       ValueError: no prune state (or more than one) in ``opt_state``.
     """
-    return _unwrap(_find_states(opt_state).masks)
+    return jtree.unwrap(_find_states(opt_state).masks)
 
 
 def nonfinite(opt_state: Any) -> jax.Array:
@@ -503,4 +504,4 @@ def nonfinite(opt_state: Any) -> jax.Array:
     Raises:
       ValueError: no prune state (or more than one) in ``opt_state``.
     """
-    return _unwrap(_find_states(opt_state).nonfinite)
+    return jtree.unwrap(_find_states(opt_state).nonfinite)
