@@ -85,7 +85,7 @@ from _harness import Run
 
 from jcompress.demo import MLP
 from jcompress.quantization import PerGroup, QArray, QuantSpec, quantize
-from jcompress.quantization._kernels import runtime_layout
+from jcompress.quantization import runtime_layout
 from jcompress.quantization._qarray import widen
 from jcompress.runtime import compressed, explain, roles
 

@@ -6,8 +6,9 @@
 * :func:`quantize` / :func:`dequantize`: float leaves to :class:`QArray` and back.
 * :func:`calibrate`: frozen ``{path: Scales}`` reused by :func:`quantize` and
   :func:`fake_quantize` (quantization-aware training with a straight-through gradient).
-* :func:`widen`: the XLA:CPU runtime layout (4-bit values in int8 containers, read at int8
-  speed by ``jc.compressed``).
+* :func:`runtime_layout`: once after loading, the layout ``jc.compressed`` computes with
+  fastest on this backend (on CPU: int4 widened to int8 containers, per-channel weights
+  output-major, :class:`OutMajor`); :func:`widen` does the first part alone.
 * :func:`nonfinite`: the flag for NaN/Inf weights met inside ``jit``.
 * Calibrated post-training quantization: :func:`gptq` (Frantar et al. 2022) and :func:`awq`
   (Lin et al. 2023, :class:`AWQArray` leaves), from input statistics of ``jc.capture``.
@@ -16,7 +17,8 @@
 """
 
 from jcompress.quantization._calibration import Scales
-from jcompress.quantization._qarray import QArray, widen
+from jcompress.quantization._kernels import runtime_layout
+from jcompress.quantization._qarray import OutMajor, QArray, widen
 from jcompress.quantization._qat import fake_quantize
 from jcompress.quantization._quantize import calibrate, dequantize, nonfinite, quantize
 from jcompress.quantization._spec import (
@@ -42,6 +44,7 @@ __all__ = [
     "PerGroup",
     "PerTensor",
     "Percentile",
+    "OutMajor",
     "QArray",
     "QuantSpec",
     "Scales",
@@ -50,6 +53,7 @@ __all__ = [
     "fake_quantize",
     "nonfinite",
     "quantize",
+    "runtime_layout",
     "widen",
     "AWQArray",
     "awq",

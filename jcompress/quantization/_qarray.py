@@ -31,7 +31,7 @@ class OutMajor(NamedTuple):
 
     Every child (values, scale, zero point, activation step) is stored in that axis order; leading
     (stacked) axes stay where they are, so ``vmap``/``scan`` over them and slicing them work.
-    Made by ``jcompress.quantization._kernels.runtime_layout``; :meth:`QArray.stored` returns
+    Made by ``jcompress.quantization.runtime_layout``; :meth:`QArray.stored` returns
     the float array's axis order.
 
     >>> OutMajor(contracting=1, output=1).stored_order(3)  # (layers, in, out) -> (layers, out, in)
