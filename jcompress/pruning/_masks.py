@@ -23,7 +23,7 @@ import numpy as np
 from jcompress import tree as jtree
 from jcompress.pruning._channels import channel_masks
 from jcompress.pruning._groups import group_masks
-from jcompress.pruning._plan import Plan, plan
+from jcompress.pruning._plan import Plan
 from jcompress.pruning._structures import NM, Unstructured
 from jcompress.pruning._threshold import (
     from_rows,
@@ -35,8 +35,7 @@ from jcompress.pruning._threshold import (
 )
 from jcompress.tree import Params, Role
 
-# Plan and plan are re-exported: pruning/_optax.py builds its plans through this module.
-__all__ = ["Entry", "Masks", "Plan", "masks_from_scores", "plan"]
+__all__ = ["Entry", "Masks", "masks_from_scores"]
 
 Masks = Any
 """A pytree with the parameters' paths: bool arrays for pruned leaves, ``True`` elsewhere."""
@@ -116,6 +115,7 @@ def masks_from_scores(
       elsewhere.
 
     >>> import jax, jax.numpy as jnp
+    >>> from jcompress.pruning._plan import plan
     >>> params = {"kernel": jnp.array([[1.0, -4.0], [3.0, 2.0]])}
     >>> p = plan(params)
     >>> f = jax.jit(lambda s: masks_from_scores(params, params, s, p))

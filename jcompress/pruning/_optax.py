@@ -18,6 +18,7 @@ from jax import lax
 
 from jcompress import tree as jtree
 from jcompress.pruning import _masks
+from jcompress.pruning._plan import Plan, plan
 from jcompress.pruning._schedules import Schedule
 from jcompress.pruning._structures import NM
 
@@ -46,11 +47,6 @@ class PruneState(NamedTuple):
     target: jax.Array
     count: jax.Array
     nonfinite: jax.Array
-
-
-def _like(reference: Any, other: Any, name: str) -> Any:
-    """``other``'s leaves rearranged into ``reference``'s structure, matched by path."""
-    return jtree.map_with_paths(lambda _, __, x: x, reference, other, names=[name])
 
 
 def _as_masks(reference: Any, masks: Any) -> Any:
@@ -340,9 +336,9 @@ def prune(
         if fixed is not None:
             state_masks, target = _fixed_masks(plain, fixed)
         else:
-            plan = make_plan(plain)
+            plan_ = make_plan(plain)
             shapes = jax.eval_shape(
-                lambda p: _masks.masks_from_scores(p, p, jnp.float32(0.0), plan), plain
+                lambda p: _masks.masks_from_scores(p, p, jnp.float32(0.0), plan_), plain
             )
             state_masks = jax.tree.map(lambda s: jnp.ones(s.shape, jnp.bool_), shapes)
             state_masks = _as_masks(plain, state_masks)
@@ -358,7 +354,7 @@ def prune(
     def make_plan(params: Any) -> Any:
         # The schedule's values are checked here and clipped inside jit; plan only needs
         # a valid stand-in (N:M takes none).
-        return _masks.plan(
+        return plan(
             params,
             structure=structure,
             scope=scope,
@@ -368,7 +364,7 @@ def prune(
             what="prune",
         )
 
-    def scores_of(params: Any, grads: Any, selection: Any, count: jax.Array) -> Any:
+    def scores_of(params: Any, grads: Any, chosen_plan: Plan, count: jax.Array) -> Any:
         if criterion == "magnitude":
             return jax.tree.map(jnp.abs, params)
         if criterion == "saliency":
@@ -376,7 +372,7 @@ def prune(
         # One draw for every selected weight (one random-bits computation to compile), cut
         # into the leaves in tree order.
         leaves, treedef = jax.tree.flatten(params)
-        chosen = [bool(s) for s in jtree.match_paths(params, selection, name="selection")]
+        chosen = [path in chosen_plan.roles for path, _ in jtree.leaves_with_paths(params)]
         total = sum(int(np.size(p)) for p, s in zip(leaves, chosen) if s)
         draw = jax.random.uniform(jax.random.fold_in(key, count), (total,), jnp.float32)
         out, start = [], 0
@@ -399,8 +395,8 @@ def prune(
                 "prune: update needs the current parameters: tx.update(grads, state, params)"
             )
         # Everything inside runs on the masks' structure (plain arrays), matched by path.
-        p = _like(state.masks, jtree.unwrap(params), "params")
-        g = _like(state.masks, jtree.unwrap(updates), "updates")
+        p = jtree.rewrap(state.masks, jtree.unwrap(params), name="params")
+        g = jtree.rewrap(state.masks, jtree.unwrap(updates), name="updates")
         # NaN/Inf: the incoming updates every step; the parameters (and updates) where masks
         # are computed from them (a finite update keeps finite weights finite). The per-step
         # check only feeds the returned flag, so it stays off the path to the updates.
@@ -410,7 +406,7 @@ def prune(
             masks, target = state.masks, state.target
             touched = jax.tree.map(lambda _: True, masks)
         else:
-            plan = make_plan(p)
+            plan_ = make_plan(p)
             # Unselected leaves (scalar True masks) keep their updates untouched; channel
             # groups also mask unselected members (biases, norms), which have array masks.
             touched = jax.tree.map(lambda m: m.ndim > 0, state.masks)
@@ -418,8 +414,8 @@ def prune(
             change = (target != state.target) & ~state.nonfinite
 
             def recompute(old):
-                scores = scores_of(p, g, plan.selection, state.count)
-                new = _masks.masks_from_scores(p, scores, target, plan, previous=old)
+                scores = scores_of(p, g, plan_, state.count)
+                new = _masks.masks_from_scores(p, scores, target, plan_, previous=old)
                 ok = _all_finite((p, g))
                 new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), _as_masks(old, new), old)
                 return new, ok
@@ -439,7 +435,9 @@ def prune(
 
         inner_in = updates
         if mask_gradients:
-            inner_in = _like(updates, jax.tree.map(mask_gradient, touched, masks, g), "updates")
+            inner_in = jtree.rewrap(
+                updates, jax.tree.map(mask_gradient, touched, masks, g), name="updates"
+            )
         inner_updates, inner_state = inner.update(inner_in, state.inner_state, params, **extra_args)
 
         def final(_, u, x, m, t):

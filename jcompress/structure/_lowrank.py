@@ -38,10 +38,7 @@ from jcompress import tree as jtree
 from jcompress.calibration import LeafMatrices
 from jcompress.structure._lowrank_leaf import LowRank, factorable
 
-# The report is re-exported for jcompress/structure/__init__.py, which imports it from here.
-from jcompress.structure._lowrank_report import LayerSavings, LowRankReport, low_rank_report
-
-__all__ = ["LayerSavings", "LowRankReport", "low_rank", "low_rank_report"]
+__all__ = ["low_rank"]
 
 RankRules = int | Mapping[str, int | None] | Sequence[tuple[str, int | None]]
 """A rank: one ``int`` for every selected layer, or ordered ``(regex, rank)`` rules (a dict or a
