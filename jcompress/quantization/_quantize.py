@@ -119,7 +119,7 @@ def calibrate(
       params: the parameter tree (linen dict, ``nnx.State``, Equinox arrays, nested containers).
       spec_or_rules: a :class:`QuantSpec`, or ordered ``[(regex, QuantSpec | None), ...]`` rules
         (the first ``re.fullmatch`` on the path wins; ``None`` leaves the leaf in float).
-      where: selection (DESIGN §2); intersected with the rules.
+      where: selection (:func:`jcompress.tree.select`); intersected with the rules.
       roles: ``{path: Role}`` (``jc.roles``); defaults to Flax's layouts.
 
     Returns:

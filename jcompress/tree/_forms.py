@@ -161,8 +161,8 @@ def check_array_leaf(path: str, leaf: Any, *, what: str = "this transform") -> N
 def check_finite(path: str, leaf: Any, *, what: str = "this transform") -> None:
     """Raise ``ValueError`` if a concrete leaf holds NaN or Inf; tracers are not checked.
 
-    Inside ``jit`` the caller records a flag in its state instead (DESIGN §2). A leaf that is not
-    an array at all is a ``TypeError`` (:func:`check_array_leaf`).
+    Inside ``jit`` the caller records a flag in its state instead (never a silent NaN). A leaf
+    that is not an array at all is a ``TypeError`` (:func:`check_array_leaf`).
 
     >>> import jax.numpy as jnp
     >>> check_finite("w", jnp.ones(2))
