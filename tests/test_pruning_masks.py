@@ -582,3 +582,19 @@ def test_sparsity_of_quantized_leaves(mlp_params, symmetric):
         k.size for k in kernels
     )
     assert P.sparsity(quantized) >= P.sparsity(masked) == 0.5  # pruned zeros stay zero
+
+
+def test_score_masks_any_scores_exact_and_checked():
+    from jcompress.pruning import score_masks
+
+    params = {"Dense_0": {"kernel": jnp.ones((8, 4)), "bias": jnp.ones(4)}}
+    scores = np.arange(32, dtype=np.float32)[::-1].reshape(8, 4)
+    masks = score_masks(params, {"Dense_0/kernel": scores}, 0.25)  # flat dict of the selection
+    np.testing.assert_array_equal(masks["Dense_0"]["kernel"], scores >= 8)
+    assert masks["Dense_0"]["bias"] is True
+    bad = scores.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"Dense_0/kernel: score_masks found 1 NaN/Inf .* scores"):
+        score_masks(params, {"Dense_0/kernel": bad}, 0.25)
+    with pytest.raises(ValueError, match="scores"):
+        score_masks(params, {"other": scores}, 0.25)

@@ -10,6 +10,7 @@ from jcompress.pruning._criteria import (
     nm_masks,
     random_masks,
     saliency_masks,
+    score_masks,
     structured_masks,
 )
 from jcompress.pruning._structures import NM, Channels, Unstructured
@@ -33,6 +34,7 @@ __all__ = [
     "nm_masks",
     "random_masks",
     "saliency_masks",
+    "score_masks",
     "sparsity",
     "structured_masks",
     "PruneState",

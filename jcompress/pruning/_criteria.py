@@ -1,9 +1,11 @@
 """Mask criteria: magnitude, random and saliency scores, for any structure.
 
-Each criterion is a thin function: :func:`~jcompress.pruning._plan.plan_selection` (eager
-validation, the selected leaves checked for NaN/Inf), element scores, and
-:func:`~jcompress.pruning._masks.masks_from_scores` (exact counts). ``nm_masks`` and
-``structured_masks`` are shorthands for the N:M and channel structures.
+:func:`score_masks` turns any element scores into masks; it is the extension point (a new
+criterion is a function computing scores). Each named criterion is a thin function:
+:func:`~jcompress.pruning._plan.plan_selection` (eager validation, the selected leaves checked
+for NaN/Inf), element scores, and :func:`~jcompress.pruning._masks.masks_from_scores` (exact
+counts). ``nm_masks`` and ``structured_masks`` are shorthands for the N:M and channel
+structures.
 
 References:
   Han et al., 2015, "Learning both Weights and Connections for Efficient Neural Networks"
@@ -28,7 +30,14 @@ from jcompress.pruning._plan import Plan, plan_selection
 from jcompress.pruning._structures import NM, Channels, Structure
 from jcompress.tree import Params, Role, Selection, Where
 
-__all__ = ["magnitude_masks", "nm_masks", "random_masks", "saliency_masks", "structured_masks"]
+__all__ = [
+    "magnitude_masks",
+    "nm_masks",
+    "random_masks",
+    "saliency_masks",
+    "score_masks",
+    "structured_masks",
+]
 
 
 def _planned(params: Params, sparsity: Any, what: str, **kwargs: Any) -> tuple[Plan, Selection]:
@@ -82,6 +91,48 @@ def magnitude_masks(
         roles=roles,
     )
     return masks_from_scores(params, chosen.check_finite().values(), sparsity, p)
+
+
+def score_masks(
+    params: Params,
+    scores: Params | Mapping[str, Any],
+    sparsity: jax.typing.ArrayLike | None,
+    *,
+    scope: str = "layer",
+    structure: Structure | None = None,
+    where: Where = None,
+    roles: Mapping[str, Role] | None = None,
+) -> Masks:
+    """Masks keeping the weights of highest ``scores``: any criterion, every structure.
+
+    The criteria above are this function with their own scores; a criterion of your own is a
+    function computing scores (``prune(criterion=fn)`` takes the same function during training).
+
+    Args:
+      params: the parameter pytree (only shapes, dtypes and paths are read).
+      scores: float arrays of each selected leaf's shape (higher = keep), as a pytree with the
+        params' paths or a flat ``{path: array}`` dict of the selected paths. Compared by
+        absolute value; NaN/Inf in concrete scores is an error naming the path.
+      sparsity, scope, structure, where, roles: as in :func:`magnitude_masks`.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"kernel": jnp.array([[1.0, 2.0], [3.0, 4.0]])}
+    >>> distance = {"kernel": jnp.abs(params["kernel"] - params["kernel"].mean())}
+    >>> score_masks(params, distance, 0.5)["kernel"].tolist()
+    [[True, False], [False, True]]
+    """
+    what = "score_masks"
+    p, chosen = _planned(
+        params, sparsity, what, structure=structure, scope=scope, where=where, roles=roles
+    )
+    given = chosen.match(scores, name="scores")
+    for path, score in given.items():
+        if jtree.is_concrete(score):
+            try:
+                jtree.check_finite(path, score, what=what)
+            except ValueError as e:
+                raise ValueError(str(e).replace("in the weights", "in the scores")) from None
+    return masks_from_scores(params, given, sparsity, p)
 
 
 def _path_key(key: jax.Array, path: str) -> jax.Array:

@@ -7,7 +7,7 @@ needs no extra call: the returned updates drive pruned weights to exactly zero.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -163,7 +163,7 @@ def prune(
     *,
     schedule: Schedule | None = None,
     masks: Any = None,
-    criterion: str = "magnitude",
+    criterion: str | Callable[[Any, Any], Any] = "magnitude",
     structure: Any = None,
     scope: str = "layer",
     where: jtree.Where = None,
@@ -227,7 +227,9 @@ def prune(
         at step 0 when ``prune`` is called, clipped to ``[0, 1]`` inside ``jit``).
       masks: fixed masks to fine-tune with, instead of a schedule (bool arrays with the
         parameters' paths, e.g. from ``magnitude_masks`` or :func:`masks_of`).
-      criterion: ``"magnitude"``, ``"saliency"`` or ``"random"``.
+      criterion: ``"magnitude"``, ``"saliency"``, ``"random"``, or a function
+        ``(params, grads) -> scores`` (plain arrays with the params' paths, higher = keep; the
+        criterion of your own that :func:`score_masks` takes one-shot), traced inside the step.
       structure: ``None`` / ``Unstructured()``, ``NM(n, m)`` or ``Channels(...)``.
       scope: ``"layer"`` (each leaf pruned to the target) or ``"global"`` (one threshold).
       where: which leaves to prune (regex, callable, bool pytree; default: Flax ``kernel`` /
@@ -277,8 +279,11 @@ def prune(
             "polynomial_schedule(0.9, begin_step=..., end_step=...)) or masks= (fine-tune with "
             "fixed masks)"
         )
-    if criterion not in CRITERIA:
-        raise ValueError(f"prune: criterion must be one of {CRITERIA}, got {criterion!r}")
+    if not callable(criterion) and criterion not in CRITERIA:
+        raise ValueError(
+            f"prune: criterion must be one of {CRITERIA} or a function (params, grads) -> "
+            f"scores, got {criterion!r}"
+        )
     if scope not in ("layer", "global"):
         raise ValueError(f"prune: scope must be 'layer' or 'global', got {scope!r}")
     if criterion == "random" and key is None:
@@ -365,6 +370,8 @@ def prune(
         )
 
     def scores_of(params: Any, grads: Any, chosen_plan: Plan, count: jax.Array) -> Any:
+        if callable(criterion):
+            return criterion(params, grads)
         if criterion == "magnitude":
             return jax.tree.map(jnp.abs, params)
         if criterion == "saliency":
