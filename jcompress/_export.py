@@ -14,9 +14,10 @@ leaves as one flat ``{path: leaf}`` dict (the paths of :func:`jcompress.tree.lea
 string keys that ``jax.export`` can serialize), and the tree's structure and non-array leaves
 (Equinox activation functions, Python scalars) are fixed at export time, as ``eqx.filter_jit``
 treats them. :meth:`Exported.call` flattens the tree it is given the same way, so callers pass
-the tree they have. Compressed leaves (``QArray``, ``LowRank`` and kinds added with
-:func:`jcompress.checkpoint.register_compressed`) are registered with ``jax.export``'s pytree
-serialization under ``jcompress.<kind>``; their static fields are stored as JSON.
+the tree they have. Compressed leaves (``QArray``, ``LowRank``, every declared kind and kinds
+added with :func:`jcompress.checkpoint.register_compressed`, the leaves a wrapper holds
+included) are registered with ``jax.export``'s pytree serialization under ``jcompress.<kind>``;
+their static fields are stored as JSON.
 """
 
 from __future__ import annotations
@@ -53,6 +54,22 @@ def _register(cls: type, name: str) -> None:
         deserialize_auxdata=deserialize,
     )
     _SERIALIZABLE.add(cls)
+
+
+def _register_leaf(path: str, leaf: Any) -> None:
+    """Register ``leaf``'s class for serialization, and those of the leaves it wraps."""
+    kind = _registry.kind_of(leaf)
+    if kind is None:
+        raise TypeError(
+            f"{path}: export cannot serialize a {type(leaf).__name__} leaf; declare its fields "
+            "with jcompress.tree.field() and kind=, or register its class with "
+            "jcompress.checkpoint.register_compressed"
+        )
+    _register(kind.cls, kind.name)
+    for a in kind.arrays:
+        child = getattr(leaf, a)
+        if is_compressed(child):
+            _register_leaf(f"{path}/{a}", child)
 
 
 def _register_all() -> None:
@@ -111,13 +128,7 @@ def export(
     pairs = leaves_with_paths(tree)
     for path, leaf in pairs:
         if is_compressed(leaf):
-            kind = _registry.kind_of(leaf)
-            if kind is None:
-                raise TypeError(
-                    f"{path}: export cannot serialize a {type(leaf).__name__} leaf; register its "
-                    "class with jcompress.checkpoint.register_compressed"
-                )
-            _register(kind.cls, kind.name)
+            _register_leaf(path, leaf)
     treedef = jax.tree.structure(tree, is_leaf=is_compressed)
     fixed = [(path, None if _is_array(leaf) else leaf) for path, leaf in pairs]
 

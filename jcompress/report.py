@@ -224,20 +224,29 @@ def _array_report(path: str, x: Any) -> LeafReport:
     )
 
 
+def _encoded_bytes(x: Any) -> int:
+    """What a checkpoint writes for a compressed leaf: its stored children, wrapped leaves'
+    children included (``nbytes`` for a kind that is not registered)."""
+    kind = _registry.kind_of(x)
+    if kind is None:
+        return int(x.nbytes)
+    total = 0
+    for a in kind.arrays:
+        child = getattr(x, a)
+        if jtree.is_compressed(child):
+            total += _encoded_bytes(child)
+        elif child is not None:
+            total += encoded_nbytes(child)
+    return total
+
+
 def _compressed_report(path: str, x: Any) -> LeafReport:
     size = int(np.prod(x.shape, dtype=np.int64))
     # A pruned weight dequantizes to exactly 0 (a QArray stores it as its zero point).
     zeros = size - _count_nonzero(x.dequantize())
     bits = getattr(x, "bits", None)
     kind = _registry.kind_of(x)
-    encoded = 0
-    if kind is not None:
-        for a in kind.arrays:
-            child = getattr(x, a)
-            if child is not None:
-                encoded += encoded_nbytes(child)
-    else:
-        encoded = int(x.nbytes)
+    encoded = _encoded_bytes(x.stored())
     return LeafReport(
         path=path,
         kind=kind.name if kind is not None else type(x).__name__,

@@ -83,10 +83,12 @@ def test_alpha_zero_is_rtn_exactly(dtype, spec, strict):
     with strict():
         qa, stats = awq_layer(wj, hess(x), spec, alpha=0.0)
     ref = quantize({"kernel": wj}, spec)["kernel"]
-    assert isinstance(qa, AWQArray) and qa.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(qa.values, np.int8), np.asarray(ref.values, np.int8))
-    np.testing.assert_array_equal(qa.scale, ref.scale)
-    np.testing.assert_array_equal(qa.act_scale, np.ones((64, 1), np.float32))
+    assert isinstance(qa, AWQArray) and qa.dtype == dtype and type(qa.inner) is QArray
+    np.testing.assert_array_equal(
+        np.asarray(qa.inner.values, np.int8), np.asarray(ref.values, np.int8)
+    )
+    np.testing.assert_array_equal(qa.inner.scale, ref.scale)
+    np.testing.assert_array_equal(qa.input_scale, np.ones((64, 1), np.float32))
     np.testing.assert_array_equal(qa.dequantize(), ref.dequantize())
     assert float(stats.alpha) == 0.0
     assert float(stats.output_error) == float(stats.rtn_output_error)
@@ -136,10 +138,10 @@ def test_float_function_preserved_and_runtime(dense_case):
     params, batches, _ = dense_case
     q = awq(dense_fn, params, batches, QuantSpec(bits=8), quiet=True)
     qa = q["Dense_0"]["kernel"]
-    assert float(jnp.max(jnp.abs(qa.act_scale - 1))) > 0.1  # scaling is really applied
+    assert float(jnp.max(jnp.abs(qa.input_scale - 1))) > 0.1  # scaling is really applied
     w = params["Dense_0"]["kernel"]
     # bits=8: Q(sW)/s is W up to half an 8-bit step of s·W, per row divided by s
-    step = qa.scale / qa.act_scale  # (in, out) per-element step after folding
+    step = qa.inner.scale / qa.input_scale  # (in, out) per-element step after folding
     assert bool(jnp.all(jnp.abs(dequantize(q)["Dense_0"]["kernel"] - w) <= step / 2 * 1.001))
     xb = batches[0][0]
     ref = dense_fn(dequantize(q), xb)
@@ -156,8 +158,8 @@ def test_deterministic(dense_case):
     spec = QuantSpec(bits=4)
     a = awq(dense_fn, params, batches, spec, quiet=True)["Dense_0"]["kernel"]
     b = awq(dense_fn, params, batches, spec, quiet=True)["Dense_0"]["kernel"]
-    for f in ("values", "scale", "act_scale"):
-        np.testing.assert_array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):  # values, scale, s
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_checkpoint_round_trip_keeps_the_awq_leaf(dense_case, tmp_path):
@@ -193,9 +195,9 @@ def test_linen_attention_dense_general(strict):
     with strict():
         q = awq(fn, params, [(x,)], QuantSpec(bits=8), roles=r, quiet=True)
     k = q["attn"]["query"]["kernel"]  # (features, heads, head_dim)
-    assert isinstance(k, AWQArray) and k.act_scale.shape == (32, 1, 1)
+    assert isinstance(k, AWQArray) and k.input_scale.shape == (32, 1, 1)
     o = q["attn"]["out"]["kernel"]  # (heads, head_dim, features)
-    assert o.act_scale.shape == (2, 32, 1)
+    assert o.input_scale.shape == (2, 32, 1)
     ref, y = fn(dequantize(q), x), fn(params, x)
     assert float(jnp.linalg.norm(ref - y) / jnp.linalg.norm(y)) < 0.02
 
@@ -213,10 +215,12 @@ def test_stacked_slices_get_their_own_scales():
         roles=roles,
         quiet=True,
     )["kernel"]
-    s = np.asarray(q.act_scale)[..., 0]
+    s = np.asarray(q.input_scale)[..., 0]
     assert s.shape == (2, 16)
     assert s[0].argmax() == 3 and s[1].argmax() == 9
-    assert q[1].act_scale.shape == (16, 1) and isinstance(q[1], AWQArray)
+    assert q[1].input_scale.shape == (16, 1) and isinstance(q[1], AWQArray)
+    assert q[1].inner.shape == (16, 8) and q[1].inner.scale.shape == (1, 8)
+    np.testing.assert_array_equal(q[1].dequantize(), q.dequantize()[1])
 
 
 def test_bad_input():
@@ -256,10 +260,10 @@ def test_property_never_worse_than_rtn(shape, bits, gain, seed):
     x = rng.standard_normal((32, n_in))
     x[:, rng.integers(0, n_in, 2)] *= gain  # zeros (dead channels), tiny or huge channels
     qa, stats = awq_layer(jnp.asarray(w), hess(x), QuantSpec(bits=bits), grid=4)
-    assert isinstance(qa, QArray) and qa.shape == w.shape and qa.dtype == np.float32
+    assert isinstance(qa.inner, QArray) and qa.shape == w.shape and qa.dtype == np.float32
     assert float(stats.output_error) <= float(stats.rtn_output_error)
     assert np.all(np.isfinite(np.asarray(qa.dequantize())))
-    assert np.all(np.asarray(qa.act_scale) > 0)
+    assert np.all(np.asarray(qa.input_scale) > 0)
     h = hess(x)
     got = float(calibration.output_error(jnp.asarray(w), qa.dequantize(), h))
     np.testing.assert_allclose(got, float(stats.output_error), rtol=1e-3, atol=1e-5)

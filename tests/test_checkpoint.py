@@ -413,6 +413,86 @@ def test_register_compressed_round_trip_and_errors(tmp_path):
         ckpt.register_compressed(dict, name="x", arrays=("a",))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_checkpoint_of_schema_version_1_loads_as_the_wrapper(tmp_path, symmetric):
+    """Before the wrapper, an AWQArray was a QArray holding ``Q(s W)`` with ``act_scale = s``,
+    saved (schema version 1) as one compressed node with those four children. Written here by
+    hand: the arrays by this writer, the tree node as version 1 wrote it."""
+    rng = np.random.default_rng(0)
+    values = rng.integers(-7, 8, (8, 4)).astype(ml_dtypes.int4)
+    scale = rng.uniform(0.01, 0.1, (1, 4)).astype(np.float32)
+    zero_point = rng.integers(-2, 3, (1, 4)).astype(ml_dtypes.int4)
+    s = rng.uniform(0.5, 2.0, (8, 1)).astype(np.float32)
+    arrays = {"values": values, "scale": scale, "act_scale": s}
+    if not symmetric:
+        arrays["zero_point"] = zero_point
+    d = tmp_path / "old"
+    ckpt.save(d, {k: jnp.asarray(v) for k, v in arrays.items()})
+    meta = json.loads((d / "jcompress.json").read_text())
+    index = {e["path"]: i for i, e in enumerate(meta["arrays"])}
+    for e in meta["arrays"]:
+        e.update(path=f"Dense_0/kernel/{e['path']}", leaf="Dense_0/kernel", leaf_shape=[8, 4])
+    children = {
+        k: {"t": "array", "a": index[k]} if k in index else None
+        for k in ("values", "scale", "zero_point", "act_scale")
+    }
+    old = {
+        "t": "compressed",
+        "kind": "AWQArray",
+        "arrays": children,
+        "static": {"bits": 4, "dtype": {"dtype": "bfloat16"}},
+    }
+    meta["tree"] = {"t": "dict", "items": [["Dense_0", {"t": "dict", "items": [["kernel", old]]}]]}
+    meta["version"] = 1
+    (d / "jcompress.json").write_text(json.dumps(meta))
+
+    leaf = ckpt.load(d)["Dense_0"]["kernel"]
+    AWQArray = jcompress.quantization.AWQArray
+    assert type(leaf) is AWQArray and type(leaf.inner) is QArray
+    assert leaf.dtype == jnp.bfloat16 and leaf.bits == 4 and leaf.inner.act_scale is None
+    np.testing.assert_array_equal(np.asarray(leaf.inner.values, np.int8), values.astype(np.int8))
+    np.testing.assert_array_equal(leaf.input_scale, s)
+    zp = np.float32(0) if symmetric else zero_point.astype(np.float32)
+    want = (values.astype(np.float32) - zp) * scale / s  # Q(s W) / s in float32, then bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(leaf.dequantize(), np.float32), want.astype(ml_dtypes.bfloat16)
+    )
+    # saved again, it is the wrapper: a nested compressed node, schema version 2
+    ckpt.save(tmp_path / "new", {"k": leaf})
+    meta = json.loads((tmp_path / "new" / "jcompress.json").read_text())
+    node = meta["tree"]["items"][0][1]
+    assert meta["version"] == ckpt.VERSION == 2 and node["arrays"]["inner"]["kind"] == "QArray"
+    again = ckpt.load(tmp_path / "new")["k"]
+    np.testing.assert_array_equal(again.dequantize(), leaf.dequantize())
+
+
+def test_checkpoints_know_only_the_protocol_and_the_registry():
+    """No checkpoint module imports a leaf module; leaf kinds register at class definition."""
+    import ast
+    import subprocess
+    import sys
+
+    root = Path(jcompress.checkpoint.__file__).parent
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                assert name != "jcompress" and not name.startswith(
+                    ("jcompress.quantization", "jcompress.structure", "jcompress.pruning")
+                ), f"{path.name} imports {name}"
+    code = (
+        "import sys, jcompress; from jcompress.checkpoint import _registry; "
+        "assert not any(m.startswith('orbax') for m in sys.modules), 'orbax imported'; "
+        "print(_registry.registered())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['AWQArray', 'LowRank', 'QArray']"
+
+
 # ---- sharding and CheckpointManager ----------------------------------------------------------
 
 

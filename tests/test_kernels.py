@@ -504,10 +504,11 @@ def test_runtime_layout_take_index_stored_checkpoint_vmap_scan(tmp_path):
     assert "OutMajor" in repr(laid)
     from jcompress.quantization import AWQArray
 
-    awq = AWQArray(q4.values, q4.scale, act_scale=jnp.ones((2, 8, 1)), bits=4, dtype=jnp.float32)
-    with pytest.raises(TypeError, match="runtime layouts are for QArray leaves only"):
-        awq.with_layout(OutMajor(1, 1))
-    assert awq.widen().values.dtype == jnp.int8 and type(awq.widen()) is AWQArray
+    # a wrapper's QArray is widened (not laid out) by runtime_layout and widen
+    awq = AWQArray(q4, jnp.ones((2, 8, 1)))
+    for wide in (widen(awq), _kernels.runtime_layout({"w": awq}, backend="cpu")["w"]):
+        assert type(wide) is AWQArray and wide.inner.values.dtype == jnp.int8
+        assert wide.inner.layout is None and wide.stored().inner.values.dtype == jnp.int4
 
 
 def test_runtime_layout_model_explain_and_no_retrace(monkeypatch):

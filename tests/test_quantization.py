@@ -28,8 +28,8 @@ from jcompress.quantization import (
     PerTensor,
     QArray,
     QuantSpec,
-    _calibration,
     _quantize,
+    _scales,
 )
 from jcompress.tree import Role
 
@@ -376,14 +376,14 @@ def test_mse_never_worse_than_absmax_on_heavy_tails(bits, granularity, symmetric
 def test_mse_is_never_worse_per_block():
     w = jnp.asarray(student_t((64, 40), 7, df=2.0))
     spec = QuantSpec(bits=3, granularity=PerGroup(16))
-    lay = _calibration.layout("w", w.shape, spec, DENSE)
+    blocks = _scales.scale_blocks("w", w.shape, spec, DENSE)
     err = {}
     for cal in (AbsMax(), MSE(grid=25)):
         qa = jq.quantize(
             {"kernel": w}, QuantSpec(bits=3, granularity=PerGroup(16), calibration=cal)
         )
         d = (f32(qa["kernel"].dequantize()) - f32(w)).astype(np.float64) ** 2
-        err[type(cal).__name__] = d.reshape(lay.split_shape).sum(axis=lay.reduce_axes)
+        err[type(cal).__name__] = d.reshape(blocks.split_shape).sum(axis=blocks.reduce_axes)
     assert np.all(err["MSE"] <= err["AbsMax"] * (1 + 1e-5))
 
 

@@ -35,7 +35,9 @@ from jcompress.checkpoint import _encode, _schema
 SCHEMA_FILE = "jcompress.json"
 ARRAYS_DIR = "arrays"
 FORMAT = "jcompress-checkpoint"
-VERSION = 1
+VERSION = 2
+"""Schema version written. 2: a compressed leaf's child may be a compressed leaf (wrappers such as
+``AWQArray``); version 1 files load unchanged (each kind reads its own older layouts)."""
 SMALL_BYTES = 64 * 1024
 """Payloads up to this size go into the shared blob."""
 

@@ -1,6 +1,6 @@
 """A tree <-> a JSON node (structure and leaf metadata) plus a list of arrays.
 
-JSON nodes (schema version 1), ``{"t": ...}``:
+JSON nodes (schema version 2; version 1 had no nested compressed nodes), ``{"t": ...}``:
 
 * ``dict`` / ``frozendict`` / ``state`` (``nnx.State``): ``"items": [[key, node], ...]`` in the
   container's order; keys are ``str`` or ``int``;
@@ -9,7 +9,8 @@ JSON nodes (schema version 1), ``{"t": ...}``:
 * ``array``: ``"a"``, an index into the checkpoint's array entries;
 * ``variable``: an ``nnx.Variable`` (``"type"`` one of flax.nnx's variable classes, by name),
   ``"metadata"`` and the ``"value"`` node;
-* ``compressed``: ``"kind"`` (a registered name), ``"arrays"`` ``{field: node}`` and
+* ``compressed``: ``"kind"`` (a registered name), ``"arrays"`` ``{field: node}`` (each node an
+  ``array``, ``none`` or, for a wrapper leaf, another ``compressed`` node; schema version 2) and
   ``"static"`` ``{field: value}``.
 
 Nothing here names code to import or run: types are looked up in fixed tables and the
@@ -128,10 +129,8 @@ def to_node(tree: Any) -> tuple[Any, list[ArrayRef]]:
     frozen = _frozendict_type()
     variable_types = _variable_types() if nnx is not None else {}
 
-    def array(keys: list, x: Any, field: str | None = None, owner: Any = None) -> dict:
-        """``x`` at ``keys``, or the array child ``field`` of the compressed leaf ``owner``."""
-        leaf = path_str(keys)
-        path = leaf if field is None else f"{leaf}/{field}"
+    def array(path: str, x: Any, leaf: tuple[str, Any] | None = None) -> dict:
+        """``x`` at ``path``; ``leaf``: the ``(path, shape)`` of the compressed leaf it is in."""
         if isinstance(x, jax.core.Tracer):
             raise TypeError(
                 f"{path}: cannot save a traced value (inside jit/grad/vmap); save concrete "
@@ -144,11 +143,36 @@ def to_node(tree: Any) -> tuple[Any, list[ArrayRef]]:
                 f"{path}: cannot save an array of dtype {x.dtype}; checkpoints hold numeric, "
                 "bool and PRNG-key arrays (store strings as Python str leaves)"
             )
-        if owner is None:
+        if leaf is None:
             refs.append(ArrayRef(path, x))
         else:
-            refs.append(ArrayRef(path, x, leaf, [int(d) for d in owner.shape]))
+            refs.append(ArrayRef(path, x, leaf[0], [int(d) for d in leaf[1].shape]))
         return {"t": "array", "a": len(refs) - 1}
+
+    def compressed(path: str, x: Compressed, leaf: tuple[str, Any]) -> dict:
+        """A compressed leaf (or a wrapper's compressed child) in its stored form."""
+        kind = _registry.kind_of(x)
+        if kind is None:
+            raise _unsupported(
+                path,
+                x,
+                " (a compressed leaf whose class is not registered: declare its fields with "
+                "jcompress.tree.field() and kind=, or call "
+                "jcompress.checkpoint.register_compressed)",
+            )
+        arrays = {}
+        for a in kind.arrays:
+            v = getattr(x, a)
+            if v is None:
+                arrays[a] = None
+            elif isinstance(v, Compressed):
+                arrays[a] = compressed(f"{path}/{a}", v, leaf)
+            elif _is_array(v):
+                arrays[a] = array(f"{path}/{a}", v, leaf)
+            else:
+                raise _unsupported(f"{path}/{a}", v)
+        static = {s: encode_static(path, s, getattr(x, s)) for s in kind.static}
+        return {"t": "compressed", "kind": kind.name, "arrays": arrays, "static": static}
 
     def items(keys: list, mapping: Any, kind: str) -> dict:
         out = []
@@ -163,27 +187,9 @@ def to_node(tree: Any) -> tuple[Any, list[ArrayRef]]:
 
     def walk(keys: list, x: Any) -> Any:
         if isinstance(x, Compressed):
-            x = x.stored()  # runtime layouts (QArray.widen) are saved in their packed form
-            kind = _registry.kind_of(x)
             path = path_str(keys)
-            if kind is None:
-                raise _unsupported(
-                    path,
-                    x,
-                    " (a compressed leaf whose class is not registered: call "
-                    "jcompress.checkpoint.register_compressed)",
-                )
-            arrays = {}
-            for a in kind.arrays:
-                v = getattr(x, a)
-                if v is None:
-                    arrays[a] = None
-                elif _is_array(v):
-                    arrays[a] = array(keys, v, a, owner=x)
-                else:
-                    raise _unsupported(f"{path}/{a}", v)
-            static = {s: encode_static(path, s, getattr(x, s)) for s in kind.static}
-            return {"t": "compressed", "kind": kind.name, "arrays": arrays, "static": static}
+            # runtime layouts (QArray.widen) are saved in their packed form
+            return compressed(path, x.stored(), (path, x))
         if nnx is not None and isinstance(x, nnx.Variable):
             name = type(x).__name__
             if variable_types.get(name) is not type(x):
@@ -210,7 +216,7 @@ def to_node(tree: Any) -> tuple[Any, list[ArrayRef]]:
         if type(x) in _SCALARS:
             return {"t": "scalar", "v": x}
         if _is_array(x):
-            return array(keys, x)
+            return array(path_str(keys), x)
         raise _unsupported(path_str(keys), x)
 
     return walk([], tree), refs

@@ -16,11 +16,11 @@
   ``jc.compressed(fn, mode="int8")`` (W8A8 static).
 """
 
-from jcompress.quantization._calibration import Scales
 from jcompress.quantization._kernels import runtime_layout
 from jcompress.quantization._qarray import OutMajor, QArray, widen
 from jcompress.quantization._qat import fake_quantize
 from jcompress.quantization._quantize import calibrate, dequantize, nonfinite, quantize
+from jcompress.quantization._scales import Scales
 from jcompress.quantization._spec import (
     MSE,
     AbsMax,

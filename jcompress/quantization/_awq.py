@@ -19,14 +19,13 @@ Activation magnitude: the reference uses ``mean |x_j|``; the captured statistics
 channels for the heavy-tailed activations AWQ targets; dead channels are clamped to
 ``1e-4 · max m``).
 
-Representation: the result is an :class:`AWQArray`, a :class:`QArray` holding ``Q(s W)``
-(``values``/``scale``/``zero_point`` exactly as ``quantize`` lays them out for ``s W``) and
-``act_scale = s`` (the leaf's rank, size 1 on output axes). Unlike a plain ``QArray`` (whose
-``dequantize`` ignores ``act_scale``), an ``AWQArray`` folds the scale back in:
-``dequantize() = Q(s W) / s ≈ W``, so ``jc.quantization.dequantize(tree)`` is a correct float
-model; its ``dot_general`` divides the activations by ``s`` and then runs the ``QArray``
-formulation on ``Q(s W)`` (weight-only or int8 x int8), which is AWQ's runtime. ``nbytes``
-counts the ``in`` float32 input scales. ``jc.checkpoint`` saves it as a built-in kind.
+Representation: the result is an :class:`AWQArray`, a wrapper leaf around the :class:`QArray`
+``inner = Q(s W)`` (exactly as ``quantize`` lays out ``s W``) with ``input_scale = s`` (the
+leaf's rank, size 1 on output axes). It folds the scale back in: ``dequantize() = Q(s W) / s ≈
+W``, so ``jc.quantization.dequantize(tree)`` is a correct float model; its ``dot_general``
+divides the activations by ``s`` and then runs the inner ``QArray``'s formulation on ``Q(s W)``
+(weight-only or int8 x int8), which is AWQ's runtime. ``nbytes`` counts the ``in`` float32 input
+scales. Checkpoints store it as the kind ``AWQArray`` holding its inner ``QArray``.
 
 Reference: Lin, Tang, Tang, Yang, Chen, Wang, Xiao, Dang, Gan, Han, 2023, "AWQ:
 Activation-aware Weight Quantization for LLM Compression and Acceleration", arXiv:2306.00978,
@@ -48,9 +47,9 @@ from jax.typing import ArrayLike
 from jcompress import calibration
 from jcompress import tree as jtree
 from jcompress.quantization._calibrated import resolve_calibrated
-from jcompress.quantization._calibration import compute_scales, fake_quant, layout
-from jcompress.quantization._qarray import QArray, dequantize_blocks
+from jcompress.quantization._qarray import QArray
 from jcompress.quantization._quantize import quantize
+from jcompress.quantization._scales import compute_scales, fake_quant, scale_blocks
 from jcompress.quantization._spec import QuantSpec, SpecOrRules
 
 __all__ = ["AWQArray", "AWQLayerStats", "awq", "awq_layer"]
@@ -59,52 +58,85 @@ _DENSE = jtree.Role("matmul", contracting=(0,), output=(1,))
 _CLAMP = 1e-4
 
 
-@jax.tree_util.register_pytree_with_keys_class
-class AWQArray(QArray):
-    """A :class:`QArray` of ``Q(s W)`` whose ``act_scale = s`` is folded back in.
+class AWQArray(jtree.Compressed, kind="AWQArray"):
+    """AWQ's leaf: a wrapper around a :class:`QArray` of ``Q(s W)`` with the input scale ``s``.
 
-    ``dequantize() == (values - zero_point) * scale / act_scale`` (float32, cast to ``dtype``);
-    ``act_scale`` has ``values``' rank with size 1 on the output axes and the full size on
-    the contracting (and stacked) axes. ``dot_general`` divides the activations by ``act_scale``
-    along the contracted axes and then multiplies by ``Q(s W)`` with the ``QArray`` kernels.
+    Children: ``inner``, the quantized ``s W`` (a ``QArray`` whose ``dtype`` is the original
+    float dtype), and ``input_scale`` ``s`` (float32, ``inner``'s rank, size 1 on the output axes,
+    the full size on the contracting and stacked axes). ``dequantize() == inner / input_scale``
+    (float32, cast to ``dtype``); ``dot_general`` divides the activations by ``input_scale``
+    along the contracted axes and hands them to ``inner.dot_general`` (weight-only or int8 x
+    int8); ``nbytes`` is ``inner``'s plus the input scales'. ``shape``, ``dtype`` and ``bits``
+    are ``inner``'s.
+
+    Checkpoints written before the wrapper (an ``AWQArray`` that was a ``QArray`` with
+    ``act_scale = s``) load as this wrapper (:meth:`from_stored`).
 
     >>> import jax.numpy as jnp
-    >>> qa = AWQArray(jnp.array([[4], [-6]], jnp.int4), jnp.array([[0.5]]),
-    ...               act_scale=jnp.array([[2.0], [0.5]]), bits=4, dtype=jnp.float32)
-    >>> qa.dequantize()
+    >>> q = QArray(jnp.array([[4], [-6]], jnp.int4), jnp.array([[0.5]]), bits=4,
+    ...            dtype=jnp.float32)
+    >>> aw = AWQArray(q, jnp.array([[2.0], [0.5]]))
+    >>> aw.dequantize()
     Array([[ 1.],
            [-6.]], dtype=float32)
+    >>> aw.nbytes  # 2 int4 values (1 byte), one float32 scale, 2 float32 input scales
+    13
     """
 
-    def __init__(
-        self,
-        values: ArrayLike,
-        scale: ArrayLike,
-        zero_point: ArrayLike | None = None,
-        act_scale: ArrayLike | None = None,
-        *,
-        bits: int,
-        dtype: Any,
-    ):
-        if act_scale is None or len(np.shape(act_scale)) != len(values.shape):
-            raise ValueError(
-                "AWQArray needs act_scale of values' rank (size 1 on output axes), got "
-                f"{None if act_scale is None else np.shape(act_scale)} for values {values.shape}"
-            )
-        if not jnp.issubdtype(jnp.asarray(act_scale).dtype, jnp.floating):
-            raise TypeError(f"AWQArray: act_scale must be float, got {act_scale.dtype}")
-        super().__init__(values, scale, zero_point, act_scale, bits=bits, dtype=dtype)
+    inner = jtree.field()
+    input_scale = jtree.field()
 
-    def _plain(self) -> QArray:
-        """``Q(s W)`` as a plain ``QArray`` (no act_scale)."""
-        out = object.__new__(QArray)
-        out._set(self.values, self.scale, self.zero_point, None, self.bits, self.dtype)
-        return out
+    def __init__(self, inner: jtree.Compressed, input_scale: ArrayLike):
+        if not jtree.is_compressed(inner):
+            raise TypeError(
+                f"AWQArray wraps a compressed leaf (a QArray of s·W), got {type(inner).__name__}"
+            )
+        if not hasattr(input_scale, "dtype"):
+            input_scale = jnp.asarray(input_scale)
+        if not jnp.issubdtype(input_scale.dtype, jnp.floating):
+            raise TypeError(f"AWQArray: input_scale must be float, got {input_scale.dtype}")
+        shape = tuple(inner.shape)
+        if len(input_scale.shape) != len(shape) or any(
+            s not in (1, d) for s, d in zip(input_scale.shape, shape)
+        ):
+            raise ValueError(
+                f"AWQArray needs input_scale of the weight's rank {len(shape)} with each axis of "
+                f"size 1 or the weight's (size 1 on output axes), got {tuple(input_scale.shape)} "
+                f"for a weight of shape {shape}"
+            )
+        super().__init__(inner=inner, input_scale=input_scale)
+
+    @classmethod
+    def from_stored(cls, **fields: Any) -> AWQArray:
+        """From a checkpoint: ``inner`` and ``input_scale``, or the layout written before the
+        wrapper (``values``, ``scale``, ``zero_point``, ``bits``, ``dtype`` of ``Q(s W)`` and
+        ``act_scale = s``)."""
+        if "inner" not in fields and "values" in fields:
+            s = fields.pop("act_scale")
+            return cls(QArray.from_stored(**fields), s)
+        return cls(**fields)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.inner.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.inner.dtype
+
+    @property
+    def bits(self) -> int:
+        """The inner ``QArray``'s bits."""
+        return self.inner.bits
 
     def dequantize(self) -> jax.Array:
         """``Q(s W) / s ≈ W`` in float32, cast to ``dtype``."""
-        w = dequantize_blocks(self.values, self.scale, self.zero_point, jnp.float32)
-        return (w / self.act_scale.astype(jnp.float32)).astype(self.dtype)
+        inner = self.inner
+        if isinstance(inner, QArray):  # dequantized in float32, not through the original dtype
+            w = inner.replace(dtype=np.dtype(jnp.float32)).dequantize()
+        else:
+            w = inner.dequantize().astype(jnp.float32)
+        return (w / self.input_scale.astype(jnp.float32)).astype(self.dtype)
 
     def take(self, indices: ArrayLike, axis: int = 0) -> jax.Array:
         """``jnp.take(self.dequantize(), indices, axis)``."""
@@ -113,10 +145,10 @@ class AWQArray(QArray):
     def dot_general(
         self, lhs: jax.Array, dimension_numbers: Any, *, weight_is_rhs: bool = True, **options
     ) -> jax.Array:
-        """``(lhs / s) · Q(s W)`` with the ``QArray`` formulations (``options`` as there)."""
+        """``(lhs / s) · Q(s W)`` with the inner leaf's formulations (``options`` as there)."""
         (lc, rc), _ = dimension_numbers
         xc, wc = (lc, rc) if weight_is_rhs else (rc, lc)
-        a = self.act_scale
+        a = self.input_scale
         if any(a.shape[d] != 1 for d in range(a.ndim) if d not in wc):
             # per-slice scales on a batched (stacked) axis: no fold into lhs; exact float path
             dims = dimension_numbers
@@ -132,7 +164,7 @@ class AWQArray(QArray):
         for pos, d in enumerate(sorted(xc)):
             shape[d] = a.shape[pos]
         scaled = lhs / a.reshape(shape).astype(lhs.dtype)
-        return self._plain().dot_general(
+        return self.inner.dot_general(
             scaled, dimension_numbers, weight_is_rhs=weight_is_rhs, **options
         )
 
@@ -169,13 +201,13 @@ def _scales(m: jax.Array, alpha: jax.Array) -> jax.Array:
 def _search(w, h, *, spec: QuantSpec, alphas: tuple[float, ...]):
     """``(s (in,), alpha, err, rtn_err)``: the grid point with the least output error."""
     w = w.astype(jnp.float32)
-    lay = layout("", tuple(w.shape), spec, _DENSE)
+    blocks = scale_blocks("", tuple(w.shape), spec, _DENSE)
     m = _magnitude(h)
 
     def error(alpha):
         s = _scales(m, alpha)
         ws = w * s[:, None]
-        wq = fake_quant(ws, compute_scales(ws, spec=spec, lay=lay), spec)[0] / s[:, None]
+        wq = fake_quant(ws, compute_scales(ws, spec=spec, blocks=blocks), spec)[0] / s[:, None]
         return calibration.output_error(w, wq, h)
 
     grid = jnp.asarray(alphas, jnp.float32)
@@ -199,12 +231,10 @@ def _grid(grid: Any, alpha: Any, path: str) -> tuple[float, ...]:
 
 
 def _finish(path, leaf, s_leaf, spec, role) -> AWQArray:
-    """Quantize ``leaf * s`` exactly as ``quantize`` does and attach ``act_scale = s``."""
+    """Quantize ``leaf * s`` exactly as ``quantize`` does and wrap it with ``input_scale = s``."""
     scaled = jnp.asarray(leaf).astype(jnp.float32) * s_leaf
     qa = quantize({"w": scaled}, spec, roles={"w": role})["w"]
-    return AWQArray(
-        qa.values, qa.scale, qa.zero_point, s_leaf, bits=spec.bits, dtype=jnp.asarray(leaf).dtype
-    )
+    return AWQArray(qa.replace(dtype=np.dtype(jnp.asarray(leaf).dtype)), s_leaf)
 
 
 def awq_layer(
@@ -240,14 +270,14 @@ def awq_layer(
     >>> qa, stats = awq_layer(w, jnp.diag(jnp.array([100.0, 1.0, 1.0, 1.0])), QuantSpec(bits=3))
     >>> float(stats.output_error) <= float(stats.rtn_output_error)
     True
-    >>> qa.act_scale.shape
+    >>> qa.input_scale.shape
     (4, 1)
     """
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{path}: AWQ needs a QuantSpec, got {type(spec).__name__}")
     alphas = _grid(grid, alpha, path)
     w, h = calibration.check_layer(path, w, h, block_size=1, percdamp=0.0, what="AWQ")
-    layout(path, tuple(w.shape), spec, _DENSE)
+    scale_blocks(path, tuple(w.shape), spec, _DENSE)
     s, a, err, rtn = _search(w, h.astype(jnp.float32), spec=spec, alphas=alphas)
     return _finish(path, w, s[:, None], spec, _DENSE), AWQLayerStats(a, err, rtn)
 
@@ -301,7 +331,7 @@ def awq(
     >>> xs = [(jax.random.normal(jax.random.key(i), (16, 8)),) for i in range(2)]
     >>> q = awq(lambda p, x: x @ p["Dense_0"]["kernel"], params, xs, QuantSpec(bits=4),
     ...         quiet=True)
-    >>> q["Dense_0"]["kernel"].act_scale.shape
+    >>> q["Dense_0"]["kernel"].input_scale.shape
     (8, 1)
     """
     what = "AWQ"

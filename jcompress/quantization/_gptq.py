@@ -41,8 +41,8 @@ from jax.typing import ArrayLike
 from jcompress import calibration
 from jcompress import tree as jtree
 from jcompress.quantization._calibrated import resolve_calibrated
-from jcompress.quantization._calibration import Scales, compute_scales, layout, to_int
 from jcompress.quantization._qarray import QArray, dequantize_blocks, storage_dtype
+from jcompress.quantization._scales import Scales, compute_scales, scale_blocks, to_int
 from jcompress.quantization._spec import PerChannel, PerGroup, QuantSpec, SpecOrRules
 
 __all__ = ["gptq", "gptq_layer"]
@@ -71,15 +71,15 @@ def _gptq(w, h, mask, *, spec: QuantSpec, block_size: int, percdamp: float, act_
     if dynamic:
         ngroups = rows // group
         one_group = dataclasses.replace(spec, granularity=PerChannel())
-        seg_layout = layout("", (group, out), one_group, _DENSE)
+        seg_blocks = scale_blocks("", (group, out), one_group, _DENSE)
         table = Scales(
             jnp.ones((ngroups, out), jnp.float32),
             None if spec.symmetric else jnp.zeros((ngroups, out), store),
         )
         index = jnp.arange(rows, dtype=jnp.int32) // group
     else:
-        lay = layout("", (n, out), spec, _DENSE)
-        table = compute_scales(w0, spec=spec, lay=lay)
+        blocks = scale_blocks("", (n, out), spec, _DENSE)
+        table = compute_scales(w0, spec=spec, blocks=blocks)
         if group is not None:  # static groups: the original group of each processed row
             index = jnp.concatenate([perm // group, jnp.zeros((pad,), jnp.int32)])
         else:
@@ -92,7 +92,7 @@ def _gptq(w, h, mask, *, spec: QuantSpec, block_size: int, percdamp: float, act_
         if not dynamic:
             return carry
         values, table = carry
-        fresh = compute_scales(seg_rows, spec=one_group, lay=seg_layout)
+        fresh = compute_scales(seg_rows, spec=one_group, blocks=seg_blocks)
         g = start // group
         scale = lax.dynamic_update_slice_in_dim(table.scale, fresh.scale, g, 0)
         zp = table.zero_point
@@ -128,7 +128,7 @@ def _gptq(w, h, mask, *, spec: QuantSpec, block_size: int, percdamp: float, act_
         )
     err = calibration.output_error(w, dequantize_blocks(values, *table, w.dtype), h)
     # the guard: round to nearest with the spec's own scales, kept if its output error is lower
-    rtn = compute_scales(w0, spec=spec, lay=layout("", (n, out), spec, _DENSE))
+    rtn = compute_scales(w0, spec=spec, blocks=scale_blocks("", (n, out), spec, _DENSE))
     rtn_values, _ = to_int(w0, rtn, spec)
     if mask is not None:
         zp = rtn.zero_point
@@ -202,7 +202,7 @@ def gptq_layer(
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{path}: {what} needs a QuantSpec, got {type(spec).__name__}")
     w, h = calibration.check_layer(path, w, h, block_size=block_size, percdamp=percdamp, what=what)
-    layout(path, tuple(w.shape), spec, _DENSE)  # PerGroup divisibility, with the path
+    scale_blocks(path, tuple(w.shape), spec, _DENSE)  # PerGroup divisibility, with the path
     if mask is not None:
         mask = jnp.asarray(mask)
         if mask.dtype != bool or mask.shape != w.shape:
@@ -315,7 +315,7 @@ def gptq(
     >>> q = gptq(lambda p, x: x @ p["Dense_0"]["kernel"], params, xs, QuantSpec(bits=4),
     ...          quiet=True)
     >>> q["Dense_0"]["kernel"]
-    QArray(shape=(8, 4), bits=4, dtype=float32, scale=(1, 4))
+    QArray(shape=(8, 4), bits=4, dtype=float32, values=int4[8,4], scale=float32[1,4])
     """
     what = "GPTQ"
     resolved = resolve_calibrated(

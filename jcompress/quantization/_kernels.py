@@ -53,13 +53,13 @@ returns ``(q·a) @ dequantize(w)`` computed as ``acc·a·scale`` from the ``s8 x
 accumulator ``acc``. Activations beyond ``127·a`` SATURATE (clip to ``±127·a``): that is what a
 static range means, so calibrate ``a`` on representative inputs. Per-input-channel steps (size > 1
 on a contracting axis) are rejected with a ``ValueError``: per-channel smoothing belongs in an
-input scale folded into the weight (``AWQArray``, which divides the activations itself and hands a
-plain ``QArray`` without ``act_scale`` to these kernels). A step that is not finite or not positive
-gives NaN outputs. In the weight-only modes (``"weight_only"``, ``"limbs"``, ``"chunked"``,
-``"dequantize"``) ``act_scale`` is ignored, as by ``QArray.dequantize``; without it ``"int8"``
-uses dynamic per-token scales. In both ``"int8"`` variants the zero-point correction uses the
-quantized activations, so the result is exactly ``(q·step) @ dequantize(w)`` up to float
-rounding.
+input scale folded into the weight (``AWQArray``, a wrapper that divides the activations by its
+``input_scale`` and hands them to its inner ``QArray``, which has no ``act_scale``). A step that
+is not finite or not positive gives NaN outputs. In the weight-only modes (``"weight_only"``,
+``"limbs"``, ``"chunked"``, ``"dequantize"``) ``act_scale`` is ignored, as by
+``QArray.dequantize``; without it ``"int8"`` uses dynamic per-token scales. In both ``"int8"``
+variants the zero-point correction uses the quantized activations, so the result is exactly
+``(q·step) @ dequantize(w)`` up to float rounding.
 
 Scales blocked along a non-contracting axis, or blocked along several contracting axes, use
 ``"dequantize"`` (in every mode: the activations are then not quantized).
@@ -81,7 +81,7 @@ import numpy as np
 from jax import lax
 
 from jcompress import tree as jtree
-from jcompress.quantization._qarray import OutMajor, QArray, dequantize_blocks
+from jcompress.quantization._qarray import OutMajor, QArray, dequantize_blocks, widen
 
 __all__ = [
     "FORMULATIONS",
@@ -199,8 +199,8 @@ def preferred_layout(qarray: Any, role: jtree.Role | None = None, backend: str |
     """
     if (backend or jax.default_backend()) != "cpu" or not int8_dot_cpu():
         return None
-    if type(qarray) is not QArray or math.prod(qarray.shape) < _MIN_SIZE:
-        return None  # subclasses (AWQArray) compute through a plain QArray of their own
+    if not isinstance(qarray, QArray) or math.prod(qarray.shape) < _MIN_SIZE:
+        return None
     shape, scale = qarray.shape, qarray.canonical().scale.shape
     n = len(shape)
     if role is not None:
@@ -231,10 +231,11 @@ def runtime_layout(tree: Any, *, roles: dict[str, jtree.Role] | None = None, bac
     A one-time transform after loading (or quantizing), as :func:`widen` is, never inside the
     jitted function. On CPU: sub-byte values widened to ``int8`` containers (XLA:CPU keeps
     int4/int2 buffers at one byte per value anyway, and would convert them on every call), and
-    per-channel matmul weights output-major (:func:`preferred_layout`), read by one integer dot.
-    On GPU/TPU the tree is returned unchanged (their compilers fuse the dequantization).
-    Results stay ``fn(dequantize(tree))`` to float rounding; ``jc.checkpoint.save`` stores the
-    canonical packed form (:meth:`QArray.stored`), so loading gives it back: call this again.
+    per-channel matmul weights output-major (:func:`preferred_layout`), read by one integer dot;
+    a ``QArray`` inside a wrapper leaf (``AWQArray``) is widened only. On GPU/TPU the tree is
+    returned unchanged (their compilers fuse the dequantization). Results stay
+    ``fn(dequantize(tree))`` to float rounding; ``jc.checkpoint.save`` stores the canonical
+    packed form (:meth:`QArray.stored`), so loading gives it back: call this again.
 
     Args:
       tree: a parameter tree with ``QArray`` leaves (others are returned as they are).
@@ -255,7 +256,7 @@ def runtime_layout(tree: Any, *, roles: dict[str, jtree.Role] | None = None, bac
 
     def one(path, x):
         if not isinstance(x, QArray):
-            return x
+            return widen(x) if jtree.is_compressed(x) else x
         role = None if roles is None else roles.get(path)
         return x.widen().with_layout(preferred_layout(x, role, backend))
 
@@ -387,17 +388,7 @@ def _stored_axes(qarray, dimension_numbers, weight_is_rhs):
             rc, rb = [where[a] for a in rc], [where[a] for a in rb]
         else:
             lc, lb = [where[a] for a in lc], [where[a] for a in lb]
-        view = object.__new__(type(qarray))
-        view._set(
-            qarray.values,
-            qarray.scale,
-            qarray.zero_point,
-            qarray.act_scale,
-            qarray.bits,
-            qarray.dtype,
-            None,
-        )
-        qarray = view
+        qarray = qarray.replace(layout=None)
     dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
     return qarray, dn, order
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -64,18 +63,6 @@ def storage_dtype(bits: int) -> np.dtype:
     return np.dtype(jnp.int2 if bits == 2 else jnp.int4 if bits <= 4 else jnp.int8)
 
 
-def _container_bits(dtype: Any) -> int:
-    dtype = np.dtype(dtype)
-    return {np.dtype(jnp.int2): 2, np.dtype(jnp.int4): 4}.get(dtype, 8 * dtype.itemsize)
-
-
-def _stored_bytes(x: Any) -> int:
-    if x is None:
-        return 0
-    size = math.prod(x.shape)
-    return -(-size * _container_bits(x.dtype) // 8)
-
-
 def block_shapes(
     shape: Sequence[int], scale_shape: Sequence[int]
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -119,8 +106,7 @@ def dequantize_blocks(values, scale, zero_point, dtype) -> jax.Array:
     return broadcast_apply(fn, values, scale, zero_point).astype(dtype)
 
 
-@jax.tree_util.register_pytree_with_keys_class
-class QArray(jtree.Compressed):
+class QArray(jtree.Compressed, kind="QArray"):
     """A quantized array: ``dequantize() == (values - zero_point) * scale`` (blockwise).
 
     Children (pytree leaves; ``jit``, ``vmap``, ``scan``, sharding and orbax see them):
@@ -134,8 +120,10 @@ class QArray(jtree.Compressed):
       ``values.shape[a] // n`` consecutive elements).
     * ``zero_point``: ``None`` (symmetric) or integers of ``values``' dtype and ``scale``'s shape,
       so that ``0.0`` is stored as ``zero_point`` and dequantizes to exactly ``0``.
-    * ``act_scale``: ``None``, or static per-input-channel activation scales (AWQ input scales,
-      static activation quantization) for the runtime; ignored by :meth:`dequantize`.
+    * ``act_scale``: ``None``, or the static activation step of ``mode="int8"`` (made by
+      ``calibrate_activations``: size 1 on every axis except stacked layer axes); ignored by
+      :meth:`dequantize` and weight-only matmuls. (AWQ's per-input-channel scale is another
+      thing: ``AWQArray.input_scale``, a wrapper around a ``QArray``.)
 
     Static (aux) data: ``bits``, the original float ``dtype`` and ``layout``: ``None`` (the
     children in the float array's axis order, which the constructor takes and checkpoints store:
@@ -161,15 +149,19 @@ class QArray(jtree.Compressed):
     ((1, 2), 9)
     """
 
-    __slots__ = ("_act_scale", "_bits", "_dtype", "_layout", "_scale", "_values", "_zero_point")
+    values = jtree.field()
+    scale = jtree.field()
+    zero_point = jtree.field(default=None)
+    act_scale = jtree.field(default=None)
+    bits = jtree.field(static=True)
+    dtype = jtree.field(static=True)
+    layout = jtree.field(static=True, default=None, stored=False)  # checkpoints: canonical
 
     no_conv_reason = (
         "QArray has no convolution kernel: convolution kernels are small next to the feature "
         "maps, and on XLA:CPU an im2col integer path measured slower than dequantize-then-"
         "convolve when it was tried"
     )
-    array_fields = ("values", "scale", "zero_point", "act_scale")
-    static_fields = ("bits", "dtype")  # what checkpoints store (always the canonical layout)
 
     def __init__(
         self,
@@ -205,119 +197,48 @@ class QArray(jtree.Compressed):
                 f"QArray: zero_point must be {store} of scale's shape {tuple(scale.shape)}, got "
                 f"{zero_point.dtype}{tuple(zero_point.shape)}"
             )
-        self._set(values, scale, zero_point, act_scale, bits, dtype, None)
-
-    def _set(self, *values: Any) -> None:
-        # the array and static fields, then the runtime layout (default: canonical)
-        *fields, layout = values if len(values) == 7 else (*values, None)
-        super()._set(*fields)
-        object.__setattr__(self, "_layout", layout)
-
-    def tree_flatten_with_keys(self):
-        children, aux = super().tree_flatten_with_keys()
-        return children, (*aux, self._layout)  # the layout is static (aux) data too
-
-    # -- fields ----------------------------------------------------------------------------------
-
-    @property
-    def values(self) -> jax.Array:
-        return self._values
-
-    @property
-    def scale(self) -> jax.Array:
-        return self._scale
-
-    @property
-    def zero_point(self) -> jax.Array | None:
-        return self._zero_point
-
-    @property
-    def act_scale(self) -> jax.Array | None:
-        return self._act_scale
-
-    @property
-    def bits(self) -> int:
-        return self._bits
-
-    @property
-    def layout(self) -> OutMajor | None:
-        return self._layout
+        super().__init__(values, scale, zero_point, act_scale, bits=bits, dtype=dtype)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        shape = tuple(self._values.shape)
-        if self._layout is None:
+        shape = tuple(self.values.shape)
+        if self.layout is None:
             return shape
-        return tuple(shape[i] for i in self._layout.canonical_order(len(shape)))
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
-    @property
-    def nbytes(self) -> int:
-        return sum(
-            _stored_bytes(x) for x in (self._values, self._scale, self._zero_point, self._act_scale)
-        )
-
-    def __repr__(self) -> str:
-        zp = "" if self._zero_point is None else ", asymmetric"
-        layout = "" if self._layout is None else f", layout={self._layout}"
-        return (
-            f"QArray(shape={self.shape}, bits={self._bits}, dtype={self._dtype.name}, "
-            f"scale={tuple(self._scale.shape)}{zp}{layout})"
-        )
+        return tuple(shape[i] for i in self.layout.canonical_order(len(shape)))
 
     # -- computation -----------------------------------------------------------------------------
 
     def dequantize(self) -> jax.Array:
         """The float array, ``(values - zero_point) * scale`` in ``float32``, cast to ``dtype``."""
-        w = dequantize_blocks(self._values, self._scale, self._zero_point, self._dtype)
+        w = dequantize_blocks(self.values, self.scale, self.zero_point, self.dtype)
         return self._to_canonical(w)
 
     def _to_canonical(self, x: jax.Array | None) -> jax.Array | None:
         """A child (or the dequantized array) from the stored axis order to the float array's."""
-        if x is None or self._layout is None:
+        if x is None or self.layout is None:
             return x
-        return jnp.transpose(x, self._layout.canonical_order(x.ndim))
+        return jnp.transpose(x, self.layout.canonical_order(x.ndim))
 
     def canonical(self) -> QArray:
         """The same array with its children in the float array's axis order (``layout=None``);
         ``self`` when already canonical. Sub-byte values stay in their containers."""
-        if self._layout is None:
+        if self.layout is None:
             return self
-        out = object.__new__(type(self))  # subclasses (AWQArray) keep their type
-        children = [self._to_canonical(c) for c in self._children()]
-        out._set(*children, self._bits, self._dtype, None)
-        return out
-
-    def _children(self) -> list[jax.Array | None]:
-        return [self._values, self._scale, self._zero_point, self._act_scale]
+        children = {n: self._to_canonical(getattr(self, n)) for n in self.array_fields}
+        return self.replace(**children, layout=None)
 
     def __getitem__(self, index: int | slice | tuple[int | slice, ...]) -> QArray:
         """Index leading (stacked) axes: ``qa[i]`` is layer ``i`` of a stacked ``QArray``.
 
-        Only ints and slices on axes where every child is per-index (or shared, size 1) are
-        allowed; indexing an axis with blocked scales (``PerGroup``) is an error.
+        As :meth:`jcompress.tree.Compressed.__getitem__` (ints and slices; an axis with blocked
+        ``PerGroup`` scales is an error); a runtime layout is kept when only the leading axes it
+        leaves in place are indexed, and dropped (canonical) otherwise.
         """
-        index = index if isinstance(index, tuple) else (index,)
-        if len(index) > len(self.shape):
-            raise IndexError(f"too many indices for a QArray of shape {self.shape}")
-        layout = self._layout
-        if layout is not None and len(index) > len(self.shape) - sum(layout):
+        layout = self.layout
+        n = len(index) if isinstance(index, tuple) else 1
+        if layout is not None and n > len(self.shape) - sum(layout):
             return self.canonical()[index]  # indexing into the permuted axes
-        children = self._children()
-        pos = 0  # where the original axis now is (ints remove axes)
-        for axis, idx in enumerate(index):
-            if not isinstance(idx, int | np.integer | slice):
-                raise TypeError(
-                    f"QArray indexing takes ints and slices on leading axes, got {idx!r}"
-                )
-            children = [_index_leading(c, idx, pos, axis, self.shape) for c in children]
-            pos += isinstance(idx, slice)
-        out = object.__new__(type(self))  # subclasses (AWQArray) keep their type
-        out._set(*children, self._bits, self._dtype, layout)
-        return out
+        return super().__getitem__(index)
 
     def widen(self) -> QArray:
         """The same array with sub-byte ``values`` (and ``zero_point``) in ``int8`` containers.
@@ -347,17 +268,14 @@ class QArray(jtree.Compressed):
         >>> qa.widen().stored().values.dtype
         dtype(int4)
         """
-        return self.canonical()._recontained(storage_dtype(self._bits))
+        return self.canonical()._recontained(storage_dtype(self.bits))
 
     def _recontained(self, container: np.dtype) -> QArray:
         """The same numbers with ``values`` and ``zero_point`` in ``container`` (no checks)."""
-        if np.dtype(self._values.dtype) == container:
+        if np.dtype(self.values.dtype) == container:
             return self
-        zp = None if self._zero_point is None else self._zero_point.astype(container)
-        out = object.__new__(type(self))  # subclasses (AWQArray) keep their type
-        values = self._values.astype(container)
-        out._set(values, self._scale, zp, self._act_scale, self._bits, self._dtype, self._layout)
-        return out
+        zp = None if self.zero_point is None else self.zero_point.astype(container)
+        return self.replace(values=self.values.astype(container), zero_point=zp)
 
     def with_layout(self, layout: OutMajor | None) -> QArray:
         """The same array with its children stored in ``layout`` (``None``: canonical).
@@ -374,16 +292,10 @@ class QArray(jtree.Compressed):
             return base
         if not isinstance(layout, OutMajor):
             raise TypeError(f"QArray layout must be None or an OutMajor, got {layout!r}")
-        if type(self) is not QArray:
-            raise TypeError(
-                f"{type(self).__name__} computes through a plain QArray of its own: runtime "
-                "layouts are for QArray leaves only (widen() works on every kind)"
-            )
         order = layout.stored_order(len(self.shape))
-        children = [None if c is None else jnp.transpose(c, order) for c in base._children()]
-        out = object.__new__(type(self))  # subclasses (AWQArray) keep their type
-        out._set(*children, self._bits, self._dtype, layout)
-        return out
+        children = {n: getattr(base, n) for n in self.array_fields}
+        children = {n: None if c is None else jnp.transpose(c, order) for n, c in children.items()}
+        return base.replace(**children, layout=layout)
 
     def take(self, indices: ArrayLike, axis: int = 0) -> jax.Array:
         """``jnp.take(self.dequantize(), indices, axis)``, dequantizing only the rows it takes.
@@ -395,7 +307,7 @@ class QArray(jtree.Compressed):
         ndim = len(self.shape)
         axis = axis % ndim
         n = self.shape[axis]
-        order = tuple(range(ndim)) if self._layout is None else self._layout.stored_order(ndim)
+        order = tuple(range(ndim)) if self.layout is None else self.layout.stored_order(ndim)
         stored_axis = order.index(axis)
 
         def gather(x):
@@ -406,9 +318,9 @@ class QArray(jtree.Compressed):
             return jnp.take(x, idx, axis=stored_axis)
 
         out = dequantize_blocks(
-            gather(self._values), gather(self._scale), gather(self._zero_point), self._dtype
+            gather(self.values), gather(self.scale), gather(self.zero_point), self.dtype
         )
-        if self._layout is None:
+        if self.layout is None:
             return out
         # out: stored axes before ``stored_axis``, the index axes, the stored axes after it
         kept = [a for a in order if a != axis]  # float-array axis of each remaining stored axis
@@ -453,21 +365,3 @@ def widen(tree: Any) -> Any:
         tree,
         is_leaf=lambda x: isinstance(x, QArray),
     )
-
-
-def _index_leading(x, idx, pos: int, axis: int, shape: tuple[int, ...]):
-    if x is None:
-        return None
-    size = x.shape[pos]
-    if size == shape[axis] or idx == slice(None):
-        pass
-    elif size == 1:
-        if isinstance(idx, slice):
-            return x
-        idx = 0
-    else:
-        raise ValueError(
-            f"QArray: axis {axis} has blocked scales ({size} blocks of {shape[axis] // size}); "
-            "index only stacked (per-layer) axes, or dequantize() first"
-        )
-    return x[(slice(None),) * pos + (idx,)]

@@ -9,17 +9,17 @@ import jax
 import jax.numpy as jnp
 
 from jcompress import tree as jtree
-from jcompress.quantization._calibration import Scales, compute_scales, fake_quant
 from jcompress.quantization._quantize import map_quantized
+from jcompress.quantization._scales import Scales, compute_scales, fake_quant
 from jcompress.quantization._spec import QuantSpec, SpecOrRules
 
 __all__ = ["fake_quantize"]
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "lay"))
-def _fake_leaf(w, scales, *, spec: QuantSpec, lay):
+@functools.partial(jax.jit, static_argnames=("spec", "blocks"))
+def _fake_leaf(w, scales, *, spec: QuantSpec, blocks):
     if scales is None:
-        scales = compute_scales(jax.lax.stop_gradient(w), spec=spec, lay=lay)
+        scales = compute_scales(jax.lax.stop_gradient(w), spec=spec, blocks=blocks)
     scales = jax.lax.stop_gradient(scales)
     out, inside = fake_quant(jax.lax.stop_gradient(w), scales, spec)
     # Forward: exactly ``out``. Backward: identity where w was not clipped, zero where it was.

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress import tree as jtree
-from jcompress.quantization._calibration import Layout, Scales, compute_scales, layout, to_int
 from jcompress.quantization._qarray import QArray, storage_dtype
+from jcompress.quantization._scales import ScaleBlocks, Scales, compute_scales, scale_blocks, to_int
 from jcompress.quantization._spec import QuantSpec, SpecOrRules, resolve_specs
 
 __all__ = ["calibrate", "dequantize", "nonfinite", "quantize"]
@@ -22,7 +22,7 @@ class Quantized(NamedTuple):
     """A leaf to quantize: its spec, the blocks that share a scale, and the leaf itself."""
 
     spec: QuantSpec
-    lay: Layout
+    blocks: ScaleBlocks
     leaf: Any
 
 
@@ -34,20 +34,20 @@ def resolve_quantized(params, spec_or_rules, where, roles, what) -> dict[str, Qu
     out = {}
     for path, role in resolved.items():
         leaf, spec = chosen.leaves[path], specs[path]
-        out[path] = Quantized(spec, layout(path, tuple(leaf.shape), spec, role), leaf)
+        out[path] = Quantized(spec, scale_blocks(path, tuple(leaf.shape), spec, role), leaf)
     return out
 
 
-def _checked_scales(path, given, spec: QuantSpec, lay: Layout) -> Scales:
+def _checked_scales(path, given, spec: QuantSpec, blocks: ScaleBlocks) -> Scales:
     if not isinstance(given, Scales):
         raise TypeError(
             f"{path}: scales= entries must be Scales (from jc.quantization.calibrate), got "
             f"{type(given).__name__}"
         )
-    if tuple(given.scale.shape) != lay.scale_shape:
+    if tuple(given.scale.shape) != blocks.scale_shape:
         raise ValueError(
             f"{path}: the given scale has shape {tuple(given.scale.shape)}, but this spec and "
-            f"role need {lay.scale_shape}; calibrate with the same spec_or_rules/roles"
+            f"role need {blocks.scale_shape}; calibrate with the same spec_or_rules/roles"
         )
     if (given.zero_point is None) != spec.symmetric or (
         given.zero_point is not None
@@ -74,12 +74,12 @@ def scales_for(quantized: dict[str, Quantized], scales) -> dict[str, Scales] | N
         reference, scales, name="scales", is_leaf=lambda x: isinstance(x, Scales)
     )
     return {
-        p: _checked_scales(p, s, quantized[p].spec, quantized[p].lay) for p, s in matched.items()
+        p: _checked_scales(p, s, quantized[p].spec, quantized[p].blocks) for p, s in matched.items()
     }
 
 
 def map_quantized(leaf_fn, params, spec_or_rules, where, roles, scales, what):
-    """``leaf_fn(w, scales | None, spec=, lay=)`` on every leaf to quantize; others unchanged."""
+    """``leaf_fn(w, scales | None, spec=, blocks=)`` on every leaf to quantize; others unchanged."""
     quantized = resolve_quantized(params, spec_or_rules, where, roles, what)
     given = scales_for(quantized, scales)
 
@@ -88,19 +88,17 @@ def map_quantized(leaf_fn, params, spec_or_rules, where, roles, scales, what):
             return x
         q = quantized[path]
         frozen = None if given is None else given[path]
-        return leaf_fn(jnp.asarray(x), frozen, spec=q.spec, lay=q.lay)
+        return leaf_fn(jnp.asarray(x), frozen, spec=q.spec, blocks=q.blocks)
 
     return jtree.map_with_paths(leaf, params)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "lay"))
-def _quantize_leaf(w, scales, *, spec: QuantSpec, lay) -> QArray:
+@functools.partial(jax.jit, static_argnames=("spec", "blocks"))
+def _quantize_leaf(w, scales, *, spec: QuantSpec, blocks) -> QArray:
     if scales is None:
-        scales = compute_scales(w, spec=spec, lay=lay)
+        scales = compute_scales(w, spec=spec, blocks=blocks)
     values, _ = to_int(w, scales, spec)
-    out = object.__new__(QArray)
-    out._set(values, scales.scale, scales.zero_point, None, spec.bits, np.dtype(w.dtype))
-    return out
+    return QArray(values, scales.scale, scales.zero_point, bits=spec.bits, dtype=w.dtype)
 
 
 def calibrate(
@@ -133,7 +131,8 @@ def calibrate(
     """
     quantized = resolve_quantized(params, spec_or_rules, where, roles, "calibrate")
     return {
-        p: compute_scales(jnp.asarray(q.leaf), spec=q.spec, lay=q.lay) for p, q in quantized.items()
+        p: compute_scales(jnp.asarray(q.leaf), spec=q.spec, blocks=q.blocks)
+        for p, q in quantized.items()
     }
 
 
@@ -181,7 +180,7 @@ def quantize(
     >>> params = {"Dense_0": {"kernel": jnp.ones((64, 8)), "bias": jnp.zeros(8)}}
     >>> q = quantize(params, QuantSpec(bits=4, granularity=PerGroup(32)))
     >>> q["Dense_0"]["kernel"]
-    QArray(shape=(64, 8), bits=4, dtype=float32, scale=(2, 8))
+    QArray(shape=(64, 8), bits=4, dtype=float32, values=int4[64,8], scale=float32[2,8])
     >>> q["Dense_0"]["kernel"].nbytes   # 512 int4 values + 16 float32 scales
     320
     """

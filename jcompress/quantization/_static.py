@@ -39,6 +39,7 @@ import numpy as np
 from jcompress import tree as jtree
 from jcompress.calibration import check_batches
 from jcompress.pruning._threshold import kth_smallest
+from jcompress.quantization._awq import AWQArray
 from jcompress.quantization._qarray import QArray
 from jcompress.quantization._spec import AbsMax, Percentile
 
@@ -105,11 +106,11 @@ def _chosen(qparams: jtree.Params, where: jtree.Where) -> tuple[dict[str, QArray
         return {p: x for p, x in pairs if type(x) is QArray}, False
     chosen = jtree.selection(qparams, where, kinds=("matmul",), what=_WHAT)
     for path, leaf in chosen.leaves.items():
-        if isinstance(leaf, QArray) and type(leaf) is not QArray:
+        if isinstance(leaf, AWQArray):
             raise TypeError(
-                f"{path}: a {type(leaf).__name__}'s act_scale holds its own per-input-channel "
-                "scales (AWQ), not a static activation step; quantize this leaf with "
-                "quantize/gptq for static W8A8, or exclude it with where="
+                f"{path}: a {type(leaf).__name__} divides its inputs by its own per-input-channel "
+                "input_scale (AWQ) before its QArray; quantize this leaf with quantize/gptq for "
+                "static W8A8, or exclude it with where="
             )
         if type(leaf) is not QArray:
             raise TypeError(
@@ -173,7 +174,7 @@ def calibrate_activations(
 
     Raises:
       TypeError: a selected leaf that is not a plain ``QArray`` (float leaves; ``AWQArray``,
-        whose ``act_scale`` means AWQ's input scales), a calibration other than ``AbsMax`` /
+        which scales its inputs per channel itself), a calibration other than ``AbsMax`` /
         ``Percentile``.
       ValueError: a selected leaf that ``fn`` does not multiply with ``dot_general`` (a
         gather-only embedding, a convolution), NaN/Inf activations (the path named), no batch,

@@ -191,8 +191,9 @@ def low_rank(
     >>> params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (64, 32)),
     ...                       "bias": jnp.zeros(32)}}
     >>> out = low_rank(params, rank=8)
-    >>> out["Dense_0"]["kernel"]
-    LowRank(shape=(64, 32), rank=8, dtype=float32, a=(64, 8), b=(8, 32))
+    >>> lr = out["Dense_0"]["kernel"]
+    >>> type(lr).__name__, lr.shape, lr.rank, lr.a.shape, lr.b.shape
+    ('LowRank', (64, 32), 8, (64, 8), (8, 32))
     >>> low_rank(params, rank=30)["Dense_0"]["kernel"].shape   # 30·96 >= 64·32: left dense
     (64, 32)
     """

@@ -34,10 +34,6 @@ def _compute_dtype(*dtypes: Any) -> np.dtype:
     return max(ds | {np.dtype(np.float32)}, key=lambda d: d.itemsize)
 
 
-def _nbytes(x: Any) -> int:
-    return math.prod(x.shape) * np.dtype(x.dtype).itemsize
-
-
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _dequantize(a, b, dtype, layer_shape, contracting, output) -> jax.Array:
     ns = a.ndim - 2
@@ -49,8 +45,7 @@ def _dequantize(a, b, dtype, layer_shape, contracting, output) -> jax.Array:
     return m.astype(dtype)
 
 
-@jax.tree_util.register_pytree_with_keys_class
-class LowRank(jtree.Compressed):
+class LowRank(jtree.Compressed, kind="LowRank"):
     """A kernel stored as two factors: ``dequantize() == a @ b`` (per stacked slice).
 
     Children (pytree leaves; ``jit``, ``vmap``, ``scan``, sharding and orbax see them):
@@ -87,10 +82,14 @@ class LowRank(jtree.Compressed):
            [8., 8., 8.]], dtype=float32)
     """
 
-    __slots__ = ("_a", "_b", "_contracting", "_dtype", "_layer_shape", "_output")
-
-    array_fields = ("a", "b")
-    static_fields = ("dtype", "layer_shape", "contracting", "output")
+    a = jtree.field()
+    """The left factor ``(*stacked, in, r)``."""
+    b = jtree.field()
+    """The right factor ``(*stacked, r, out)``."""
+    dtype = jtree.field(static=True)
+    layer_shape = jtree.field(static=True, repr=False)  # shape without the stacked axes
+    contracting = jtree.field(static=True)
+    output = jtree.field(static=True)
 
     def __init__(
         self,
@@ -148,84 +147,33 @@ class LowRank(jtree.Compressed):
                 f"LowRank: layer_shape={layer_shape} with contracting={contracting} flattens to "
                 f"({kk}, {nn}), but the factors give ({k}, {n})"
             )
-        self._set(a, b, dtype, layer_shape, contracting, output)
-
-    # -- fields ----------------------------------------------------------------------------------
-
-    @property
-    def a(self) -> jax.Array:
-        """The left factor ``(*stacked, in, r)``."""
-        return self._a
-
-    @property
-    def b(self) -> jax.Array:
-        """The right factor ``(*stacked, r, out)``."""
-        return self._b
+        super().__init__(
+            a=a, b=b, dtype=dtype, layer_shape=layer_shape, contracting=contracting, output=output
+        )
 
     @property
     def rank(self) -> int:
-        return int(self._a.shape[-1])
-
-    @property
-    def layer_shape(self) -> tuple[int, ...]:
-        return self._layer_shape
-
-    @property
-    def contracting(self) -> tuple[int, ...]:
-        return self._contracting
-
-    @property
-    def output(self) -> tuple[int, ...]:
-        return self._output
+        return int(self.a.shape[-1])
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self._a.shape[:-2]) + self._layer_shape
+        return tuple(self.a.shape[:-2]) + self.layer_shape
 
     @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self._a) + _nbytes(self._b)
-
-    def __repr__(self) -> str:
-        return (
-            f"LowRank(shape={self.shape}, rank={self.rank}, dtype={self._dtype.name}, "
-            f"a={tuple(self._a.shape)}, b={tuple(self._b.shape)})"
-        )
-
-    def __getitem__(self, index: int | slice | tuple[int | slice, ...]) -> LowRank:
-        """Index stacked (leading) axes: ``lr[i]`` is layer ``i`` of a stacked ``LowRank``."""
-        index = index if isinstance(index, tuple) else (index,)
-        ns = self._a.ndim - 2
-        if len(index) > ns or not all(isinstance(i, int | np.integer | slice) for i in index):
-            raise IndexError(
-                f"LowRank indexing takes ints and slices on its {ns} stacked axes, got {index!r}; "
-                "dequantize() first to index the layer's own axes"
-            )
-        out = object.__new__(LowRank)
-        out._set(
-            self._a[index],
-            self._b[index],
-            self._dtype,
-            self._layer_shape,
-            self._contracting,
-            self._output,
-        )
-        return out
+    def leading_axes(self) -> int:
+        """The stacked axes: ``lr[i]`` indexes them (the layer's own axes are in the factors)."""
+        return self._stacked
 
     # -- computation -----------------------------------------------------------------------------
 
     @property
     def _stacked(self) -> int:
-        return self._a.ndim - 2
+        return self.a.ndim - 2
 
     def dequantize(self) -> jax.Array:
         """The kernel ``a @ b`` (float32 products at full precision), cast to ``dtype``."""
         return _dequantize(
-            self._a, self._b, self._dtype, self._layer_shape, self._contracting, self._output
+            self.a, self.b, self.dtype, self.layer_shape, self.contracting, self.output
         )
 
     def dot_general(
@@ -264,11 +212,11 @@ class LowRank(jtree.Compressed):
             xc, wc, xb, wb = tuple(lc), tuple(rc), tuple(lb), tuple(rb)
         else:
             xc, wc, xb, wb = tuple(rc), tuple(lc), tuple(rb), tuple(lb)
-        dtype = _compute_dtype(lhs.dtype, self._a.dtype, self._b.dtype)
+        dtype = _compute_dtype(lhs.dtype, self.a.dtype, self.b.dtype)
         out_dtype = preferred_element_type or dtype
         ns = self._stacked
-        layer_c = {ns + c for c in self._contracting}
-        layer_o = {ns + o for o in self._output}
+        layer_c = {ns + c for c in self.contracting}
+        layer_o = {ns + o for o in self.output}
         fast = set(wb) == set(range(ns)) and set(wc) in (layer_c, layer_o)
         if not fast:
             w = self.dequantize().astype(dtype)
@@ -295,10 +243,10 @@ class LowRank(jtree.Compressed):
         layer's output would be; the second product accumulates into ``out_dtype``.
         """
         ns = self._stacked
-        a, b = self._a.astype(dtype), self._b.astype(dtype)
+        a, b = self.a.astype(dtype), self.b.astype(dtype)
         # x's contracted axes, ordered like the layer axes they meet, flattened into one axis
         group, free = (
-            (self._contracting, self._output) if contract_in else (self._output, self._contracting)
+            (self.contracting, self.output) if contract_in else (self.output, self.contracting)
         )
         pairs = dict(zip(wc, xc))
         x_group = [pairs[ns + g] for g in group]
@@ -317,7 +265,7 @@ class LowRank(jtree.Compressed):
             precision=precision,
             preferred_element_type=out_dtype,
         )
-        return y.reshape(*y.shape[:-1], *(self._layer_shape[f] for f in free))
+        return y.reshape(*y.shape[:-1], *(self.layer_shape[f] for f in free))
 
 
 def factorable(

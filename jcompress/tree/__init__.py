@@ -7,7 +7,8 @@ should correspond (params, masks, roles, statistics) are matched by exact path, 
 This package imports nothing else from jcompress. One concept per module:
 
 * ``_compressed``: :class:`Compressed`, the base class of compressed leaves (``QArray``, low-rank
-  factors, ...). Every jcompress tree walk treats a compressed node as one leaf;
+  factors, ...), whose fields are declared with :func:`field`, and the table of leaf kinds that
+  checkpoints store. Every jcompress tree walk treats a compressed node as one leaf;
   :func:`is_compressed` is the ``is_leaf=`` to pass to your own ``jax.tree.map``.
 * ``_paths``: :func:`path_str`, :func:`leaves_with_paths`, matching trees by path
   (:func:`match_paths`, :func:`match_by_path`, :func:`map_with_paths`).
@@ -22,7 +23,7 @@ This package imports nothing else from jcompress. One concept per module:
   index arithmetic between a group's channels and its members' indices.
 """
 
-from jcompress.tree._compressed import Compressed, is_compressed
+from jcompress.tree._compressed import Compressed, field, fields, is_compressed
 from jcompress.tree._forms import (
     check_array_leaf,
     check_finite,
@@ -76,6 +77,8 @@ __all__ = [
     "common_prefix_hint",
     "default_role",
     "describe_form",
+    "field",
+    "fields",
     "is_array_leaf",
     "is_compressed",
     "is_concrete",

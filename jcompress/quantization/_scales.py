@@ -1,5 +1,6 @@
-"""Scales: which elements share a scale (layout), how the clipping range is chosen (calibration),
-and rounding to integers. Everything here is traceable and vectorised over channels/groups.
+"""Scales: which elements share a scale (scale blocks), how the clipping range is chosen
+(calibration), and rounding to integers. Everything here is traceable and vectorised over
+channels/groups.
 
 Conventions (``qmin, qmax = spec.levels``, all arithmetic in ``float32``):
 
@@ -36,7 +37,7 @@ from jcompress import tree as jtree
 from jcompress.quantization._qarray import broadcast_apply, dequantize_blocks, storage_dtype
 from jcompress.quantization._spec import MSE, Percentile, PerChannel, PerGroup, QuantSpec
 
-__all__ = ["Layout", "Scales", "layout", "compute_scales", "to_int", "fake_quant"]
+__all__ = ["ScaleBlocks", "Scales", "compute_scales", "fake_quant", "scale_blocks", "to_int"]
 
 _TINY = float(np.finfo(np.float32).tiny)
 
@@ -49,7 +50,7 @@ class Scales(NamedTuple):
     zero_point: jax.Array | None = None
 
 
-class Layout(NamedTuple):
+class ScaleBlocks(NamedTuple):
     """How a leaf of ``shape`` is split into blocks that share one scale (hashable, static).
 
     ``split_shape`` is ``shape`` with the group axis split into ``(n, size)`` (``PerGroup``) or
@@ -62,14 +63,18 @@ class Layout(NamedTuple):
     scale_shape: tuple[int, ...]
 
 
-def layout(path: str, shape: tuple[int, ...], spec: QuantSpec, role: jtree.Role) -> Layout:
-    """The block layout of a leaf; a ``PerGroup`` size that does not divide is an error.
+def scale_blocks(
+    path: str, shape: tuple[int, ...], spec: QuantSpec, role: jtree.Role
+) -> ScaleBlocks:
+    """The blocks of a leaf that share one scale; a ``PerGroup`` size that does not divide is an
+    error.
 
     >>> from jcompress.tree import Role
-    >>> layout("k", (64, 10), QuantSpec(granularity=PerGroup(16)), Role("matmul", (0,), (1,)))
-    Layout(split_shape=(4, 16, 10), reduce_axes=(1,), scale_shape=(4, 10))
+    >>> dense = Role("matmul", (0,), (1,))
+    >>> scale_blocks("k", (64, 10), QuantSpec(granularity=PerGroup(16)), dense)
+    ScaleBlocks(split_shape=(4, 16, 10), reduce_axes=(1,), scale_shape=(4, 10))
     >>> conv = Role("conv", (0, 1, 2), (3,))
-    >>> layout("k", (3, 3, 64, 8), QuantSpec(granularity=PerGroup(32)), conv).scale_shape
+    >>> scale_blocks("k", (3, 3, 64, 8), QuantSpec(granularity=PerGroup(32)), conv).scale_shape
     (3, 3, 2, 8)
     """
     shape = tuple(int(d) for d in shape)
@@ -79,7 +84,7 @@ def layout(path: str, shape: tuple[int, ...], spec: QuantSpec, role: jtree.Role)
     if not isinstance(spec.granularity, PerGroup):
         scale_shape = tuple(d if a in kept else 1 for a, d in enumerate(shape))
         reduce_axes = tuple(a for a in range(len(shape)) if a not in kept)
-        return Layout(shape, reduce_axes, scale_shape)
+        return ScaleBlocks(shape, reduce_axes, scale_shape)
     size = spec.granularity.size
     if not role.contracting:
         raise ValueError(
@@ -98,7 +103,7 @@ def layout(path: str, shape: tuple[int, ...], spec: QuantSpec, role: jtree.Role)
     n = shape[g] // size
     split = (*shape[:g], n, size, *shape[g + 1 :])
     scale_shape = (*shape[:g], n, *shape[g + 1 :])
-    return Layout(split, (g + 1,), scale_shape)
+    return ScaleBlocks(split, (g + 1,), scale_shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,13 +196,13 @@ def _mse_ratio(w, lo, hi, bad, axes, spec: QuantSpec, dtype):
     return ratio
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "lay"))
-def compute_scales(w: jax.Array, *, spec: QuantSpec, lay: Layout) -> Scales:
-    """Calibrate one leaf: :class:`Scales` of ``lay.scale_shape`` (zero point in the container
+@functools.partial(jax.jit, static_argnames=("spec", "blocks"))
+def compute_scales(w: jax.Array, *, spec: QuantSpec, blocks: ScaleBlocks) -> Scales:
+    """Calibrate one leaf: :class:`Scales` of ``blocks.scale_shape`` (zero point in the container
     dtype)."""
     dtype = w.dtype
-    w = w.astype(jnp.float32).reshape(lay.split_shape)
-    axes = lay.reduce_axes
+    w = w.astype(jnp.float32).reshape(blocks.split_shape)
+    axes = blocks.reduce_axes
     if isinstance(spec.calibration, Percentile) and spec.calibration.q < 100:
         # Sorting ignores the NaN-propagation the max/min below rely on: check explicitly.
         bad = jnp.logical_not(jnp.all(jnp.isfinite(w), axis=axes, keepdims=True))
@@ -214,9 +219,9 @@ def compute_scales(w: jax.Array, *, spec: QuantSpec, lay: Layout) -> Scales:
     else:
         ratio = jnp.ones((), jnp.float32)
     scale, zp = _scale_zero_point(lo, hi, ratio, bad, spec)
-    scale = scale.reshape(lay.scale_shape)
+    scale = scale.reshape(blocks.scale_shape)
     if zp is not None:
-        zp = zp.reshape(lay.scale_shape).astype(jnp.int8).astype(storage_dtype(spec.bits))
+        zp = zp.reshape(blocks.scale_shape).astype(jnp.int8).astype(storage_dtype(spec.bits))
     return Scales(scale, zp)
 
 
