@@ -8,8 +8,8 @@ the protocol in :mod:`jcompress.tree`; this module is the checkpoint's view of i
 
 from __future__ import annotations
 
-from jcompress.tree._compressed import Kind, kind_named, kind_of, register_compressed
-from jcompress.tree._compressed import kind_names as registered
+from jcompress.tree._kinds import Kind, kind_named, kind_of, register_compressed
+from jcompress.tree._kinds import kind_names as registered
 
 __all__ = ["CompressedKind", "kind_named", "kind_of", "register_compressed", "registered"]
 

@@ -7,9 +7,10 @@ should correspond (params, masks, roles, statistics) are matched by exact path, 
 This package imports nothing else from jcompress. One concept per module:
 
 * ``_compressed``: :class:`Compressed`, the base class of compressed leaves (``QArray``, low-rank
-  factors, ...), whose fields are declared with :func:`field`, and the table of leaf kinds that
-  checkpoints store. Every jcompress tree walk treats a compressed node as one leaf;
-  :func:`is_compressed` is the ``is_leaf=`` to pass to your own ``jax.tree.map``.
+  factors, ...), whose fields are declared with :func:`field`. Every jcompress tree walk treats
+  a compressed node as one leaf; :func:`is_compressed` is the ``is_leaf=`` to pass to your own
+  ``jax.tree.map``. ``_kinds``: the names under which checkpoints store leaf classes, filled in
+  by the classes themselves.
 * ``_paths``: :func:`path_str`, :func:`leaves_with_paths`, matching trees by path
   (:func:`match_paths`, :func:`match_by_path`, :func:`map_with_paths`).
 * ``_forms``: tree forms (nnx ``Variable`` s: :func:`unwrap` / :func:`rewrap`; Equinox modules)

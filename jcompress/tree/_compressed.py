@@ -6,23 +6,24 @@ it offers (``dot_general``, ``conv``, ``take``) without importing the modules th
 
 A leaf class declares its fields once, with :func:`field`; the rest is derived (pytree
 registration with keys, immutability, ``repr``, ``replace``, ``nbytes``, ``stored``, indexing of
-stacked layers, and, with ``kind=``, the name under which checkpoints and exports store it). The
-table of those names (the *kinds*) lives here, so that a leaf module registers itself at class
-definition and the checkpoint code knows only this protocol.
+stacked layers, and, with ``kind=``, the name under which checkpoints and exports store it, in
+the table of :mod:`jcompress.tree._kinds`: a leaf module registers itself at class definition,
+and the checkpoint code knows only this protocol.
 """
 
 from __future__ import annotations
 
 import abc
-import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["Compressed", "Field", "Kind", "field", "fields", "is_compressed", "register_compressed"]
+from jcompress.tree._kinds import register_compressed
+
+__all__ = ["Compressed", "Field", "field", "fields", "is_compressed"]
 
 _MISSING = object()
 
@@ -102,116 +103,6 @@ def fields(leaf: Any) -> tuple[Field, ...]:
     if not (isinstance(cls, type) and issubclass(cls, Compressed)):
         raise TypeError(f"fields() takes a compressed leaf or leaf class, got {cls.__name__}")
     return cls._fields
-
-
-# ------------------------------------------------------------------------------------------------
-# Kinds: the names under which checkpoints and exports store compressed leaves
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Kind:
-    """How one compressed-leaf class is stored: its name, array children and static fields.
-
-    A leaf ``x`` is stored as ``getattr(x, a)`` for ``a`` in ``arrays`` (an array, ``None`` or
-    a compressed leaf, stored the same way) and ``getattr(x, s)`` for ``s`` in ``static``, and
-    rebuilt as ``build(**arrays, **static)``.
-    """
-
-    name: str
-    cls: type
-    arrays: tuple[str, ...]
-    static: tuple[str, ...]
-    build: Callable[..., Any]
-
-
-_BY_NAME: dict[str, Kind] = {}
-_BY_TYPE: dict[type, Kind] = {}
-
-
-def register_compressed(
-    cls: type,
-    *,
-    name: str,
-    arrays: Sequence[str] | None = None,
-    static: Sequence[str] | None = None,
-    build: Callable[..., Any] | None = None,
-) -> None:
-    """Let checkpoints (and reports, exports) hold leaves of the compressed-leaf class ``cls``.
-
-    Needed only for a class that builds its own pytree node; a class that declares its fields
-    with :func:`jcompress.tree.field` registers itself with ``kind="Name"`` in its class
-    statement. A leaf ``x`` is saved as its array attributes ``getattr(x, a)`` for ``a`` in
-    ``arrays`` (each an array, ``None`` or a compressed leaf) and its static attributes
-    (JSON-able values, dtypes, tuples), and loaded as ``build(**arrays, **static)`` (default:
-    ``cls.from_stored``, which calls ``cls(**arrays, **static)``). The ``name`` is written into
-    the checkpoint, so loading needs the same name registered; no code is named in the file.
-
-    Args:
-      cls: a subclass of :class:`jcompress.tree.Compressed`.
-      name: a stable name for the kind (``"QArray"``).
-      arrays: attribute names of the array children (default: ``cls.array_fields``).
-      static: attribute names of the static fields (default: ``cls.static_fields``).
-      build: rebuilds a leaf from keyword arguments named after ``arrays`` and ``static``.
-
-    Raises:
-      TypeError: ``cls`` is not a ``Compressed`` subclass.
-      ValueError: ``name`` is already registered for another class, or fields repeat.
-
-    >>> import dataclasses, jax, jax.numpy as jnp
-    >>> @jax.tree_util.register_dataclass
-    ... @dataclasses.dataclass(frozen=True)
-    ... class Halved(Compressed):
-    ...     half: jax.Array
-    ...     def dequantize(self): return self.half * 2
-    ...     shape = property(lambda self: self.half.shape)
-    ...     dtype = property(lambda self: self.half.dtype)
-    ...     nbytes = property(lambda self: self.half.nbytes)
-    >>> register_compressed(Halved, name="doctest.register.Halved", arrays=("half",))
-    """
-    if not (isinstance(cls, type) and issubclass(cls, Compressed)):
-        raise TypeError(f"register_compressed needs a Compressed subclass, got {cls!r}")
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"register_compressed: name must be a non-empty string, got {name!r}")
-    arrays = tuple(cls.array_fields if arrays is None else arrays)
-    static = tuple(cls.static_fields if static is None else static)
-    fields = arrays + static
-    if len(set(fields)) != len(fields) or not arrays:
-        raise ValueError(
-            f"register_compressed({name!r}): arrays={arrays} and static={static} must be "
-            "distinct names, with at least one array"
-        )
-    known = _BY_NAME.get(name)
-    if known is not None and known.cls is not cls and not _same_definition(known.cls, cls):
-        raise ValueError(
-            f"compressed-leaf kind {name!r} is already registered for "
-            f"{known.cls.__module__}.{known.cls.__qualname__}; choose another name"
-        )
-    if known is not None:
-        _BY_TYPE.pop(known.cls, None)
-    kind = Kind(name, cls, arrays, static, build or cls.from_stored)
-    _BY_NAME[name] = kind
-    _BY_TYPE[cls] = kind
-
-
-def _same_definition(a: type, b: type) -> bool:
-    """The same class statement run again (a reloaded module): it takes the name over."""
-    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
-
-
-def kind_of(leaf: Any) -> Kind | None:
-    """The kind of a compressed leaf (by its exact class), or ``None`` when not registered."""
-    return _BY_TYPE.get(type(leaf))
-
-
-def kind_named(name: str) -> Kind | None:
-    """The kind registered under ``name``, or ``None``."""
-    return _BY_NAME.get(name)
-
-
-def kind_names() -> list[str]:
-    """Every registered kind's name, sorted."""
-    return sorted(_BY_NAME)
 
 
 # ------------------------------------------------------------------------------------------------
