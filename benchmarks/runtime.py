@@ -84,8 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Run
 
 from jcompress.demo import MLP
-from jcompress.quantization import PerGroup, QArray, QuantSpec, quantize
-from jcompress.quantization import runtime_layout
+from jcompress.quantization import PerGroup, QArray, QuantSpec, quantize, runtime_layout
 from jcompress.quantization._qarray import widen
 from jcompress.runtime import compressed, explain, roles
 
