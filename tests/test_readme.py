@@ -72,3 +72,25 @@ def test_help_from_an_empty_directory(command, tmp_path, monkeypatch, capsys):
     assert main([*command, "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: jcompress")
     assert list(tmp_path.iterdir()) == []  # --help writes nothing
+
+
+ARCHITECTURE = README.parent / "ARCHITECTURE.md"
+
+
+def test_architecture_maps_every_module_and_names_only_real_files():
+    """ARCHITECTURE.md's module map covers every module, and every file it names exists."""
+    text = ARCHITECTURE.read_text()
+    package = README.parent / "jcompress"
+    table = " ".join(line for line in text.splitlines() if line.startswith("| `"))
+    for module in sorted(package.rglob("*.py")):
+        if module.name == "__init__.py":
+            continue
+        rel = module.relative_to(package).as_posix()
+        assert f"`{rel}`" in table, f"{rel} is missing from ARCHITECTURE.md's module map"
+    for ref in re.findall(r"`((?:tests|benchmarks|studies|examples)/[\w/.-]+\.py)`", text):
+        assert (README.parent / ref).is_file(), ref
+    for ref in re.findall(
+        r"`((?:tree|runtime|calibration|pruning|quantization|structure|checkpoint|distillation)/_\w+\.py)`",
+        text,
+    ):
+        assert (package / ref).is_file(), ref
