@@ -14,7 +14,7 @@ from test_lowrank import np_dot_general
 from test_runtime_compressed import LAYOUTS, SPECS, _dequantize, _quant, _quantize_tree
 from test_runtime_roles import Stack
 
-from jcompress.quantization import _kernels
+from jcompress.quantization import _dispatch, _kernels
 from jcompress.quantization._qarray import OutMajor, QArray, widen
 from jcompress.runtime import compressed, explain, roles
 from jcompress.runtime._explain import FUSED, INTEGER_DOT
@@ -297,7 +297,7 @@ def test_chunk_sizes():
 
 def test_dispatch_per_group_and_batch():
     size = 4096 * 4096
-    f = functools.partial(_kernels.formulation, "weight_only", backend="cpu", int8_dot=True)
+    f = functools.partial(_dispatch.formulation, "weight_only", backend="cpu", int8_dot=True)
     assert [f(r, size=size) for r in (1, 16, 256)] == ["limbs"] * 3
     # per group: one integer dot per group while 2 * rows <= group, then chunked dequantization
     assert [f(r, size=size, grouped=True, group=128) for r in (1, 64, 65)] == [
@@ -309,9 +309,9 @@ def test_dispatch_per_group_and_batch():
     assert f(1, size=100, grouped=True) == "dequantize"
     # no int8 dot instruction (or an unknown CPU): the float formulations only
     assert f(1, size=size, int8_dot=False) == "chunked"
-    assert _kernels.formulation("weight_only", 1, "gpu", size=size, grouped=True) == "dequantize"
-    assert _kernels.formulation("weight_only", 1, "metal", size=size) == "dequantize"
-    assert _kernels.formulation("int8", 1, "cpu", int8_dot=False) == "int8"
+    assert _dispatch.formulation("weight_only", 1, "gpu", size=size, grouped=True) == "dequantize"
+    assert _dispatch.formulation("weight_only", 1, "metal", size=size) == "dequantize"
+    assert _dispatch.formulation("int8", 1, "cpu", int8_dot=False) == "int8"
 
 
 def test_widen_nbytes_checkpoint_and_no_retrace(tmp_path):
@@ -447,12 +447,12 @@ def test_out_major_runs_one_integer_dot_and_equals_canonical(strict):
 
 def _pick(q, role):
     """``preferred_layout`` on a CPU with an int8 dot instruction, for any weight size."""
-    saved = _kernels.int8_dot_cpu, _kernels._MIN_SIZE
-    _kernels.int8_dot_cpu, _kernels._MIN_SIZE = (lambda: True), 1
+    saved = _dispatch.int8_dot_cpu, _dispatch._MIN_SIZE
+    _dispatch.int8_dot_cpu, _dispatch._MIN_SIZE = (lambda: True), 1
     try:
-        return _kernels.preferred_layout(q, role, "cpu")
+        return _dispatch.preferred_layout(q, role, "cpu")
     finally:
-        _kernels.int8_dot_cpu, _kernels._MIN_SIZE = saved
+        _dispatch.int8_dot_cpu, _dispatch._MIN_SIZE = saved
 
 
 def test_preferred_layout_keeps_what_a_loop_reads_best():
@@ -465,7 +465,7 @@ def test_preferred_layout_keeps_what_a_loop_reads_best():
     table = _quant(rng.standard_normal((10, 4)), Role("gather", (1,), (0,)))
     assert _pick(table, Role("gather", (1,), (0,))) is None and _pick(table, None) is None
     q = _quant(rng.standard_normal((8, 6)), dense)
-    assert _kernels.preferred_layout(q, dense, "gpu") is None
+    assert _dispatch.preferred_layout(q, dense, "gpu") is None
 
 
 def test_runtime_layout_take_index_stored_checkpoint_vmap_scan(tmp_path):
@@ -506,7 +506,7 @@ def test_runtime_layout_take_index_stored_checkpoint_vmap_scan(tmp_path):
 
     # a wrapper's QArray is widened (not laid out) by runtime_layout and widen
     awq = AWQArray(q4, jnp.ones((2, 8, 1)))
-    for wide in (widen(awq), _kernels.runtime_layout({"w": awq}, backend="cpu")["w"]):
+    for wide in (widen(awq), _dispatch.runtime_layout({"w": awq}, backend="cpu")["w"]):
         assert type(wide) is AWQArray and wide.inner.values.dtype == jnp.int8
         assert wide.inner.layout is None and wide.stored().inner.values.dtype == jnp.int4
 
@@ -514,8 +514,8 @@ def test_runtime_layout_take_index_stored_checkpoint_vmap_scan(tmp_path):
 def test_runtime_layout_model_explain_and_no_retrace(monkeypatch):
     """``runtime_layout`` on an nn.scan stack and an MLP: ``jc.compressed`` gives the canonical
     tree's results, explain names the one-dot formulation, a second call does not retrace."""
-    monkeypatch.setattr(_kernels, "int8_dot_cpu", lambda: True)
-    monkeypatch.setattr(_kernels, "_MIN_SIZE", 1)
+    monkeypatch.setattr(_dispatch, "int8_dot_cpu", lambda: True)
+    monkeypatch.setattr(_dispatch, "_MIN_SIZE", 1)
     model = Stack(features=8)
     x = jax.random.normal(jax.random.key(1), (2, 8))
     params = jax.jit(model.init)(jax.random.key(0), x)["params"]
@@ -527,13 +527,13 @@ def test_runtime_layout_model_explain_and_no_retrace(monkeypatch):
 
     role_map = roles(fn, params, x)
     q = _quantize_tree(params, role_map, bits=4)
-    fast = _kernels.runtime_layout(q, backend="cpu")
+    fast = _dispatch.runtime_layout(q, backend="cpu")
     kernel = fast["layers"]["Dense_0"]["kernel"]
     assert kernel.layout == OutMajor(1, 1) and kernel.values.dtype == jnp.int8
-    assert _kernels.runtime_layout(q, roles=role_map, backend="cpu")["layers"]["Dense_0"][
+    assert _dispatch.runtime_layout(q, roles=role_map, backend="cpu")["layers"]["Dense_0"][
         "kernel"
     ].layout == OutMajor(1, 1)
-    assert _kernels.runtime_layout(q, backend="gpu") is q
+    assert _dispatch.runtime_layout(q, backend="gpu") is q
     run = compressed(fn)
     traced.clear()
     got = run(fast, x)

@@ -11,7 +11,7 @@ from jax import lax
 from test_runtime_roles import Attention, Stack, shard_mapped
 
 from jcompress.demo import CNN, MLP
-from jcompress.quantization import _kernels
+from jcompress.quantization import _dispatch, _kernels
 from jcompress.quantization._qarray import QArray
 from jcompress.runtime import compressed, explain, roles
 from jcompress.runtime._explain import FLOAT_FALLBACK, GATHER, INTEGER_DOT
@@ -143,11 +143,11 @@ def test_kernel_nonfinite_rows_are_nan():
 
 
 def test_dispatch_table():
-    assert _kernels.formulation("weight_only", 1, "cpu", size=1 << 20, int8_dot=True) == "limbs"
-    assert _kernels.formulation("weight_only", 1, "cpu", size=100) == "dequantize"
-    assert _kernels.formulation("weight_only", 64, "gpu", size=1 << 20) == "dequantize"
+    assert _dispatch.formulation("weight_only", 1, "cpu", size=1 << 20, int8_dot=True) == "limbs"
+    assert _dispatch.formulation("weight_only", 1, "cpu", size=100) == "dequantize"
+    assert _dispatch.formulation("weight_only", 64, "gpu", size=1 << 20) == "dequantize"
     with pytest.raises(ValueError, match="mode"):
-        _kernels.formulation("fast", 1)
+        _dispatch.formulation("fast", 1)
 
 
 # ------------------------------------------------------------------------------------------------

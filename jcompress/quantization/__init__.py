@@ -16,7 +16,7 @@
   ``jc.compressed(fn, mode="int8")`` (W8A8 static).
 """
 
-from jcompress.quantization._kernels import runtime_layout
+from jcompress.quantization._dispatch import runtime_layout
 from jcompress.quantization._qarray import OutMajor, QArray, widen
 from jcompress.quantization._qat import fake_quantize
 from jcompress.quantization._quantize import calibrate, dequantize, nonfinite, quantize

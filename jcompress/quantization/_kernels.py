@@ -1,5 +1,5 @@
-"""Matmul formulations for quantized weights (``QArray``), chosen per backend, batch size and
-layout.
+"""Matmul formulations for quantized weights (``QArray``); which one runs per backend, batch size
+and layout is decided in ``_dispatch.py``.
 
 ``QArray.dot_general`` delegates here. A ``QArray`` stands for ``(values - zero_point) * scale``
 (``scale``/``zero_point`` of the same rank as ``values``, size 1 on reduced axes; per-group: the
@@ -80,24 +80,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jcompress import tree as jtree
-from jcompress.quantization._qarray import OutMajor, QArray, dequantize_blocks, widen
+from jcompress.quantization._dispatch import FORMULATIONS, MODES, formulation
+from jcompress.quantization._qarray import QArray, dequantize_blocks  # noqa: F401 (doctests)
 
-__all__ = [
-    "FORMULATIONS",
-    "MODES",
-    "dot_general",
-    "formulation",
-    "int8_dot_cpu",
-    "preferred_layout",
-    "runtime_layout",
-]
+__all__ = ["dot_general"]
 
-MODES = ("weight_only", "int8")
-FORMULATIONS = ("dequantize", "chunked", "limbs")  # the weight-only ones, forced by formulation=
-# Below this many weight elements (the digits MLP) converting the weight costs less than the
-# limbs' extra work: the CPU dispatch dequantizes.
-_MIN_SIZE = 1 << 16
 _LIMB_BASE = 254.0
 # K-chunks of the loop formulations (CPU) over weights whose contracting axes are not the
 # trailing ones: XLA:CPU multiplies a whole K-major int8 weight several times slower than the
@@ -107,160 +94,6 @@ _MIN_CHUNK = 128
 _LOOP_BACKENDS = ("cpu",)
 _MAX_K = (2**31 - 1) // (127 * 128)
 _N_LIMBS = 3
-# CPU feature flags (``/proc/cpuinfo``) of an int8 dot-product instruction: x86 VNNI / AMX,
-# Arm dot product
-_INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
-
-
-@functools.cache
-def int8_dot_cpu() -> bool:
-    """Whether this machine's CPU has an int8 dot-product instruction (x86 VNNI or AMX, Arm
-    ``dotprod``), read from ``/proc/cpuinfo``; ``False`` where unknown (the safe float path).
-
-    The integer formulations multiply int8 by int8 with int32 accumulation; without such an
-    instruction they are not measured, so the CPU dispatch keeps to float formulations.
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return bool(set(value.split()) & set(_INT8_DOT_FLAGS))
-    except OSError:
-        pass
-    return False
-
-
-def formulation(
-    mode: str,
-    rows: int,
-    backend: str | None = None,
-    size: int | None = None,
-    *,
-    grouped: bool = False,
-    group: int | None = None,
-    int8_dot: bool | None = None,
-) -> str:
-    """The formulation ``mode`` resolves to for ``rows`` activation rows and a weight of ``size``
-    elements on ``backend`` (default: the default backend).
-
-    Args:
-      mode: ``"weight_only"`` (dispatch) or ``"int8"``; a formulation name returns itself.
-      rows: activation rows (the batch of a decode step).
-      backend: ``"cpu"``, ``"gpu"``, ``"tpu"``; another backend gets ``"dequantize"``.
-      size: weight elements (default: large).
-      grouped: per-group scales (``PerGroup``) along the contracting axis.
-      group: the contracted size of one group (default 128).
-      int8_dot: whether the CPU has an int8 dot-product instruction (default:
-        :func:`int8_dot_cpu`); without one the CPU keeps to float formulations.
-
-    The CPU rules (``benchmarks/runtime.py`` measures them): small weights dequantize; per-channel
-    weights use ``"limbs"`` at every batch; per-group weights use ``"limbs"`` (one integer dot
-    per group) while ``2 * rows <= group``, and ``"chunked"`` above, where accumulating
-    ``rows x out`` partial sums per group costs more than dequantizing a chunk. GPU/TPU compilers
-    fuse the dequantization into the dot: ``"dequantize"``.
-
-    >>> formulation("weight_only", 4, "cpu", size=4096 * 4096, int8_dot=True)
-    'limbs'
-    >>> formulation("weight_only", 256, "cpu", size=4096 * 4096, grouped=True, int8_dot=True)
-    'chunked'
-    >>> formulation("weight_only", 4, "cpu", size=4096 * 4096, int8_dot=False)
-    'chunked'
-    >>> formulation("weight_only", 4, "gpu", size=4096 * 4096)
-    'dequantize'
-    >>> formulation("int8", 4, "cpu")
-    'int8'
-    """
-    if mode in FORMULATIONS or mode == "int8":
-        return mode
-    if mode != "weight_only":
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if (backend or jax.default_backend()) != "cpu":
-        return "dequantize"
-    if size is not None and size < _MIN_SIZE:
-        return "dequantize"
-    if not (int8_dot_cpu() if int8_dot is None else int8_dot):
-        return "chunked"
-    if grouped and 2 * rows > (128 if group is None else group):
-        return "chunked"
-    return "limbs"
-
-
-def preferred_layout(qarray: Any, role: jtree.Role | None = None, backend: str | None = None):
-    """The layout :func:`runtime_layout` gives ``qarray`` on ``backend``: :class:`OutMajor` for a
-    per-channel matmul weight of at least 2^16 elements on a CPU with an int8 dot instruction
-    (one integer dot over contiguous rows reads it at memory speed), else ``None``.
-
-    The axes come from ``role`` (contracting axes directly followed by the output axes, at the
-    end) or, without one, from the scales: trailing axes with one scale per element are output
-    axes, the size-1 axes before them contracting axes (Flax ``Dense`` / ``DenseGeneral``
-    kernels). Per-group and per-tensor scales, gathered tables and weights whose contracting
-    axes already come last (Equinox ``(out, in)``) keep ``None``.
-    """
-    if (backend or jax.default_backend()) != "cpu" or not int8_dot_cpu():
-        return None
-    if not isinstance(qarray, QArray) or math.prod(qarray.shape) < _MIN_SIZE:
-        return None
-    shape, scale = qarray.shape, qarray.canonical().scale.shape
-    n = len(shape)
-    if role is not None:
-        if role.kind != "matmul":
-            return None
-        c, o = sorted(role.contracting), sorted(role.output)
-        b = len(o)
-        if not c or not o or o != list(range(n - b, n)) or c != list(range(n - b - len(c), n - b)):
-            return None
-        a = len(c)
-    else:
-        b = 0
-        while b < n - 1 and scale[n - 1 - b] == shape[n - 1 - b]:
-            b += 1
-        a = 0
-        while a + b < n and scale[n - 1 - b - a] == 1:
-            a += 1
-    if a == 0 or b == 0:
-        return None
-    if any(scale[d] != 1 for d in range(n - b - a, n - b)):
-        return None  # per-group (or per-element) scales on a contracting axis
-    return OutMajor(contracting=a, output=b)
-
-
-def runtime_layout(tree: Any, *, roles: dict[str, jtree.Role] | None = None, backend=None) -> Any:
-    """``tree`` with every ``QArray`` in the layout ``jc.compressed`` computes with fastest.
-
-    A one-time transform after loading (or quantizing), as :func:`widen` is, never inside the
-    jitted function. On CPU: sub-byte values widened to ``int8`` containers (XLA:CPU keeps
-    int4/int2 buffers at one byte per value anyway, and would convert them on every call), and
-    per-channel matmul weights output-major (:func:`preferred_layout`), read by one integer dot;
-    a ``QArray`` inside a wrapper leaf (``AWQArray``) is widened only. On GPU/TPU the tree is
-    returned unchanged (their compilers fuse the dequantization). Results stay
-    ``fn(dequantize(tree))`` to float rounding; ``jc.checkpoint.save`` stores the canonical
-    packed form (:meth:`QArray.stored`), so loading gives it back: call this again.
-
-    Args:
-      tree: a parameter tree with ``QArray`` leaves (others are returned as they are).
-      roles: ``{path: Role}`` (``jc.roles``) naming each weight's axes; default: read from the
-        scales (see :func:`preferred_layout`).
-      backend: the backend to prepare for (default: the default backend).
-
-    >>> import jax.numpy as jnp
-    >>> from jcompress.quantization import QuantSpec, quantize
-    >>> q = quantize({"kernel": jnp.ones((512, 256))}, QuantSpec(bits=4))
-    >>> fast = runtime_layout(q, backend="cpu")
-    >>> fast["kernel"].values.dtype, fast["kernel"].shape
-    (dtype('int8'), (512, 256))
-    """
-    backend = backend or jax.default_backend()
-    if backend != "cpu":
-        return tree
-
-    def one(path, x):
-        if not isinstance(x, QArray):
-            return widen(x) if jtree.is_compressed(x) else x
-        role = None if roles is None else roles.get(path)
-        return x.widen().with_layout(preferred_layout(x, role, backend))
-
-    return jtree.map_with_paths(one, tree)
 
 
 def _split(dimension_numbers, weight_is_rhs):

@@ -220,7 +220,7 @@ def compressed(
     * a ``dot_general`` reading a compressed leaf (possibly through transposes or dtype casts)
       calls the leaf's own ``dot_general`` with ``mode`` and ``options`` (for ``QArray``: the
       formulation chosen for the backend, batch size and layout, see
-      ``jcompress.quantization._kernels``);
+      ``jcompress.quantization._dispatch``);
     * a ``conv_general_dilated`` calls the leaf's ``conv`` if it has one (``QArray`` has none:
       its convolution kernels are dequantized);
     * an embedding ``gather`` calls the leaf's ``take`` (only the rows taken are dequantized);
