@@ -26,7 +26,7 @@ import numpy as np
 
 from jcompress import tree as jtree
 from jcompress.pruning._masks import Masks, masks_from_scores
-from jcompress.pruning._plan import Plan, plan_selection
+from jcompress.pruning._plan import Plan, plan_selection, takes_rules
 from jcompress.pruning._structures import NM, Channels, Structure
 from jcompress.tree import Params, Role, Selection, Where
 
@@ -44,6 +44,17 @@ def _planned(params: Params, sparsity: Any, what: str, **kwargs: Any) -> tuple[P
     return plan_selection(params, sparsity=sparsity, what=what, require_sparsity=True, **kwargs)
 
 
+def _narrow_scores(call: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
+    """``score_masks``'s arguments for one rule: a flat ``{path: scores}`` dict narrowed to
+    ``paths`` (a pytree with the params' paths is matched by path as it is)."""
+    scores = call["scores"]
+    if isinstance(scores, Mapping) and all(isinstance(p, str) and p in scores for p in paths):
+        if not any(isinstance(v, Mapping) for v in scores.values()):
+            return {**call, "scores": {p: scores[p] for p in paths}}
+    return call
+
+
+@takes_rules("magnitude pruning")
 def magnitude_masks(
     params: Params,
     sparsity: jax.typing.ArrayLike | None,
@@ -58,7 +69,13 @@ def magnitude_masks(
     Args:
       params: parameter pytree (linen dict, ``nnx.State``, Equinox arrays, ...).
       sparsity: fraction removed, in ``[0, 1)``; exactly ``round(float32(sparsity) * S)`` of each
-        pool of ``S`` weights (channels for :class:`Channels`). ``None`` for :class:`NM`.
+        pool of ``S`` weights (channels for :class:`Channels`). ``None`` for :class:`NM`. Or
+        per-layer rules ``[(regex, sparsity | NM(n, m) | None), ...]``: the first
+        ``re.fullmatch`` on a selected leaf's path gives its sparsity (``None``: dense, no rule:
+        dense); every rule must win a leaf; ``scope="layer"`` only, no channel ``groups``. Each
+        leaf's mask is then the one this function gives that leaf alone (criteria
+        ``random_masks``, ``saliency_masks``, ``score_masks``, ``structured_masks`` and
+        ``wanda_masks`` take the same rules).
       scope: ``"layer"`` (each leaf and stacked slice on its own) or ``"global"`` (one threshold
         over every selected leaf; channels ranked by norms divided by their layer's mean channel
         norm).
@@ -80,6 +97,10 @@ def magnitude_masks(
     >>> masks = magnitude_masks(params, 0.5)
     >>> masks["Dense_0"]["kernel"].tolist(), masks["Dense_0"]["bias"]
     ([[False, True], [True, False]], True)
+    >>> deep = {"Dense_0": params["Dense_0"], "Dense_1": {"kernel": jnp.ones((2, 4))}}
+    >>> masks = magnitude_masks(deep, [("Dense_1/.*", 0.75), ("Dense_0/.*", None)])
+    >>> int((~masks["Dense_1"]["kernel"]).sum()), masks["Dense_0"]["kernel"]
+    (6, True)
     """
     p, chosen = _planned(
         params,
@@ -93,6 +114,7 @@ def magnitude_masks(
     return masks_from_scores(params, chosen.check_finite().values(), sparsity, p)
 
 
+@takes_rules("score_masks", narrow=_narrow_scores)
 def score_masks(
     params: Params,
     scores: Params | Mapping[str, Any],
@@ -139,6 +161,7 @@ def _path_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
+@takes_rules("random pruning")
 def random_masks(
     key: jax.Array,
     params: Params,
@@ -172,6 +195,7 @@ def random_masks(
     return masks_from_scores(params, scores, sparsity, p)
 
 
+@takes_rules("saliency pruning")
 def saliency_masks(
     params: Params,
     grads: Params,

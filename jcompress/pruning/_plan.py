@@ -9,9 +9,12 @@ jittable part (:func:`jcompress.pruning._masks.masks_from_scores`) only ranks sc
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
-from typing import Any
+import functools
+import inspect
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeAlias
 
+import jax
 import numpy as np
 
 from jcompress import tree as jtree
@@ -21,11 +24,15 @@ from jcompress.tree import Params, Role, Where
 
 __all__ = [
     "Plan",
+    "SparsityRules",
+    "by_rules",
     "check_fraction",
     "check_nm_size",
     "check_sparsity",
+    "only",
     "plan",
     "plan_selection",
+    "takes_rules",
 ]
 
 SCOPES = ("layer", "global")
@@ -239,3 +246,150 @@ def plan(
         sparsity=sparsity,
         what=what,
     )[0]
+
+
+SparsityRules: TypeAlias = Sequence[tuple[str, "float | NM | None"]]
+"""Ordered per-layer sparsities ``[(regex, sparsity | NM | None), ...]``: the first
+``re.fullmatch`` on a leaf's path wins; ``None`` leaves the leaf dense."""
+
+
+def _rule_value(i: int, regex: str, value: Any) -> Any:
+    if value is None or isinstance(value, NM):
+        return value
+    numeric = jtree.is_concrete(value) and not isinstance(value, str | bytes)
+    if isinstance(value, Unstructured | Channels) or not (
+        numeric and np.issubdtype(np.asarray(value).dtype, np.number)
+    ):
+        raise TypeError(
+            f"rule {i} ({regex!r}): a per-layer sparsity must be a number in [0, 1), NM(n, m) or "
+            f"None, got {value!r}"
+        )
+    if np.ndim(value) != 0:
+        raise ValueError(f"rule {i} ({regex!r}): the sparsity must be a scalar, got {value!r}")
+    return check_fraction(value, f"rule {i} ({regex!r}): the sparsity")
+
+
+def by_rules(
+    masks_for: Any,
+    params: Params,
+    rules: Any,
+    *,
+    structure: Structure | None,
+    scope: str,
+    where: Where,
+    roles: Mapping[str, Role] | None,
+    what: str,
+    kinds: Iterable[str] | None = None,
+) -> Any:
+    """Masks for ordered per-layer sparsity rules, built from one call per distinct value.
+
+    ``masks_for(sparsity, structure, paths)`` is the criterion itself (e.g. ``magnitude_masks``
+    with ``where=only(paths)`` and its other arguments fixed); it is called once per distinct
+    rule value with the paths that value wins (in tree order), and the masks are merged (each
+    selected leaf is pruned by exactly one call; ``None`` rules leave theirs dense). An
+    ``NM(n, m)`` value prunes its leaves N:M. Rules need ``scope="layer"`` (a global threshold
+    across leaves of different sparsities has no meaning) and no channel ``groups`` (a group
+    spans several leaves).
+
+    Raises:
+      TypeError / ValueError: a malformed rule, a rule winning no leaf, every leaf left dense,
+        ``scope="global"``, channel groups, or an ``NM`` rule with a structure other than
+        unstructured; each naming the rule and the fix.
+    """
+    base = _check_structure(structure, scope)
+    if scope != "layer":
+        raise ValueError(
+            f"{what}: per-layer sparsity rules need scope='layer' (got {scope!r}); a global "
+            "threshold ranks every leaf against one sparsity, so pass one number for that"
+        )
+    if isinstance(base, NM):
+        raise ValueError(
+            f"{what}: structure=NM fixes each leaf's sparsity; put NM(n, m) in the rules instead "
+            "(e.g. [('.*attn.*', NM(2, 4)), ('.*', 0.5)])"
+        )
+    if isinstance(base, Channels) and base.groups is not None:
+        raise ValueError(
+            f"{what}: per-layer sparsity rules cannot prune channel groups (a group spans "
+            "several leaves); pass one sparsity, or rules without groups="
+        )
+    parsed = jtree.parse_rules(rules, check=_rule_value, kind="sparsity | NM | None")
+    kinds = _kinds(base) if kinds is None else tuple(kinds)
+    chosen = jtree.selection(params, where, roles=roles, kinds=kinds, what=what)
+    assigned = jtree.assign(chosen.paths, parsed, what=what, all_paths=list(chosen.all_paths))
+    by_value: dict[Any, list[str]] = {}
+    for path, value in assigned.items():
+        if value is not None:
+            by_value.setdefault(value, []).append(path)
+    if not by_value:
+        raise ValueError(
+            f"{what}: every selected leaf is left dense by the rules (None); nothing to prune"
+        )
+    parts = []
+    for value, paths in by_value.items():
+        if isinstance(value, NM) and not isinstance(base, Unstructured):
+            raise ValueError(
+                f"{what}: the rule value {value!r} is N:M but structure={base!r}; N:M rules go "
+                "with the default unstructured structure"
+            )
+        nm = isinstance(value, NM)
+        parts.append(masks_for(None if nm else value, value if nm else base, tuple(paths)))
+    return jax.tree.map(_first_pruned, *parts)
+
+
+def takes_rules(what: str, *, kinds: Iterable[str] | None = None, narrow: Any = None) -> Any:
+    """Decorate a mask criterion so that its ``sparsity`` may be per-layer rules (:func:`by_rules`).
+
+    The criterion must name its arguments ``params``, ``sparsity``, ``where``, ``roles`` (and
+    ``structure`` / ``scope`` where it has them); with rules it is called once per rule value with
+    ``sparsity``, ``structure`` and ``where`` replaced. ``narrow(arguments, paths)`` may adjust
+    the other arguments to the narrowed paths (a flat score dict).
+    """
+
+    def decorate(criterion: Any) -> Any:
+        signature = inspect.signature(criterion)
+
+        @functools.wraps(criterion)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            given = bound.arguments
+            if not jtree.is_rules(given["sparsity"]):
+                return criterion(*args, **kwargs)
+
+            def masks_for(sparsity: Any, structure: Any, paths: tuple[str, ...]) -> Any:
+                call = dict(given, sparsity=sparsity, where=only(paths))
+                if "structure" in call:
+                    call["structure"] = structure
+                if narrow is not None:
+                    call = narrow(call, paths)
+                return criterion(**call)
+
+            return by_rules(
+                masks_for,
+                given["params"],
+                given["sparsity"],
+                structure=given.get("structure"),
+                scope=given.get("scope", "layer"),
+                where=given["where"],
+                roles=given["roles"],
+                what=what,
+                kinds=kinds,
+            )
+
+        return wrapper
+
+    return decorate
+
+
+def only(paths: Iterable[str]) -> Any:
+    """A ``where=`` callable selecting exactly ``paths``."""
+    wins = frozenset(paths)
+    return lambda path, _leaf: path in wins
+
+
+def _first_pruned(*masks: Any) -> Any:
+    """The one mask of a leaf that some rule pruned, else ``True`` (kept)."""
+    for m in masks:
+        if not (isinstance(m, bool | np.bool_) and m):
+            return m
+    return True

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress.calibration import check_stats
-from jcompress.pruning._plan import plan_selection
+from jcompress.pruning._plan import plan_selection, takes_rules
 from jcompress.pruning._structures import NM, Structure
 from jcompress.pruning._threshold import exact_count, keep_largest, keys_of, nm_keep
 from jcompress.tree import Params, Role, Where
@@ -90,6 +90,7 @@ def _stats_for(path: str, leaf: Any, role: Role, stats: Mapping[str, Any]) -> ja
     return sumsq
 
 
+@takes_rules("Wanda pruning", kinds=("matmul", "conv"))
 def wanda_masks(
     params: Params,
     stats: Mapping[str, Any],
@@ -107,7 +108,8 @@ def wanda_masks(
         batches with ``.merge``): ``||X||₂ = sqrt(sumsq)`` per input channel.
       sparsity: fraction removed in ``[0, 1)``: every output channel (each index of the role's
         output axes, per stacked slice) of ``C`` contracting weights loses exactly
-        ``round(float32(s) · C)``. ``None`` (or ``n/m``'s sparsity) with ``NM``.
+        ``round(float32(s) · C)``. ``None`` (or ``n/m``'s sparsity) with ``NM``. Or per-layer
+        rules ``[(regex, sparsity | NM(n, m) | None), ...]``, as in ``magnitude_masks``.
       structure: ``Unstructured()`` (default) or ``NM(n, m)`` (groups of ``m`` along the last
         contracting axis, each keeping its ``n`` best scores).
       where: selection; default: matmul/conv kernels (leaves with input statistics).

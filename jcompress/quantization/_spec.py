@@ -7,7 +7,6 @@ they can be static arguments of ``jax.jit``.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -222,30 +221,24 @@ Rules: TypeAlias = Sequence[tuple[str, QuantSpec | None]]
 SpecOrRules: TypeAlias = QuantSpec | Rules
 
 
-def _check_rules(spec_or_rules: Any) -> list[tuple[str | None, re.Pattern | None, Any]]:
-    """``[(regex text, compiled, spec)]``; a bare spec is one catch-all rule (regex ``None``)."""
+def _check_rules(spec_or_rules: Any) -> list[jtree.Rule]:
+    """The parsed rules; a bare spec is one catch-all rule (regex ``None``)."""
     if isinstance(spec_or_rules, QuantSpec):
-        return [(None, None, spec_or_rules)]
+        return [jtree.Rule(None, None, spec_or_rules)]
     if isinstance(spec_or_rules, str | Mapping) or not isinstance(spec_or_rules, Sequence):
         raise TypeError(
             "spec_or_rules must be a QuantSpec or an ordered list of (regex, QuantSpec | None) "
             f"pairs, got {type(spec_or_rules).__name__}"
         )
-    out = []
-    for i, rule in enumerate(spec_or_rules):
-        if not (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)):
-            raise TypeError(f"rule {i} must be a (regex, QuantSpec | None) pair, got {rule!r}")
-        regex, spec = rule
+    if not spec_or_rules:
+        raise ValueError("spec_or_rules is an empty list of rules; pass a QuantSpec or rules")
+
+    def check(i: int, regex: str, spec: Any) -> Any:
         if spec is not None and not isinstance(spec, QuantSpec):
             raise TypeError(f"rule {i} ({regex!r}): the spec must be a QuantSpec or None")
-        try:
-            compiled = re.compile(regex)
-        except re.error as e:
-            raise ValueError(f"rule {i}: {regex!r} is not a valid regular expression: {e}") from e
-        out.append((regex, compiled, spec))
-    if not out:
-        raise ValueError("spec_or_rules is an empty list of rules; pass a QuantSpec or rules")
-    return out
+        return spec
+
+    return jtree.parse_rules(spec_or_rules, check=check, kind="QuantSpec | None")
 
 
 def resolve_specs(
@@ -266,34 +259,14 @@ def resolve_specs(
     """
     rules = _check_rules(spec_or_rules)
     chosen = jtree.selection(params, where, roles=roles, what=what)
-    specs: dict[str, QuantSpec] = {}
-    wins = [0] * len(rules)
     for path, leaf in chosen.leaves.items():
         if jtree.is_compressed(leaf):
             raise ValueError(
                 f"{path}: {what} got a leaf that is already compressed ({type(leaf).__name__}); "
                 "call jc.quantization.dequantize(tree) first or exclude it with where="
             )
-        for i, (_, rx, spec) in enumerate(rules):
-            if rx is None or rx.fullmatch(path):
-                wins[i] += 1
-                if spec is not None:
-                    specs[path] = spec
-                break
-    all_paths = list(chosen.all_paths)
-    more = " ..." if len(all_paths) > 6 else ""
-    for (regex, rx, _), n in zip(rules, wins):
-        if n == 0 and rx is not None:
-            matched = [p for p in all_paths if rx.fullmatch(p)]
-            reason = (
-                f"it matches {matched[:4]}, which earlier rules take or where= leaves out"
-                if matched
-                else f"it matches no path (paths: {all_paths[:6]}{more})"
-            )
-            raise ValueError(
-                f"{what}: the rule {regex!r} selects no leaf: {reason}; fix or remove the rule "
-                "(the first re.fullmatch wins, so put specific rules before catch-alls)"
-            )
+    assigned = jtree.assign(chosen.paths, rules, what=what, all_paths=list(chosen.all_paths))
+    specs: dict[str, QuantSpec] = {p: v for p, v in assigned.items() if v is not None}
     if not specs:
         raise ValueError(
             f"{what}: every selected leaf is left in float by the rules (spec None); nothing to "

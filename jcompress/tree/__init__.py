@@ -17,6 +17,8 @@ This package imports nothing else from jcompress. One concept per module:
   and eager value checks (:func:`check_finite`).
 * ``_roles``: :class:`Role`, what a leaf *is* (``matmul``, ``conv``, ``gather`` or ``other``) and
   which axes contract, index output channels, or stack separate layers; :func:`default_role`.
+* ``_rules``: ordered per-leaf ``[(regex, value), ...]`` rules, the first ``re.fullmatch`` wins
+  (:func:`parse_rules`, :func:`assign`): quantization specs and per-layer sparsities.
 * ``_selection``: ``where=`` resolved once: :func:`selection` (a :class:`Selection` of paths,
   leaves, roles and the way back to a tree) and :func:`select` (the same as a bool pytree).
 * ``_groups``: :class:`Member` / :class:`Group`, plain data naming parameter axes that must
@@ -54,6 +56,7 @@ from jcompress.tree._paths import (
     path_str,
 )
 from jcompress.tree._roles import Role, default_role
+from jcompress.tree._rules import Rule, assign, is_rules, parse_rules
 from jcompress.tree._selection import (
     Selection,
     Where,
@@ -70,8 +73,10 @@ __all__ = [
     "MemberTable",
     "Params",
     "Role",
+    "Rule",
     "Selection",
     "Where",
+    "assign",
     "channel_mask",
     "check_array_leaf",
     "check_finite",
@@ -84,12 +89,14 @@ __all__ = [
     "is_compressed",
     "is_concrete",
     "is_equinox_module",
+    "is_rules",
     "is_variable",
     "leaves_with_paths",
     "map_with_paths",
     "match_by_path",
     "match_paths",
     "member_table",
+    "parse_rules",
     "path_str",
     "per_channel",
     "resolve_roles",
