@@ -165,3 +165,34 @@ def test_property_exact_counts_per_leaf(shape_a, shape_b, s_a, s_b, seed):
     for leaf, s in (("a", s_a), ("b", s_b)):
         size = int(np.prod(params[leaf]["kernel"].shape))
         assert _pruned(masks[leaf]["kernel"]) == round(float(np.float32(s)) * size)
+
+
+def test_sparsegpt_rules_equal_one_call_per_value():
+    rng = np.random.default_rng(4)
+    params = {
+        "Dense_0": {"kernel": jnp.asarray(rng.standard_normal((8, 16), np.float32))},
+        "Dense_1": {"kernel": jnp.asarray(rng.standard_normal((16, 8), np.float32))},
+        "Dense_2": {"kernel": jnp.asarray(rng.standard_normal((8, 4), np.float32))},
+    }
+
+    def fn(p, x):
+        h = jnp.tanh(x @ p["Dense_0"]["kernel"])
+        return jnp.tanh(h @ p["Dense_1"]["kernel"]) @ p["Dense_2"]["kernel"]
+
+    xs = [(jnp.asarray(rng.standard_normal((32, 8), np.float32)),) for _ in range(2)]
+    rules = [("Dense_0/.*", 0.5), ("Dense_1/.*", NM(2, 4)), ("Dense_2/.*", None)]
+    pruned, masks = jc.pruning.sparsegpt(fn, params, xs, rules, quiet=True)
+    one, m0 = jc.pruning.sparsegpt(fn, params, xs, 0.5, where="Dense_0/kernel", quiet=True)
+    two, m1 = jc.pruning.sparsegpt(
+        fn, params, xs, None, structure=NM(2, 4), where="Dense_1/kernel", quiet=True
+    )
+    for name, alone, mask in (("Dense_0", one, m0), ("Dense_1", two, m1)):
+        np.testing.assert_allclose(pruned[name]["kernel"], alone[name]["kernel"], rtol=1e-6)
+        np.testing.assert_array_equal(masks[name]["kernel"], mask[name]["kernel"])
+    np.testing.assert_array_equal(pruned["Dense_2"]["kernel"], params["Dense_2"]["kernel"])
+    assert masks["Dense_2"]["kernel"] is True
+    assert _pruned(masks["Dense_0"]["kernel"]) == 64
+    groups = np.asarray(masks["Dense_1"]["kernel"]).reshape(4, 4, 8)
+    assert (groups.sum(axis=1) == 2).all()
+    with pytest.raises(ValueError, match="structure=NM fixes each leaf"):
+        jc.pruning.sparsegpt(fn, params, xs, rules, structure=NM(2, 4), quiet=True)

@@ -32,6 +32,7 @@ __all__ = [
     "only",
     "plan",
     "plan_selection",
+    "rule_sparsities",
     "takes_rules",
 ]
 
@@ -269,32 +270,20 @@ def _rule_value(i: int, regex: str, value: Any) -> Any:
     return check_fraction(value, f"rule {i} ({regex!r}): the sparsity")
 
 
-def by_rules(
-    masks_for: Any,
-    params: Params,
-    rules: Any,
-    *,
-    structure: Structure | None,
-    scope: str,
-    where: Where,
-    roles: Mapping[str, Role] | None,
-    what: str,
-    kinds: Iterable[str] | None = None,
-) -> Any:
-    """Masks for ordered per-layer sparsity rules, built from one call per distinct value.
+def rule_sparsities(
+    chosen: jtree.Selection, rules: Any, *, structure: Structure | None, scope: str, what: str
+) -> dict[Any, tuple[str, ...]]:
+    """``{value: paths}``: the selected paths each per-layer sparsity rule value wins, in tree
+    order (``None`` values, which keep their leaves dense, left out).
 
-    ``masks_for(sparsity, structure, paths)`` is the criterion itself (e.g. ``magnitude_masks``
-    with ``where=only(paths)`` and its other arguments fixed); it is called once per distinct
-    rule value with the paths that value wins (in tree order), and the masks are merged (each
-    selected leaf is pruned by exactly one call; ``None`` rules leave theirs dense). An
-    ``NM(n, m)`` value prunes its leaves N:M. Rules need ``scope="layer"`` (a global threshold
-    across leaves of different sparsities has no meaning) and no channel ``groups`` (a group
-    spans several leaves).
+    Rules need ``scope="layer"`` (a global threshold across leaves of different sparsities has no
+    meaning) and no channel ``groups`` (a group spans several leaves); an ``NM(n, m)`` value goes
+    with the default unstructured structure.
 
     Raises:
       TypeError / ValueError: a malformed rule, a rule winning no leaf, every leaf left dense,
-        ``scope="global"``, channel groups, or an ``NM`` rule with a structure other than
-        unstructured; each naming the rule and the fix.
+        ``scope="global"``, channel groups, ``structure=NM`` or an ``NM`` rule with channels;
+        each naming the rule and the fix.
     """
     base = _check_structure(structure, scope)
     if scope != "layer":
@@ -313,8 +302,6 @@ def by_rules(
             "several leaves); pass one sparsity, or rules without groups="
         )
     parsed = jtree.parse_rules(rules, check=_rule_value, kind="sparsity | NM | None")
-    kinds = _kinds(base) if kinds is None else tuple(kinds)
-    chosen = jtree.selection(params, where, roles=roles, kinds=kinds, what=what)
     assigned = jtree.assign(chosen.paths, parsed, what=what, all_paths=list(chosen.all_paths))
     by_value: dict[Any, list[str]] = {}
     for path, value in assigned.items():
@@ -324,15 +311,44 @@ def by_rules(
         raise ValueError(
             f"{what}: every selected leaf is left dense by the rules (None); nothing to prune"
         )
-    parts = []
-    for value, paths in by_value.items():
+    for value in by_value:
         if isinstance(value, NM) and not isinstance(base, Unstructured):
             raise ValueError(
                 f"{what}: the rule value {value!r} is N:M but structure={base!r}; N:M rules go "
                 "with the default unstructured structure"
             )
+    return {value: tuple(paths) for value, paths in by_value.items()}
+
+
+def by_rules(
+    masks_for: Any,
+    params: Params,
+    rules: Any,
+    *,
+    structure: Structure | None,
+    scope: str,
+    where: Where,
+    roles: Mapping[str, Role] | None,
+    what: str,
+    kinds: Iterable[str] | None = None,
+) -> Any:
+    """Masks for ordered per-layer sparsity rules (:func:`rule_sparsities`), built from one call
+    per distinct value.
+
+    ``masks_for(sparsity, structure, paths)`` is the criterion itself (e.g. ``magnitude_masks``
+    with ``where=only(paths)`` and its other arguments fixed); it is called once per distinct
+    rule value with the paths that value wins (in tree order), and the masks are merged (each
+    selected leaf is pruned by exactly one call; ``None`` rules leave theirs dense). An
+    ``NM(n, m)`` value prunes its leaves N:M.
+    """
+    base = _check_structure(structure, scope)
+    kinds = _kinds(base) if kinds is None else tuple(kinds)
+    chosen = jtree.selection(params, where, roles=roles, kinds=kinds, what=what)
+    groups = rule_sparsities(chosen, rules, structure=base, scope=scope, what=what)
+    parts = []
+    for value, paths in groups.items():
         nm = isinstance(value, NM)
-        parts.append(masks_for(None if nm else value, value if nm else base, tuple(paths)))
+        parts.append(masks_for(None if nm else value, value if nm else base, paths))
     return jax.tree.map(_first_pruned, *parts)
 
 

@@ -32,7 +32,13 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jcompress import calibration
-from jcompress.pruning._plan import check_nm_size, check_sparsity, plan_selection
+from jcompress import tree as jtree
+from jcompress.pruning._plan import (
+    check_nm_size,
+    check_sparsity,
+    plan_selection,
+    rule_sparsities,
+)
 from jcompress.pruning._structures import NM, Channels, Structure, Unstructured
 from jcompress.pruning._threshold import exact_count, keep_largest
 from jcompress.tree import Params, Role, Where
@@ -195,7 +201,9 @@ def sparsegpt(
       params: the parameter tree.
       batches: a re-iterable (a list) of argument tuples (a bare array is one argument).
       sparsity: fraction removed in ``[0, 1)``: every output channel of ``C`` contracting weights
-        loses exactly ``round(float32(s) · C)``; ``None`` (or ``n/m``) with ``NM``.
+        loses exactly ``round(float32(s) · C)``; ``None`` (or ``n/m``) with ``NM``. Or per-layer
+        rules ``[(regex, sparsity | NM(n, m) | None), ...]`` as in ``magnitude_masks`` (first
+        ``re.fullmatch`` wins; ``None`` or no rule: the layer is neither pruned nor updated).
       structure: ``Unstructured()`` (default) or ``NM(n, m)`` along the last contracting axis.
       where: selection (default: matmul/conv leaves).
       roles: ``{path: Role}``; default: read from ``fn``'s jaxpr on the first batch
@@ -234,23 +242,33 @@ def sparsegpt(
             "jc.pruning.structured_masks for Channels"
         )
     layers = calibration.select_layers(fn, params, batches, where=where, roles=roles, what=what)
-    p, _ = plan_selection(
-        params,
-        structure=structure,
-        where=layers,
-        sparsity=sparsity,
-        what=what,
-        require_sparsity=True,
-    )
-    layer_sparsity = p.structure if isinstance(p.structure, NM) else sparsity
+    if jtree.is_rules(sparsity):
+        rules = rule_sparsities(layers, sparsity, structure=structure, scope="layer", what=what)
+        groups = list(rules.items())
+        layers = layers.narrow(path for _, paths in groups for path in paths)
+    else:
+        groups = [(sparsity, layers.paths)]
+    layer_sparsity = {}
+    for value, paths in groups:
+        nm = isinstance(value, NM)
+        p, _ = plan_selection(
+            params,
+            structure=value if nm else structure,
+            where=layers.narrow(paths),
+            sparsity=None if nm else value,
+            what=what,
+            require_sparsity=True,
+        )
+        for path in paths:
+            layer_sparsity[path] = p.structure if isinstance(p.structure, NM) else value
     calibration.check_options(what, block_size=block_size, percdamp=percdamp, what=what)
     options = {"block_size": block_size, "percdamp": float(percdamp)}
 
     def compress(path, leaf, stats):
         leaf = jnp.asarray(leaf)
-        lay = calibration.LeafMatrices.of(path, leaf.shape, p.roles[path])
+        lay = calibration.LeafMatrices.of(path, leaf.shape, layers.roles[path])
         lay.check_gram(stats)
-        structure, s = _structure_and_sparsity(path, layer_sparsity, lay.dims[1])
+        structure, s = _structure_and_sparsity(path, layer_sparsity[path], lay.dims[1])
         shared = dataclasses.replace(lay, path="")  # one compiled program across paths
         weights, mask, st = _sparsegpt_stack(
             leaf, stats, s, lay=shared, structure=structure, **options
