@@ -7,11 +7,13 @@ N:M. Each leaf's mask must equal the criterion called on that leaf alone with it
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import jcompress as jc
+from jcompress import pruning as P
 from jcompress.pruning import (
     NM,
     magnitude_masks,
@@ -196,3 +198,75 @@ def test_sparsegpt_rules_equal_one_call_per_value():
     assert (groups.sum(axis=1) == 2).all()
     with pytest.raises(ValueError, match="structure=NM fixes each leaf"):
         jc.pruning.sparsegpt(fn, params, xs, rules, structure=NM(2, 4), quiet=True)
+
+
+def _sgd_steps(tx, params, steps):
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: _apply(tx, p, s))
+    history = []
+    for _ in range(steps):
+        params, state = step(params, state)
+        history.append(jc.pruning.masks_of(state))
+    return params, state, history
+
+
+def _apply(tx, params, state):
+    grads = jax.tree.map(lambda x: 0.01 * jnp.sign(x), params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+
+def test_prune_schedule_rules_match_one_shot_rules():
+    params = _params()
+    rules = [
+        ("a/kernel", P.constant_schedule(0.25)),
+        ("b/kernel", None),
+        (".*", P.constant_schedule(0.75)),
+    ]
+    tx = P.prune(optax.sgd(0.1), schedule=rules)
+    pruned, state, [masks] = _sgd_steps(tx, params, 1)
+    expected = magnitude_masks(params, RULES)  # the same targets, one shot, from step 0's weights
+    for leaf in ("a", "c"):
+        np.testing.assert_array_equal(masks[leaf]["kernel"], expected[leaf]["kernel"])
+        assert (np.asarray(pruned[leaf]["kernel"])[~np.asarray(masks[leaf]["kernel"])] == 0).all()
+    assert np.asarray(masks["b"]["kernel"]).ndim == 0 and bool(masks["b"]["kernel"])
+    assert int(np.sum(np.asarray(pruned["b"]["kernel"]) == 0)) == 0  # dense, only trained
+    np.testing.assert_array_equal(state.target, [0.25, 0.75])
+
+
+def test_prune_schedule_rules_follow_each_schedule_without_regrowth():
+    params = _params()
+    early = P.polynomial_schedule(0.5, begin_step=0, end_step=4, update_every=2)
+    late = P.polynomial_schedule(0.8, begin_step=2, end_step=6, update_every=2)
+    tx = P.prune(optax.sgd(0.1), schedule=[("a/.*", early), ("[bc]/kernel", late)])
+    traces = []
+    tx_update = tx.update
+
+    def counted(*args, **kwargs):
+        traces.append(1)
+        return tx_update(*args, **kwargs)
+
+    tx = optax.GradientTransformationExtraArgs(tx.init, counted)
+    _, _, history = _sgd_steps(tx, params, 8)
+    assert len(traces) == 1  # one compile for every step, targets changing or not
+    for step, masks in enumerate(history):
+        for leaf, schedule in (("a", early), ("b", late), ("c", late)):
+            size = params[leaf]["kernel"].size
+            target = float(schedule(step))
+            assert _pruned(masks[leaf]["kernel"]) == round(float(np.float32(target)) * size)
+            if step:
+                before = np.asarray(history[step - 1][leaf]["kernel"])
+                assert not (np.asarray(masks[leaf]["kernel"]) & ~before).any()  # no regrowth
+
+
+def test_prune_schedule_rules_errors():
+    sched = P.constant_schedule(0.5)
+    with pytest.raises(ValueError, match="scope='layer'"):
+        P.prune(optax.sgd(0.1), schedule=[(".*", sched)], scope="global")
+    with pytest.raises(TypeError, match="must give a schedule"):
+        P.prune(optax.sgd(0.1), schedule=[(".*", 0.5)])
+    with pytest.raises(ValueError, match="nothing to prune"):
+        P.prune(optax.sgd(0.1), schedule=[(".*", None)])
+    tx = P.prune(optax.sgd(0.1), schedule=[("nothing", sched), (".*", sched)])
+    with pytest.raises(ValueError, match="'nothing' selects no leaf"):
+        tx.init(_params())

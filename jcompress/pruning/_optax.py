@@ -18,8 +18,8 @@ from jax import lax
 
 from jcompress import tree as jtree
 from jcompress.pruning import _masks
-from jcompress.pruning._plan import Plan, plan
-from jcompress.pruning._schedules import Schedule
+from jcompress.pruning._plan import Plan, first_pruned, only, plan
+from jcompress.pruning._schedules import Schedule, schedule_rules
 from jcompress.pruning._structures import NM
 
 __all__ = ["PruneState", "masks_of", "nonfinite", "prune"]
@@ -35,7 +35,8 @@ class PruneState(NamedTuple):
       masks: bool arrays with the parameters' paths (Variables unwrapped): broadcastable to the
         leaf for selected leaves, a scalar ``True`` for the rest. ``False`` marks a pruned weight.
       target: ``float32`` scalar, the target sparsity the masks were made for (with fixed
-        ``masks=``: the fraction of selected weights they prune).
+        ``masks=``: the fraction of selected weights they prune; with per-layer schedule rules:
+        one target per rule that prunes, in rule order).
       count: ``int32`` scalar, the number of ``update`` calls so far (the schedule's step).
       nonfinite: ``bool`` scalar, sticky: set once an ``update`` met NaN/Inf in the incoming
         updates (checked every step) or in the parameters (checked whenever masks are
@@ -224,7 +225,11 @@ def prune(
         args, or ``optax.MultiSteps``). Extra keyword arguments of ``update`` reach it.
       schedule: ``step -> target sparsity`` (:func:`constant_schedule`,
         :func:`polynomial_schedule`, or any non-decreasing function into ``[0, 1)``; checked
-        at step 0 when ``prune`` is called, clipped to ``[0, 1]`` inside ``jit``).
+        at step 0 when ``prune`` is called, clipped to ``[0, 1]`` inside ``jit``). Or per-layer
+        rules ``[(regex, schedule | None), ...]``: the first ``re.fullmatch`` on a selected
+        leaf's path gives its schedule (``None`` or no rule: dense); every rule must win a
+        leaf; ``scope="layer"`` only, no channel ``groups``. Masks are recomputed when any
+        rule's target changes, each leaf ranked against its own rule's target.
       masks: fixed masks to fine-tune with, instead of a schedule (bool arrays with the
         parameters' paths, e.g. from ``magnitude_masks`` or :func:`masks_of`).
       criterion: ``"magnitude"``, ``"saliency"``, ``"random"``, or a function
@@ -311,22 +316,27 @@ def prune(
                 f"prune: with masks= the masks decide what is pruned; {ignored} would be "
                 "ignored: drop them (or use schedule= to compute masks)"
             )
-    if schedule is not None and not callable(schedule):
-        raise TypeError(
-            f"prune: schedule must be a function step -> sparsity, got {type(schedule).__name__}"
-        )
+    rules = schedule_rules(schedule, structure=structure, scope=scope)
+    # the schedules in effect: one, or one per rule that prunes (None rules keep leaves dense)
+    schedules = [schedule] if rules is None else [r.value for r in rules if r.value is not None]
     inner = _as_gradient_transformation(inner)
     fixed = masks
 
-    def target_at(count: jax.Array) -> jax.Array:
-        s = jnp.clip(_raw_target(schedule, count), 0.0, 1.0)
+    def one_target(sched: Schedule, count: jax.Array) -> jax.Array:
+        s = jnp.clip(_raw_target(sched, count), 0.0, 1.0)
         if isinstance(structure, NM):
             # The schedule only switches N:M pruning on.
             s = jnp.where(s > 0, jnp.float32(structure.sparsity), jnp.float32(0.0))
         return s
 
-    if schedule is not None:
-        first = float(_raw_target(schedule, jnp.int32(0)))
+    def target_at(count: jax.Array) -> jax.Array:
+        """A scalar; with schedule rules one target per pruning rule."""
+        if rules is None:
+            return one_target(schedule, count)
+        return jnp.stack([one_target(sched, count) for sched in schedules])
+
+    for sched in schedules if schedule is not None else []:
+        first = float(_raw_target(sched, jnp.int32(0)))
         if not 0.0 <= first < 1.0:
             raise ValueError(
                 f"prune: schedule(0) = {first}; a schedule returns sparsities in [0, 1)"
@@ -341,13 +351,13 @@ def prune(
         if fixed is not None:
             state_masks, target = _fixed_masks(plain, fixed)
         else:
-            plan_ = make_plan(plain)
+            plan_, _ = make_plans(plain)
             shapes = jax.eval_shape(
                 lambda p: _masks.masks_from_scores(p, p, jnp.float32(0.0), plan_), plain
             )
             state_masks = jax.tree.map(lambda s: jnp.ones(s.shape, jnp.bool_), shapes)
             state_masks = _as_masks(plain, state_masks)
-            target = jnp.float32(0.0)
+            target = jnp.zeros(() if rules is None else (len(schedules),), jnp.float32)
         return PruneState(
             inner_state=inner.init(params),
             masks=state_masks,
@@ -356,18 +366,34 @@ def prune(
             nonfinite=jnp.zeros((), jnp.bool_),
         )
 
-    def make_plan(params: Any) -> Any:
+    def make_plan(params: Any, chosen: jtree.Where) -> Plan:
         # The schedule's values are checked here and clipped inside jit; plan only needs
         # a valid stand-in (N:M takes none).
         return plan(
             params,
             structure=structure,
             scope=scope,
-            where=where,
+            where=chosen,
             roles=roles,
             sparsity=None if isinstance(structure, NM) else 0.0,
             what="prune",
         )
+
+    def make_plans(params: Any) -> tuple[Plan, list[Plan]]:
+        """The plan of every pruned leaf, and one plan per schedule (per pruning rule)."""
+        every = make_plan(params, where)
+        if rules is None:
+            return every, [every]
+        all_paths = [path for path, _ in jtree.leaves_with_paths(params)]
+        numbered = [rule._replace(value=i) for i, rule in enumerate(rules)]
+        assigned = jtree.assign(list(every.roles), numbered, what="prune", all_paths=all_paths)
+        groups = [
+            [path for path, i in assigned.items() if i == k]
+            for k, rule in enumerate(rules)
+            if rule.value is not None
+        ]
+        pruned = [path for paths in groups for path in paths]
+        return make_plan(params, only(pruned)), [make_plan(params, only(ps)) for ps in groups]
 
     def scores_of(params: Any, grads: Any, chosen_plan: Plan, count: jax.Array) -> Any:
         if callable(criterion):
@@ -413,16 +439,24 @@ def prune(
             masks, target = state.masks, state.target
             touched = jax.tree.map(lambda _: True, masks)
         else:
-            plan_ = make_plan(p)
+            plan_, plans = make_plans(p)
             # Unselected leaves (scalar True masks) keep their updates untouched; channel
             # groups also mask unselected members (biases, norms), which have array masks.
             touched = jax.tree.map(lambda m: m.ndim > 0, state.masks)
             target = target_at(state.count)
-            change = (target != state.target) & ~state.nonfinite
+            change = jnp.any(target != state.target) & ~state.nonfinite
 
             def recompute(old):
                 scores = scores_of(p, g, plan_, state.count)
-                new = _masks.masks_from_scores(p, scores, target, plan_, previous=old)
+                if rules is None:
+                    new = _masks.masks_from_scores(p, scores, target, plan_, previous=old)
+                else:  # each rule's leaves ranked against its own schedule's target
+                    new = old
+                    for k, group_plan in enumerate(plans):
+                        part = _masks.masks_from_scores(
+                            p, scores, target[k], group_plan, previous=old
+                        )
+                        new = jax.tree.map(first_pruned, part, new)
                 ok = _all_finite((p, g))
                 new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), _as_masks(old, new), old)
                 return new, ok

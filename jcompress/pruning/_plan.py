@@ -29,6 +29,7 @@ __all__ = [
     "check_fraction",
     "check_nm_size",
     "check_sparsity",
+    "first_pruned",
     "only",
     "plan",
     "plan_selection",
@@ -349,7 +350,7 @@ def by_rules(
     for value, paths in groups.items():
         nm = isinstance(value, NM)
         parts.append(masks_for(None if nm else value, value if nm else base, paths))
-    return jax.tree.map(_first_pruned, *parts)
+    return jax.tree.map(first_pruned, *parts)
 
 
 def takes_rules(what: str, *, kinds: Iterable[str] | None = None, narrow: Any = None) -> Any:
@@ -403,7 +404,7 @@ def only(paths: Iterable[str]) -> Any:
     return lambda path, _leaf: path in wins
 
 
-def _first_pruned(*masks: Any) -> Any:
+def first_pruned(*masks: Any) -> Any:
     """The one mask of a leaf that some rule pruned, else ``True`` (kept)."""
     for m in masks:
         if not (isinstance(m, bool | np.bool_) and m):

@@ -14,15 +14,18 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jcompress import tree as jtree
 from jcompress.pruning._plan import check_fraction
+from jcompress.pruning._structures import Channels
 
-__all__ = ["Schedule", "constant_schedule", "polynomial_schedule"]
+__all__ = ["Schedule", "constant_schedule", "polynomial_schedule", "schedule_rules"]
 
 _MAX_UPDATES = 2**20
 
@@ -180,3 +183,40 @@ def polynomial_schedule(
         return jnp.where(step < begin_step, jnp.float32(0.0), table[index])
 
     return schedule
+
+
+def schedule_rules(schedule: Any, *, structure: Any, scope: str) -> list[jtree.Rule] | None:
+    """``None`` for one schedule (checked callable); the parsed rules for per-layer schedules
+    ``[(regex, schedule | None), ...]``."""
+    if schedule is None:
+        return None
+    if not jtree.is_rules(schedule):
+        if not callable(schedule):
+            raise TypeError(
+                "prune: schedule must be a function step -> sparsity or per-layer rules "
+                f"[(regex, schedule | None), ...], got {type(schedule).__name__}"
+            )
+        return None
+
+    def check(i: int, regex: str, value: Any) -> Any:
+        if value is not None and not callable(value):
+            raise TypeError(
+                f"prune: rule {i} ({regex!r}) must give a schedule (step -> sparsity) or None, "
+                f"got {type(value).__name__}; e.g. ({regex!r}, polynomial_schedule(0.9, ...))"
+            )
+        return value
+
+    if scope != "layer":
+        raise ValueError(
+            f"prune: per-layer schedule rules need scope='layer' (got {scope!r}); a global "
+            "threshold ranks every leaf against one target, so pass one schedule for that"
+        )
+    if isinstance(structure, Channels) and structure.groups is not None:
+        raise ValueError(
+            "prune: per-layer schedule rules cannot prune channel groups (a group spans "
+            "several leaves); pass one schedule"
+        )
+    rules = jtree.parse_rules(schedule, check=check, kind="schedule | None")
+    if all(r.value is None for r in rules):
+        raise ValueError("prune: every schedule rule is None (dense); nothing to prune")
+    return rules
