@@ -5,10 +5,12 @@ too, so ``jit``, ``vmap``, ``scan``, sharding, optax and orbax keep working.
 
 Subpackages: :mod:`jcompress.pruning`, :mod:`jcompress.quantization`,
 :mod:`jcompress.distillation`, :mod:`jcompress.structure`, :mod:`jcompress.runtime`,
-:mod:`jcompress.checkpoint`, :mod:`jcompress.report`; the ground floor is :mod:`jcompress.tree`.
+:mod:`jcompress.checkpoint`, :mod:`jcompress.report`, :mod:`jcompress.budget`; the ground
+floor is :mod:`jcompress.tree`.
 """
 
 from jcompress import (
+    budget,
     checkpoint,
     distillation,
     pruning,
@@ -27,6 +29,7 @@ __all__ = [
     "Compressed",
     "InputStats",
     "Role",
+    "budget",
     "capture",
     "checkpoint",
     "compressed",

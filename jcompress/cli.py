@@ -1,5 +1,5 @@
 """The ``jcompress`` command: ``demo``, ``inspect``, and checkpoint-to-checkpoint ``quantize`` /
-``prune`` (no model code: leaves' roles come from ``--layout``).
+``prune`` / ``budget`` (no model code: leaves' roles come from ``--layout``).
 
 Errors in arguments or files print one line ``jcompress <command>: error: ...`` and exit with
 status 2; never a traceback.
@@ -227,6 +227,59 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _levels(text: str, parse, what: str) -> list:
+    try:
+        return [parse(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise _CLIError(
+            f"jcompress budget: error: {what} {text!r}: a comma-separated list"
+        ) from None
+
+
+def _cmd_budget(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from jcompress import budget
+    from jcompress.quantization import QuantSpec
+
+    if (args.ratio is not None) + (args.max_bytes is not None) + (args.sparsity is not None) != 1:
+        raise _CLIError(
+            "jcompress budget: error: give exactly one of --ratio, --max-bytes, --sparsity"
+        )
+    params = _read_params(args.input)
+    if args.sparsity is not None:
+        levels = _levels(args.levels, float, "--levels")
+        options = {"dense": None, **{f"{s:g}": s for s in levels}}
+    else:
+        bits = _levels(args.bits, int, "--bits")
+        options = {"float": None, **{f"int{b}": QuantSpec(bits=b) for b in bits}}
+
+    def weight_error(outputs, reference):  # data-free: squared reconstruction error
+        pairs = zip(jax.tree.leaves(outputs), jax.tree.leaves(reference))
+        return sum(jnp.sum((o.astype(jnp.float32) - r.astype(jnp.float32)) ** 2) for o, r in pairs)
+
+    roles = _roles(params, args.layout)
+    s = budget.sensitivity(
+        lambda p: p,
+        params,
+        [()],
+        options,
+        metric=weight_error,
+        where=args.where,
+        roles=roles,
+        quiet=True,
+    )
+    console = _console()
+    console.print(s.table())
+    rules = budget.allocate(s, max_bytes=args.max_bytes, ratio=args.ratio, sparsity=args.sparsity)
+    chosen = [next(n for n, o in s.options.items() if o == option) for _, option in rules]
+    console.print("allocation: " + ", ".join(f"{p} {n}" for p, n in zip(s.paths, chosen)))
+    out = _transform(lambda p: budget.compress(p, rules, roles=roles), params)
+    _save_and_report(out, args.output, params)
+    return 0
+
+
 def _parser() -> _Parser:
     p = _Parser(
         prog="jcompress",
@@ -281,6 +334,29 @@ def _parser() -> _Parser:
     r.add_argument("--where", help="regex (full match) of the leaf paths to prune")
     r.add_argument("--layout", choices=("flax", "torch"), default="flax", help=layout_help)
     r.set_defaults(func=_cmd_prune)
+
+    b = sub.add_parser(
+        "budget",
+        help="per-layer bit widths or sparsities that meet a size budget, into a new checkpoint",
+        description=(
+            "Choose each layer's option (--bits or --levels) with the least predicted damage "
+            "that meets the budget, then apply it. Without model code each layer's damage is "
+            "its weight reconstruction error (data-free); in Python, jc.budget.sensitivity "
+            "measures the model's outputs on data."
+        ),
+    )
+    b.add_argument("input", metavar="IN", help="input checkpoint (jcompress or orbax)")
+    b.add_argument("output", metavar="OUT", help="output jcompress checkpoint")
+    b.add_argument("--ratio", type=float, help="quantize to 1/RATIO of the float bytes")
+    b.add_argument("--max-bytes", type=int, help="quantize to at most this many bytes")
+    b.add_argument("--sparsity", type=float, help="prune this global fraction of the weights")
+    b.add_argument("--bits", default="8,4,2", help="bit widths to choose from (default: 8,4,2)")
+    b.add_argument(
+        "--levels", default="0.5,0.7,0.9", help="sparsities to choose from (default: 0.5,0.7,0.9)"
+    )
+    b.add_argument("--where", help="regex (full match) of the leaf paths to compress")
+    b.add_argument("--layout", choices=("flax", "torch"), default="flax", help=layout_help)
+    b.set_defaults(func=_cmd_budget)
     return p
 
 

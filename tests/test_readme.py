@@ -29,7 +29,7 @@ def test_readme_python_blocks_run(capsys, tmp_path, monkeypatch):
 def readme_commands() -> list[str]:
     """Every ``jcompress ...`` command the README shows (code spans and bash blocks)."""
     text = README.read_text()
-    found = re.findall(r"`(jcompress (?:demo|inspect|quantize|prune)[^`]*)`", text)
+    found = re.findall(r"`(jcompress (?:demo|inspect|quantize|prune|budget)[^`]*)`", text)
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         found += re.findall(r"(?:^|&& )(jcompress [^\n&#]*)", block, re.M)
     if "`--structure nm:2:4`" in text:  # "(or `--structure nm:2:4`)" after the prune command
@@ -39,7 +39,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_shows_every_command():
     commands = readme_commands()
-    for sub in ("demo", "inspect", "quantize", "prune"):
+    for sub in ("demo", "inspect", "quantize", "prune", "budget"):
         assert any(c.split()[1] == sub for c in commands), sub
 
 
@@ -66,7 +66,9 @@ def test_readme_command_runs_from_an_empty_directory(command, tmp_path, monkeypa
         assert checkpoint.load("model-out")["params"]["Dense_0"]["kernel"].shape == (64, 32)
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["inspect"], ["quantize"], ["prune"]])
+@pytest.mark.parametrize(
+    "command", [[], ["demo"], ["inspect"], ["quantize"], ["prune"], ["budget"]]
+)
 def test_help_from_an_empty_directory(command, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main([*command, "--help"]) == 0

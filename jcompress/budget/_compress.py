@@ -1,0 +1,59 @@
+"""Apply allocated per-leaf rules with the existing transforms."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from jcompress import tree as jtree
+from jcompress.pruning import apply_masks, magnitude_masks
+from jcompress.quantization import QuantSpec, gptq, quantize
+
+__all__ = ["compress"]
+
+
+def compress(
+    params: jtree.Params,
+    rules: list[tuple[str, Any]],
+    *,
+    fn: Callable[..., Any] | None = None,
+    batches: Iterable[Any] | None = None,
+    roles: Mapping[str, jtree.Role] | None = None,
+) -> jtree.Params:
+    """Apply rules from :func:`jcompress.budget.allocate` (or written by hand).
+
+    Quantization rules (``QuantSpec`` / ``None``): ``quantize(params, rules)``, or
+    ``gptq(fn, params, batches, rules)`` when ``fn`` and ``batches`` are given. Sparsity rules
+    (a fraction, ``NM(n, m)`` or ``None``): ``apply_masks(params, magnitude_masks(params,
+    rules))``. Only the leaves the rules name are touched; rules that leave everything
+    uncompressed return ``params`` unchanged.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"a": {"kernel": jnp.array([[1.0, -2.0], [0.5, 4.0]])}}
+    >>> out = compress(params, [("a/kernel", 0.5)])
+    >>> out["a"]["kernel"].tolist()
+    [[0.0, -2.0], [0.0, 4.0]]
+    """
+    rules = list(rules)
+    if not rules or not all(
+        isinstance(r, tuple | list) and len(r) == 2 and isinstance(r[0], str) for r in rules
+    ):
+        raise TypeError("compress: rules must be a non-empty list of (regex, option) pairs")
+    named = [re.compile(regex) for regex, _ in rules]
+
+    def where(path: str, _leaf: Any) -> bool:
+        return any(rx.fullmatch(path) for rx in named)
+
+    values = [v for _, v in rules if v is not None]
+    if not values:
+        return params
+    if all(isinstance(v, QuantSpec) for v in values):
+        if (fn is None) != (batches is None):
+            raise ValueError("compress: pass both fn= and batches= (GPTQ) or neither (RTN)")
+        if fn is not None:
+            return gptq(fn, params, batches, rules, where=where, roles=roles, quiet=True)
+        return quantize(params, rules, where=where, roles=roles)
+    if any(isinstance(v, QuantSpec) for v in values):
+        raise ValueError("compress: rules mix quantization specs and sparsities; pass one kind")
+    return apply_masks(params, magnitude_masks(params, rules, where=where, roles=roles))
