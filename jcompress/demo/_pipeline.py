@@ -8,7 +8,9 @@ which stages ran and which were skipped: nothing is claimed that was not done.
    (Zhu & Gupta 2017: ``jc.pruning.prune`` with ``polynomial_schedule``, Adam 3e-3; the global
    threshold spares the small output layer) while distilling from the teacher
    (``jc.distillation.distillation_loss``, Hinton et al. 2015), or with cross-entropy alone.
-3. Quantize the pruned student to int8 and int4 (per-channel scales, MSE-calibrated clipping).
+3. Quantize the pruned student to int8 and int4 (per-channel scales, MSE-calibrated clipping),
+   and to per-layer bit widths chosen by ``jc.budget`` for an eighth of the float bytes (the
+   sensitivity table and the allocation are printed).
 4. Save every variant with ``jc.checkpoint.save``, load it back and check the logits are
    identical; measure accuracy, bytes in memory and on disk, and inference time.
 5. Print the table, write ``results.json``, ``tradeoff.png`` and ``layers.png`` into the
@@ -257,6 +259,21 @@ def run(
                 )
                 variants.append(Variant(f"{prefix}int{bits}", q))
             stages["quantize"] = "int8 and int4, per-channel scales, MSE-calibrated clipping"
+            budget_api = _feature("budget", "sensitivity", "allocate", "compress")
+            if budget_api is not None:
+                sensitivity, allocate, compress = budget_api
+                options = {f"int{b}": QuantSpec(bits=b, calibration=MSE()) for b in (8, 4, 2)}
+                batch = [jnp.asarray(data.x_train[:256])]
+                sens = sensitivity(apply, base.params, batch, options, quiet=True)
+                rules = allocate(sens, ratio=8)
+                variants.append(Variant(f"{prefix}mixed-precision", compress(base.params, rules)))
+                console.print(sens.table())
+                picked = {p: f"int{r[1].bits}" for p, r in zip(sens.paths, rules)}
+                stages["budget"] = (
+                    "per-layer bit widths for 1/8 of the float bytes (jc.budget: KL of the logits "
+                    "per layer and option, exact knapsack): "
+                    + ", ".join(f"{p} {b}" for p, b in picked.items())
+                )
         else:
             stages["quantize"] = "skipped: jcompress.quantization.quantize not available"
 
