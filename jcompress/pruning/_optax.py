@@ -317,8 +317,12 @@ def prune(
                 "ignored: drop them (or use schedule= to compute masks)"
             )
     rules = schedule_rules(schedule, structure=structure, scope=scope)
-    # the schedules in effect: one, or one per rule that prunes (None rules keep leaves dense)
-    schedules = [schedule] if rules is None else [r.value for r in rules if r.value is not None]
+    # the schedules in effect: none (fixed masks), one, or one per rule that prunes (None rules
+    # keep their leaves dense)
+    if rules is not None:
+        schedules = [r.value for r in rules if r.value is not None]
+    else:
+        schedules = [] if schedule is None else [schedule]
     inner = _as_gradient_transformation(inner)
     fixed = masks
 
@@ -335,7 +339,7 @@ def prune(
             return one_target(schedule, count)
         return jnp.stack([one_target(sched, count) for sched in schedules])
 
-    for sched in schedules if schedule is not None else []:
+    for sched in schedules:
         first = float(_raw_target(sched, jnp.int32(0)))
         if not 0.0 <= first < 1.0:
             raise ValueError(

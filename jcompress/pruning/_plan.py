@@ -28,6 +28,7 @@ __all__ = [
     "by_rules",
     "check_fraction",
     "check_nm_size",
+    "check_rule_structure",
     "check_sparsity",
     "first_pruned",
     "only",
@@ -271,6 +272,27 @@ def _rule_value(i: int, regex: str, value: Any) -> Any:
     return check_fraction(value, f"rule {i} ({regex!r}): the sparsity")
 
 
+def check_rule_structure(
+    structure: Structure | None, scope: str, *, what: str, rules_of: str, one: str
+) -> Structure:
+    """The structure, checked for per-layer rules of any kind (sparsities, schedules): they need
+    ``scope="layer"`` (a global threshold ranks every leaf against one target) and no channel
+    ``groups`` (a group spans several leaves). ``rules_of`` / ``one`` name the rules' values in
+    the messages."""
+    base = _check_structure(structure, scope)
+    if scope != "layer":
+        raise ValueError(
+            f"{what}: per-layer {rules_of} rules need scope='layer' (got {scope!r}); a global "
+            f"threshold ranks every leaf against one target, so pass one {one} for that"
+        )
+    if isinstance(base, Channels) and base.groups is not None:
+        raise ValueError(
+            f"{what}: per-layer {rules_of} rules cannot prune channel groups (a group spans "
+            f"several leaves); pass one {one}, or rules without groups="
+        )
+    return base
+
+
 def rule_sparsities(
     chosen: jtree.Selection, rules: Any, *, structure: Structure | None, scope: str, what: str
 ) -> dict[Any, tuple[str, ...]]:
@@ -286,21 +308,11 @@ def rule_sparsities(
         ``scope="global"``, channel groups, ``structure=NM`` or an ``NM`` rule with channels;
         each naming the rule and the fix.
     """
-    base = _check_structure(structure, scope)
-    if scope != "layer":
-        raise ValueError(
-            f"{what}: per-layer sparsity rules need scope='layer' (got {scope!r}); a global "
-            "threshold ranks every leaf against one sparsity, so pass one number for that"
-        )
+    base = check_rule_structure(structure, scope, what=what, rules_of="sparsity", one="sparsity")
     if isinstance(base, NM):
         raise ValueError(
             f"{what}: structure=NM fixes each leaf's sparsity; put NM(n, m) in the rules instead "
             "(e.g. [('.*attn.*', NM(2, 4)), ('.*', 0.5)])"
-        )
-    if isinstance(base, Channels) and base.groups is not None:
-        raise ValueError(
-            f"{what}: per-layer sparsity rules cannot prune channel groups (a group spans "
-            "several leaves); pass one sparsity, or rules without groups="
         )
     parsed = jtree.parse_rules(rules, check=_rule_value, kind="sparsity | NM | None")
     assigned = jtree.assign(chosen.paths, parsed, what=what, all_paths=list(chosen.all_paths))

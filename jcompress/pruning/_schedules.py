@@ -22,8 +22,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jcompress import tree as jtree
-from jcompress.pruning._plan import check_fraction
-from jcompress.pruning._structures import Channels
+from jcompress.pruning._plan import check_fraction, check_rule_structure
 
 __all__ = ["Schedule", "constant_schedule", "polynomial_schedule", "schedule_rules"]
 
@@ -206,16 +205,7 @@ def schedule_rules(schedule: Any, *, structure: Any, scope: str) -> list[jtree.R
             )
         return value
 
-    if scope != "layer":
-        raise ValueError(
-            f"prune: per-layer schedule rules need scope='layer' (got {scope!r}); a global "
-            "threshold ranks every leaf against one target, so pass one schedule for that"
-        )
-    if isinstance(structure, Channels) and structure.groups is not None:
-        raise ValueError(
-            "prune: per-layer schedule rules cannot prune channel groups (a group spans "
-            "several leaves); pass one schedule"
-        )
+    check_rule_structure(structure, scope, what="prune", rules_of="schedule", one="schedule")
     rules = jtree.parse_rules(schedule, check=check, kind="schedule | None")
     if all(r.value is None for r in rules):
         raise ValueError("prune: every schedule rule is None (dense); nothing to prune")
