@@ -21,7 +21,8 @@ import numpy as np
 
 from jcompress import tree as jtree
 from jcompress._fs import resolve
-from jcompress.pruning import NM, apply_masks, magnitude_masks
+from jcompress.pruning import NM, magnitude_masks
+from jcompress.pruning._plan import check_fraction
 from jcompress.quantization import QuantSpec, dequantize, quantize
 
 __all__ = ["Sensitivity", "default_metric", "sensitivity"]
@@ -130,8 +131,8 @@ def options_kind(options: Mapping[str, Any]) -> str:
         elif isinstance(option, NM) or (
             isinstance(option, int | float | np.floating) and not isinstance(option, bool)
         ):
-            if not isinstance(option, NM) and not 0.0 <= float(option) < 1.0:
-                raise ValueError(f"option {name!r}: a sparsity must be in [0, 1), got {option!r}")
+            if not isinstance(option, NM):
+                check_fraction(option, f"option {name!r}: a sparsity")
             kinds.add("sparsity")
         else:
             raise TypeError(
@@ -154,12 +155,11 @@ def _batches(batches: Iterable[Any]) -> list[tuple[Any, ...]]:
     return out
 
 
-def _compressed_leaf(params, path, option, kind, roles) -> tuple[Any, int]:
-    """The float value of leaf ``path`` compressed with ``option`` alone, and its cost."""
+def _compressed_leaf(params, path, value, option, kind, roles) -> tuple[Any, int]:
+    """The float value of leaf ``path`` (float value ``value``) compressed with ``option`` alone,
+    and its cost."""
     only = {path: roles[path]}
     where = re.escape(path)
-    leaf = dict(jtree.leaves_with_paths(params))[path]
-    value = jnp.asarray(jtree.unwrap(leaf))
     if option is None:
         return value, (value.nbytes if kind == "quantization" else 0)
     if kind == "quantization":
@@ -168,10 +168,9 @@ def _compressed_leaf(params, path, option, kind, roles) -> tuple[Any, int]:
     structure = option if isinstance(option, NM) else None
     sparsity = None if isinstance(option, NM) else option
     masks = magnitude_masks(params, sparsity, structure=structure, where=where, roles=only)
-    mask = dict(jtree.leaves_with_paths(masks))[path]
-    pruned = dict(jtree.leaves_with_paths(apply_masks(params, masks)))[path]
-    kept = int(np.sum(np.broadcast_to(mask, value.shape)))
-    return jnp.asarray(jtree.unwrap(pruned)), int(value.size) - kept
+    keep = jnp.broadcast_to(dict(jtree.leaves_with_paths(masks))[path], value.shape)
+    pruned = jnp.where(keep, value, jnp.zeros((), value.dtype))  # what apply_masks does
+    return pruned, int(value.size) - int(jnp.sum(keep))
 
 
 def sensitivity(
@@ -253,9 +252,12 @@ def sensitivity(
         pairs = track(pairs, description=f"sensitivity ({len(paths)} leaves)")
     increase: dict[str, dict[str, float]] = {p: {} for p in paths}
     cost: dict[str, dict[str, int]] = {p: {} for p in paths}
+    originals = {p: jnp.asarray(jtree.unwrap(chosen.leaves[p])) for p in paths}
     for path, name in pairs:
-        value, cost[path][name] = _compressed_leaf(params, path, options[name], kind, resolved)
-        original = jnp.asarray(jtree.unwrap(chosen.leaves[path]))
+        original = originals[path]
+        value, cost[path][name] = _compressed_leaf(
+            params, path, original, options[name], kind, resolved
+        )
         if bool(jnp.array_equal(value, original)):
             increase[path][name] = 0.0  # the outputs cannot change
             continue
@@ -266,6 +268,6 @@ def sensitivity(
             for args, ref, b in zip(batches, references, base)
         )
         increase[path][name] = total / len(batches)
-    sizes = {p: int(np.size(chosen.leaves[p])) for p in paths}
-    float_bytes = {p: int(jnp.asarray(jtree.unwrap(chosen.leaves[p])).nbytes) for p in paths}
+    sizes = {p: int(originals[p].size) for p in paths}
+    float_bytes = {p: int(originals[p].nbytes) for p in paths}
     return Sensitivity(kind, dict(options), paths, increase, cost, float_bytes, sizes)

@@ -348,7 +348,7 @@ class Compressed(abc.ABC):
         parts = []
         try:
             parts.append(f"shape={tuple(self.shape)}")
-        except Exception:  # a node unflattened with placeholders (None, specs) has no shape
+        except (AttributeError, TypeError):  # unflattened with placeholders (None, specs)
             pass
         d = self.__dict__
         shown = [f for f in self._fields if f.repr]
