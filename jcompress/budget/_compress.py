@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -36,14 +35,12 @@ def compress(
     [[0.0, -2.0], [0.0, 4.0]]
     """
     rules = list(rules)
-    if not rules or not all(
-        isinstance(r, tuple | list) and len(r) == 2 and isinstance(r[0], str) for r in rules
-    ):
+    if not rules:
         raise TypeError("compress: rules must be a non-empty list of (regex, option) pairs")
-    named = [re.compile(regex) for regex, _ in rules]
+    parsed = jtree.parse_rules(rules, check=lambda i, regex, option: option, kind="option")
 
     def where(path: str, _leaf: Any) -> bool:
-        return any(rx.fullmatch(path) for rx in named)
+        return any(rule.matches(path) for rule in parsed)
 
     values = [v for _, v in rules if v is not None]
     if not values:
