@@ -10,7 +10,6 @@ turns the result into per-leaf rules that meet a budget.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,12 +41,45 @@ def default_metric(outputs: Any, reference: Any) -> jax.Array:
     total = jnp.zeros((), jnp.float32)
     for out, ref in zip(jax.tree.leaves(outputs), jax.tree.leaves(reference)):
         out, ref = jnp.asarray(out, jnp.float32), jnp.asarray(ref, jnp.float32)
-        if out.ndim >= 1 and out.shape[-1] > 1:
+        if _logits(out):
             log_p = jax.nn.log_softmax(ref, axis=-1)
             log_q = jax.nn.log_softmax(out, axis=-1)
             total = total + jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
         else:
             total = total + jnp.mean((out - ref) ** 2)
+    return total
+
+
+def _logits(out: jax.Array) -> bool:
+    """Whether :func:`default_metric` treats an output as logits (KL) or values (MSE)."""
+    return out.ndim >= 1 and out.shape[-1] > 1
+
+
+def _fisher_loss(outputs: Any, key: jax.Array) -> jax.Array:
+    """A loss whose squared gradient at the float model estimates, in expectation, the diagonal
+    of the Hessian (Gauss-Newton = Fisher) of :func:`default_metric` at ``reference = outputs``.
+
+    Per output: logits of ``n`` distributions get ``sqrt(n) * mean cross-entropy`` of labels
+    sampled from their own softmax (the score of each distribution has zero mean and covariance
+    its Fisher, so the squared gradient's mean is ``(1 / n) * sum_i J_i^T F_i J_i``, the KL
+    term's Hessian); values with ``N`` entries get ``sqrt(2 N) * mean(eps * out)`` with ``eps``
+    standard normal (the Hessian of ``mean((out - ref)^2)`` is ``(2 / N) J^T J``). Independent
+    noise per output keeps the sum's cross terms at zero mean.
+    """
+    total = jnp.zeros((), jnp.float32)
+    for i, out in enumerate(jax.tree.leaves(outputs)):
+        out = jnp.asarray(out, jnp.float32)
+        sample = jax.random.fold_in(key, i)
+        ref = jax.lax.stop_gradient(out)
+        if _logits(out):
+            n = out.size // out.shape[-1]
+            labels = jax.random.categorical(sample, ref, axis=-1)
+            log_q = jax.nn.log_softmax(out, axis=-1)
+            nll = -jnp.take_along_axis(log_q, labels[..., None], axis=-1)
+            total = total + jnp.sqrt(float(n)) * jnp.mean(nll)
+        else:
+            noise = jax.random.normal(sample, out.shape, jnp.float32)
+            total = total + jnp.sqrt(2.0 * out.size) * jnp.mean(noise * out)
     return total
 
 
@@ -155,22 +187,76 @@ def _batches(batches: Iterable[Any]) -> list[tuple[Any, ...]]:
     return out
 
 
-def _compressed_leaf(params, path, value, option, kind, roles) -> tuple[Any, int]:
-    """The float value of leaf ``path`` (float value ``value``) compressed with ``option`` alone,
-    and its cost."""
-    only = {path: roles[path]}
-    where = re.escape(path)
+def _compressed_leaves(
+    params, paths, originals, option, kind, roles
+) -> dict[str, tuple[jax.Array, int]]:
+    """``{path: (float value of the leaf compressed with option, cost)}`` for every selected
+    leaf: one ``quantize`` / ``magnitude_masks`` call over the selection (each leaf is
+    compressed on its own, exactly as if it were selected alone)."""
     if option is None:
-        return value, (value.nbytes if kind == "quantization" else 0)
+        return {p: (v, v.nbytes if kind == "quantization" else 0) for p, v in originals.items()}
+    chosen = set(paths)
+
+    def where(path: str, _leaf: Any) -> bool:
+        return path in chosen
+
     if kind == "quantization":
-        q = dict(jtree.leaves_with_paths(quantize(params, option, where=where, roles=only)))[path]
-        return jnp.asarray(dequantize(q)), int(q.nbytes)
+        q = dict(jtree.leaves_with_paths(quantize(params, option, where=where, roles=roles)))
+        return {p: (jnp.asarray(dequantize(q[p])), int(q[p].nbytes)) for p in paths}
     structure = option if isinstance(option, NM) else None
     sparsity = None if isinstance(option, NM) else option
-    masks = magnitude_masks(params, sparsity, structure=structure, where=where, roles=only)
-    keep = jnp.broadcast_to(dict(jtree.leaves_with_paths(masks))[path], value.shape)
-    pruned = jnp.where(keep, value, jnp.zeros((), value.dtype))  # what apply_masks does
-    return pruned, int(value.size) - int(jnp.sum(keep))
+    masks = dict(
+        jtree.leaves_with_paths(
+            magnitude_masks(params, sparsity, structure=structure, where=where, roles=roles)
+        )
+    )
+    out = {}
+    for p in paths:
+        value = originals[p]
+        keep = jnp.broadcast_to(masks[p], value.shape)
+        pruned = jnp.where(keep, value, jnp.zeros((), value.dtype))  # what apply_masks does
+        out[p] = (pruned, int(value.size) - int(jnp.sum(keep)))
+    return out
+
+
+def _check_scalar(value: jax.Array, what: str) -> None:
+    if value.shape != () or not bool(jnp.isfinite(value)):
+        raise ValueError(
+            f"{what} must be a finite scalar, got {value!r} on the float model; pass a metric "
+            "returning one number"
+        )
+
+
+def _fisher(fn, params, batches, metric, paths, originals, key) -> dict[str, jax.Array]:
+    """``{path: mean over batches of g**2}`` (float32): one backward pass per batch."""
+
+    def loss(values, tree, key, *args):  # the tree is an argument: no constants in the program
+        outputs = fn(jtree.map_with_paths(lambda p, x: values.get(p, x), tree), *args)
+        if metric is None:
+            return _fisher_loss(outputs, key)
+        return jnp.asarray(metric(outputs, jax.lax.stop_gradient(outputs)), jnp.float32)
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    squares = {p: jnp.zeros(v.shape, jnp.float32) for p, v in originals.items()}
+    for b, args in enumerate(batches):
+        value, g = grad(originals, params, jax.random.fold_in(key, b), *args)
+        _check_scalar(value, "metric(outputs, reference)")
+        squares = {p: squares[p] + jnp.square(g[p].astype(jnp.float32)) for p in paths}
+    fisher = {p: squares[p] / len(batches) for p in paths}
+    for p in paths:
+        if not bool(jnp.all(jnp.isfinite(fisher[p]))):
+            raise ValueError(
+                f"{p}: its squared gradients are not finite; check the model and batches, or "
+                "use method='measure'"
+            )
+    if metric is not None and not any(bool(jnp.any(fisher[p] > 0)) for p in paths):
+        raise ValueError(
+            "method='fisher' with a custom metric uses the gradient of metric(outputs, outputs) "
+            "at the float model, which is zero here (a divergence at its minimum carries no "
+            "gradient); use metric=None (the default KL/MSE, estimated from sampled labels), a "
+            "task loss, or method='measure'"
+        )
+    return fisher
 
 
 def sensitivity(
@@ -184,6 +270,7 @@ def sensitivity(
     where: jtree.Where = None,
     roles: Mapping[str, jtree.Role] | None = None,
     quiet: bool = False,
+    key: jax.Array | None = None,
 ) -> Sensitivity:
     """For every selected leaf and option, the increase of ``metric`` when only that leaf is
     compressed with that option, everything else float.
@@ -198,20 +285,33 @@ def sensitivity(
       metric: ``metric(outputs, reference_outputs) -> scalar`` (any task loss); default
         :func:`default_metric`. The increase is ``mean over batches of metric(compressed,
         reference) - metric(reference, reference)``.
-      method: ``"measure"``: about ``leaves * options`` forward passes per batch; ``fn`` is
-        compiled once (every compressed leaf is evaluated in its float form, same shape and
-        dtype). The second-order ``"fisher"`` estimate is not implemented in this version.
+      method: ``"measure"``: evaluates every pair, about ``leaves * options`` forward passes per
+        batch; ``fn`` is compiled once (every compressed leaf is evaluated in its float form,
+        same shape and dtype). ``"fisher"``: the second-order estimate
+        ``1/2 * sum(F * (w_compressed - w)**2)`` with ``F`` the mean over batches of squared
+        gradients, one backward pass per batch. With the default metric the gradients are
+        those of a loss on labels (logits) or Gaussian noise (values) sampled from the float
+        model's own outputs (seeded by ``key``), so ``F`` is an unbiased estimate of the
+        diagonal of the metric's Hessian (the Fisher information) and the estimate is on the
+        metric's scale; with a custom metric ``F`` is the squared gradient of
+        ``metric(outputs, outputs)`` itself (an empirical Fisher: fit for a task loss, whose
+        gradient is not zero; it ranks leaves, its scale is not the metric's). Cheaper than
+        ``"measure"`` by about ``leaves * options / 3`` forward passes; less exact where
+        compression is coarse (it is a local, diagonal estimate).
       where: selection (default: matmul/conv/gather kernels, as ``quantize``).
       roles: ``{path: Role}`` (``jc.roles(fn, params, *args)``) for non-Flax layouts.
       quiet: no ``rich`` progress bar.
+      key: the PRNG key of ``method="fisher"``'s sampled labels (default ``jax.random.key(0)``:
+        deterministic); unused by ``"measure"``.
 
     Returns:
-      A :class:`Sensitivity`.
+      A :class:`Sensitivity` (exactly ``0.0`` for every option that leaves a leaf unchanged).
 
     Raises:
       ValueError / TypeError: bad options (empty, mixed kinds, out of range), an unknown method,
-        empty batches, a selection error (naming the fix), NaN/Inf in a selected leaf, or a
-        metric that is not a finite scalar.
+        empty batches, a selection error (naming the fix), NaN/Inf in a selected leaf or its
+        squared gradients, a metric that is not a finite scalar, or ``"fisher"`` with a custom
+        metric whose gradient is zero.
 
     >>> import jax.numpy as jnp
     >>> from jcompress.quantization import QuantSpec
@@ -221,53 +321,70 @@ def sensitivity(
     ...                 quiet=True)
     >>> s.increase["Dense_0/kernel"]["float"], s.cost["Dense_0/kernel"]["float"]
     (0.0, 16)
+    >>> f = sensitivity(fn, params, [jnp.eye(2)], {"int8": QuantSpec(bits=8), "float": None},
+    ...                 method="fisher", quiet=True)
+    >>> f.increase["Dense_0/kernel"]["float"], f.increase["Dense_0/kernel"]["int8"] > 0
+    (0.0, True)
     """
-    if method != "measure":
-        raise ValueError(
-            f"method must be 'measure', got {method!r} (the 'fisher' estimate is not "
-            "implemented in this version)"
-        )
+    if method not in ("measure", "fisher"):
+        raise ValueError(f"method must be 'measure' or 'fisher', got {method!r}")
     kind = options_kind(options)
     batches = _batches(batches)
-    metric = default_metric if metric is None else metric
     chosen = jtree.selection(params, where, roles=roles, what="sensitivity").check_finite()
     paths, resolved = tuple(chosen.paths), chosen.roles
-    forward = jax.jit(fn)
-    score = jax.jit(lambda out, ref: jnp.asarray(metric(out, ref), jnp.float32))
-    references = [forward(params, *args) for args in batches]
-    base = []
-    for ref in references:
-        value = score(ref, ref)
-        if value.shape != () or not bool(jnp.isfinite(value)):
-            raise ValueError(
-                f"metric(outputs, reference) must be a finite scalar, got {value!r} on the float "
-                "model; pass a metric returning one number"
-            )
-        base.append(float(value))
+    originals = {p: jnp.asarray(jtree.unwrap(chosen.leaves[p])) for p in paths}
+    if method == "fisher":
+        key = jax.random.key(0) if key is None else key
+        fisher = _fisher(fn, params, batches, metric, paths, originals, key)
+        half_weighted = jax.jit(
+            lambda f, new, old: 0.5 * jnp.sum(f * jnp.square(new.astype(f.dtype) - old))
+        )
 
-    pairs = [(path, name) for path in paths for name in options]
+        def evaluate(path, value):
+            old = originals[path].astype(jnp.float32)
+            return float(half_weighted(fisher[path], value, old))
+    else:
+        metric = default_metric if metric is None else metric
+        forward = jax.jit(fn)
+        score = jax.jit(lambda out, ref: jnp.asarray(metric(out, ref), jnp.float32))
+        references = [forward(params, *args) for args in batches]
+        base = []
+        for ref in references:
+            value = score(ref, ref)
+            _check_scalar(value, "metric(outputs, reference)")
+            base.append(float(value))
+
+        def evaluate(path, value):
+            value = value.astype(originals[path].dtype)
+            trial = jtree.map_with_paths(lambda p, x: value if p == path else x, params)
+            total = sum(
+                float(score(forward(trial, *args), ref)) - b
+                for args, ref, b in zip(batches, references, base)
+            )
+            return total / len(batches)
+
+    names = list(options)
     if not quiet:
         from rich.progress import track
 
-        pairs = track(pairs, description=f"sensitivity ({len(paths)} leaves)")
+        names = track(
+            names,
+            description=f"sensitivity ({method}, {len(paths)} leaves x {len(options)} options)",
+        )
     increase: dict[str, dict[str, float]] = {p: {} for p in paths}
     cost: dict[str, dict[str, int]] = {p: {} for p in paths}
-    originals = {p: jnp.asarray(jtree.unwrap(chosen.leaves[p])) for p in paths}
-    for path, name in pairs:
-        original = originals[path]
-        value, cost[path][name] = _compressed_leaf(
-            params, path, original, options[name], kind, resolved
-        )
-        if bool(jnp.array_equal(value, original)):
-            increase[path][name] = 0.0  # the outputs cannot change
-            continue
-        value = value.astype(original.dtype)
-        trial = jtree.map_with_paths(lambda p, x, v=value, at=path: v if p == at else x, params)
-        total = sum(
-            float(score(forward(trial, *args), ref)) - b
-            for args, ref, b in zip(batches, references, base)
-        )
-        increase[path][name] = total / len(batches)
+    for name in names:
+        compressed = _compressed_leaves(params, paths, originals, options[name], kind, resolved)
+        for path in paths:
+            value, cost[path][name] = compressed[path]
+            if bool(jnp.array_equal(value, originals[path])):
+                increase[path][name] = 0.0  # the outputs cannot change
+            else:
+                increase[path][name] = evaluate(path, value)
+        del compressed
+    # the dicts in option order, as given
+    increase = {p: {n: increase[p][n] for n in options} for p in paths}
+    cost = {p: {n: cost[p][n] for n in options} for p in paths}
     sizes = {p: int(originals[p].size) for p in paths}
     float_bytes = {p: int(originals[p].nbytes) for p in paths}
     return Sensitivity(kind, dict(options), paths, increase, cost, float_bytes, sizes)
