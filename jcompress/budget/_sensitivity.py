@@ -293,9 +293,10 @@ def sensitivity(
         those of a loss on labels (logits) or Gaussian noise (values) sampled from the float
         model's own outputs (seeded by ``key``), so ``F`` is an unbiased estimate of the
         diagonal of the metric's Hessian (the Fisher information) and the estimate is on the
-        metric's scale; with a custom metric ``F`` is the squared gradient of
-        ``metric(outputs, outputs)`` itself (an empirical Fisher: fit for a task loss, whose
-        gradient is not zero; it ranks leaves, its scale is not the metric's). Cheaper than
+        metric's scale (a Monte Carlo estimate: more batches, less noise); with a custom
+        metric ``F`` is the squared gradient of ``metric(outputs, outputs)`` itself (an
+        empirical Fisher: fit for a task loss, whose gradient is not zero; it ranks leaves,
+        its scale is not the metric's). Cheaper than
         ``"measure"`` by about ``leaves * options / 3`` forward passes; less exact where
         compression is coarse (it is a local, diagonal estimate).
       where: selection (default: matmul/conv/gather kernels, as ``quantize``).
