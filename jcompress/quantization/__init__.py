@@ -1,7 +1,9 @@
 """Quantization: ``QArray`` leaves, post-training quantization with calibrated clipping, QAT.
 
-* :class:`QuantSpec` with granularities :class:`PerTensor`, :class:`PerChannel`,
-  :class:`PerGroup` and calibrations :class:`AbsMax`, :class:`Percentile`, :class:`MSE`;
+* :class:`QuantSpec` with formats :class:`Int` (default), :class:`NF4`, :class:`Codebook`
+  (:class:`E4M3`, :class:`E5M2` declared, not implemented yet), granularities
+  :class:`PerTensor`, :class:`PerChannel`, :class:`PerGroup` and calibrations
+  :class:`AbsMax`, :class:`Percentile`, :class:`MSE`;
   per-path settings are ordered ``[(regex, spec | None), ...]`` rules.
 * :func:`quantize` / :func:`dequantize`: float leaves to :class:`QArray` and back.
 * :func:`calibrate`: frozen ``{path: Scales}`` reused by :func:`quantize` and
@@ -22,8 +24,13 @@ from jcompress.quantization._qat import fake_quantize
 from jcompress.quantization._quantize import calibrate, dequantize, nonfinite, quantize
 from jcompress.quantization._scales import Scales
 from jcompress.quantization._spec import (
+    E4M3,
+    E5M2,
     MSE,
+    NF4,
     AbsMax,
+    Codebook,
+    Int,
     Percentile,
     PerChannel,
     PerGroup,
@@ -38,8 +45,13 @@ from jcompress.quantization._gptq import gptq, gptq_layer
 from jcompress.quantization._static import calibrate_activations
 
 __all__ = [
+    "E4M3",
+    "E5M2",
     "MSE",
+    "NF4",
     "AbsMax",
+    "Codebook",
+    "Int",
     "PerChannel",
     "PerGroup",
     "PerTensor",

@@ -50,7 +50,7 @@ from jcompress.quantization._calibrated import resolve_calibrated
 from jcompress.quantization._qarray import QArray
 from jcompress.quantization._quantize import quantize
 from jcompress.quantization._scales import compute_scales, fake_quant, scale_blocks
-from jcompress.quantization._spec import QuantSpec, SpecOrRules
+from jcompress.quantization._spec import QuantSpec, SpecOrRules, require_int
 
 __all__ = ["AWQArray", "AWQLayerStats", "awq", "awq_layer"]
 
@@ -275,6 +275,7 @@ def awq_layer(
     """
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{path}: AWQ needs a QuantSpec, got {type(spec).__name__}")
+    require_int(spec, "AWQ", path)
     alphas = _grid(grid, alpha, path)
     w, h = calibration.check_layer(path, w, h, block_size=1, percdamp=0.0, what="AWQ")
     scale_blocks(path, tuple(w.shape), spec, _DENSE)

@@ -8,7 +8,7 @@ from typing import Any
 from jcompress import calibration
 from jcompress import tree as jtree
 from jcompress.quantization._scales import scale_blocks
-from jcompress.quantization._spec import QuantSpec, SpecOrRules, resolve_specs
+from jcompress.quantization._spec import QuantSpec, SpecOrRules, require_int, resolve_specs
 
 __all__ = ["resolve_calibrated"]
 
@@ -33,6 +33,7 @@ def resolve_calibrated(
     )
     out = {}
     for path, role in chosen.roles.items():
+        require_int(specs[path], what, path)
         scale_blocks(path, tuple(chosen.leaves[path].shape), specs[path], role)
         out[path] = (specs[path], role)
     return out

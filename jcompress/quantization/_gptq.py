@@ -43,7 +43,13 @@ from jcompress import tree as jtree
 from jcompress.quantization._calibrated import resolve_calibrated
 from jcompress.quantization._qarray import QArray, dequantize_blocks, storage_dtype
 from jcompress.quantization._scales import Scales, compute_scales, scale_blocks, to_int
-from jcompress.quantization._spec import PerChannel, PerGroup, QuantSpec, SpecOrRules
+from jcompress.quantization._spec import (
+    PerChannel,
+    PerGroup,
+    QuantSpec,
+    SpecOrRules,
+    require_int,
+)
 
 __all__ = ["gptq", "gptq_layer"]
 
@@ -201,6 +207,7 @@ def gptq_layer(
     what = "GPTQ"
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{path}: {what} needs a QuantSpec, got {type(spec).__name__}")
+    require_int(spec, what, path)
     w, h = calibration.check_layer(path, w, h, block_size=block_size, percdamp=percdamp, what=what)
     scale_blocks(path, tuple(w.shape), spec, _DENSE)  # PerGroup divisibility, with the path
     if mask is not None:

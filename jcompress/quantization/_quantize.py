@@ -13,7 +13,7 @@ import numpy as np
 from jcompress import tree as jtree
 from jcompress.quantization._qarray import QArray, storage_dtype
 from jcompress.quantization._scales import ScaleBlocks, Scales, compute_scales, scale_blocks, to_int
-from jcompress.quantization._spec import QuantSpec, SpecOrRules, resolve_specs
+from jcompress.quantization._spec import QuantSpec, SpecOrRules, require_int, resolve_specs
 
 __all__ = ["calibrate", "dequantize", "nonfinite", "quantize"]
 
@@ -39,6 +39,7 @@ def resolve_quantized(params, spec_or_rules, where, roles, what) -> dict[str, Qu
 
 
 def _checked_scales(path, given, spec: QuantSpec, blocks: ScaleBlocks) -> Scales:
+    require_int(spec, "scales= (frozen calibration)", path)
     if not isinstance(given, Scales):
         raise TypeError(
             f"{path}: scales= entries must be Scales (from jc.quantization.calibrate), got "
@@ -130,6 +131,8 @@ def calibrate(
     (1, 3)
     """
     quantized = resolve_quantized(params, spec_or_rules, where, roles, "calibrate")
+    for p, q in quantized.items():
+        require_int(q.spec, "calibrate", p)
     return {
         p: compute_scales(jnp.asarray(q.leaf), spec=q.spec, blocks=q.blocks)
         for p, q in quantized.items()

@@ -13,10 +13,16 @@ from typing import Any, TypeAlias
 from jcompress import tree as jtree
 
 __all__ = [
+    "E4M3",
+    "E5M2",
     "MSE",
+    "NF4",
     "AbsMax",
     "Calibration",
+    "Codebook",
+    "Format",
     "Granularity",
+    "Int",
     "PerChannel",
     "PerGroup",
     "PerTensor",
@@ -24,6 +30,7 @@ __all__ = [
     "QuantSpec",
     "Rules",
     "SpecOrRules",
+    "require_int",
 ]
 
 
@@ -161,6 +168,106 @@ Calibration: TypeAlias = AbsMax | Percentile | MSE
 
 
 # ----------------------------------------------------------------------------------------------
+# Format: how one quantized number is represented
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Int:
+    """Integers times a scale (and a zero point when asymmetric): the ``QArray`` leaf, ``bits``
+    2..8 (default 8). The default format.
+
+    >>> Int()
+    Int()
+    """
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NF4:
+    """4-bit NormalFloat: each value is one of 16 fixed levels (quantiles of a normal
+    distribution, exact 0.0 and ±1.0) times the abs-max of its block (per tensor, output channel
+    or group, as the granularity says); stored as a ``LookupArray``. ``bits`` is 4.
+
+    Reference: Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (NeurIPS 2023),
+    the ``NF4`` data type (the levels of bitsandbytes).
+
+    >>> NF4()
+    NF4()
+    """
+
+
+_CODEBOOK_INITS = ("linear", "density", "kmeans++")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Codebook:
+    """A learned table of ``2**bits`` values per tensor or per output channel (``bits`` 1..8,
+    default 4): Lloyd's k-means on the non-zero weights, stored as a ``LookupArray`` of indices
+    into the table. Exact zeros (pruned weights) stay exactly zero and take no centroid: a table
+    whose weights hold zeros reserves entry 0 for ``0.0``.
+
+    Reference: Han et al., "Deep Compression" (ICLR 2016), weight sharing by k-means with
+    linear, density and random initialisation; k-means++ seeding from Arthur and Vassilvitskii,
+    "k-means++: the advantages of careful seeding" (SODA 2007).
+
+    Attributes:
+      init: ``"linear"`` (evenly spaced between the smallest and largest non-zero weight),
+        ``"density"`` (evenly spaced quantiles of the non-zero weights) or ``"kmeans++"``
+        (D² sampling: needs ``key=`` in ``quantize``).
+      iters: Lloyd iterations (>= 0; 0 keeps the initial table).
+
+    >>> Codebook(init="density", iters=10)
+    Codebook(init='density', iters=10)
+    """
+
+    init: str = "linear"
+    iters: int = 20
+
+    def __post_init__(self):
+        if self.init not in _CODEBOOK_INITS:
+            raise ValueError(
+                f"Codebook.init must be one of {list(_CODEBOOK_INITS)}, got {self.init!r}; e.g. "
+                "Codebook(init='density')"
+            )
+        if not _is_int(self.iters) or self.iters < 0:
+            raise ValueError(
+                f"Codebook.iters must be an int >= 0, got {self.iters!r}; e.g. Codebook(iters=20)"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class E4M3:
+    """8-bit float ``float8_e4m3fn`` (4 exponent, 3 mantissa bits) times an abs-max scale per
+    block. ``bits`` is 8. Not implemented yet: ``quantize`` raises.
+
+    >>> E4M3()
+    E4M3()
+    """
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class E5M2:
+    """8-bit float ``float8_e5m2`` (5 exponent, 2 mantissa bits) times an abs-max scale per
+    block. ``bits`` is 8. Not implemented yet: ``quantize`` raises.
+
+    >>> E5M2()
+    E5M2()
+    """
+
+
+Format: TypeAlias = Int | NF4 | Codebook | E4M3 | E5M2
+
+# (default bits, allowed bits) per format
+_FORMAT_BITS: dict[type, tuple[int, tuple[int, ...]]] = {
+    Int: (8, tuple(range(2, 9))),
+    NF4: (4, (4,)),
+    Codebook: (4, tuple(range(1, 9))),
+    E4M3: (8, (8,)),
+    E5M2: (8, (8,)),
+}
+
+
+# ----------------------------------------------------------------------------------------------
 # QuantSpec
 # ----------------------------------------------------------------------------------------------
 
@@ -170,30 +277,57 @@ class QuantSpec:
     """How to quantize one leaf.
 
     Attributes:
-      bits: integer width, 2..8. Values are stored as signed ``int2`` (2 bits), ``int4`` (3-4
-        bits) or ``int8`` (5-8 bits).
-      granularity: :class:`PerTensor`, :class:`PerChannel` (default) or :class:`PerGroup`.
-      calibration: :class:`AbsMax` (default), :class:`Percentile` or :class:`MSE`.
+      bits: width of one stored number. ``None`` (default) takes the format's: 8 for
+        :class:`Int`, 4 for :class:`NF4` and :class:`Codebook`, 8 for :class:`E4M3` /
+        :class:`E5M2`; the constructed spec holds the number. :class:`Int`: 2..8, stored as signed
+        ``int2`` (2 bits), ``int4`` (3-4 bits) or ``int8`` (5-8 bits); :class:`Codebook`: 1..8
+        (``2**bits`` table entries); the other formats have one width and any other is an error.
+      granularity: :class:`PerTensor`, :class:`PerChannel` (default) or :class:`PerGroup`
+        (not for :class:`Codebook`, whose tables are per tensor or per output channel).
+      calibration: :class:`AbsMax` (default), :class:`Percentile` or :class:`MSE`
+        (:class:`Int` only; the other formats scale by abs-max).
       symmetric: symmetric levels ``-(2**(bits-1) - 1) .. 2**(bits-1) - 1`` times a scale (2 bits:
         ternary); ``False``: all ``2**bits`` levels with an integer zero point, 0.0 exactly
-        representable.
+        representable (:class:`Int` only).
+      format: :class:`Int` (default: integers, the ``QArray`` leaf), :class:`NF4` or
+        :class:`Codebook` (table lookups, the ``LookupArray`` leaf), :class:`E4M3` /
+        :class:`E5M2` (8-bit floats; not implemented yet).
 
     >>> QuantSpec(bits=4, granularity=PerGroup(32)).levels
     (-7, 7)
     >>> QuantSpec(bits=4, symmetric=False).levels
     (-8, 7)
+    >>> QuantSpec(format=NF4(), granularity=PerGroup(64)).bits
+    4
     """
 
-    bits: int = 8
+    bits: int | None = None
     granularity: Granularity = dataclasses.field(default_factory=PerChannel)
     calibration: Calibration = dataclasses.field(default_factory=AbsMax)
     symmetric: bool = True
+    format: Format = dataclasses.field(default_factory=Int)
 
     def __post_init__(self):
-        if not _is_int(self.bits) or not 2 <= self.bits <= 8:
+        if not isinstance(self.format, Int | NF4 | Codebook | E4M3 | E5M2):
+            raise TypeError(
+                "QuantSpec.format must be Int(), NF4(), Codebook(...), E4M3() or E5M2(), got "
+                f"{self.format!r}"
+            )
+        name = type(self.format).__name__
+        default, allowed = _FORMAT_BITS[type(self.format)]
+        if self.bits is None:
+            object.__setattr__(self, "bits", default)
+        elif not _is_int(self.bits) or self.bits not in allowed:
+            if isinstance(self.format, Int):
+                fix = (
+                    "use bits=8 for int8, bits=4 for int4 (1-bit and >8-bit values are not "
+                    "supported)"
+                )
+                raise ValueError(f"QuantSpec.bits must be an int in 2..8, got {self.bits!r}; {fix}")
+            span = f"in {allowed[0]}..{allowed[-1]}" if len(allowed) > 1 else f"{allowed[0]}"
             raise ValueError(
-                f"QuantSpec.bits must be an int in 2..8, got {self.bits!r}; use bits=8 for int8, "
-                "bits=4 for int4 (1-bit and >8-bit values are not supported)"
+                f"QuantSpec(format={self.format!r}) needs bits {span} (or None), got "
+                f"{self.bits!r}; leave bits out to take the format's width"
             )
         if not isinstance(self.granularity, PerTensor | PerChannel | PerGroup):
             raise TypeError(
@@ -207,12 +341,49 @@ class QuantSpec:
             )
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"QuantSpec.symmetric must be a bool, got {self.symmetric!r}")
+        if isinstance(self.format, Int):
+            return
+        if not self.symmetric:
+            raise ValueError(
+                f"QuantSpec(format={name}(), symmetric=False): symmetric applies to Int() only "
+                f"({name} stores 0.0 exactly already); drop symmetric=False"
+            )
+        if not isinstance(self.calibration, AbsMax):
+            raise ValueError(
+                f"QuantSpec(format={name}(), calibration={self.calibration!r}): {name} scales "
+                "by abs-max; Percentile and MSE clipping apply to Int() only: drop calibration="
+            )
+        if isinstance(self.format, Codebook) and isinstance(self.granularity, PerGroup):
+            raise ValueError(
+                f"QuantSpec(format=Codebook(), granularity={self.granularity!r}): codebooks are "
+                "per tensor or per output channel; use PerTensor() or PerChannel()"
+            )
 
     @property
     def levels(self) -> tuple[int, int]:
-        """``(qmin, qmax)``: the integer range the values use."""
+        """``(qmin, qmax)``: the integer range the values use (:class:`Int` formats)."""
+        require_int(self, "QuantSpec.levels")
         half = 2 ** (self.bits - 1)
         return (-(half - 1), half - 1) if self.symmetric else (-half, half - 1)
+
+
+def require_int(spec: QuantSpec, what: str, path: str | None = None) -> None:
+    """``ValueError`` unless ``spec`` has the integer format (for integer-only methods).
+
+    >>> require_int(QuantSpec(bits=4), "gptq")  # an Int() spec: no error
+    >>> try:
+    ...     require_int(QuantSpec(format=NF4()), "gptq")
+    ... except ValueError as e:
+    ...     print(str(e)[:44])
+    gptq supports QuantSpec(format=Int()) only,
+    """
+    if isinstance(spec.format, Int):
+        return
+    where = f"{path}: " if path else ""
+    raise ValueError(
+        f"{where}{what} supports QuantSpec(format=Int()) only, not {spec.format!r} (not "
+        f"implemented yet); use quantize() for {spec.format!r}, or an Int() spec for this leaf"
+    )
 
 
 Rules: TypeAlias = Sequence[tuple[str, QuantSpec | None]]
