@@ -79,6 +79,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jcompress.quantization._dispatch import FORMULATIONS, MODES, formulation
 from jcompress.quantization._qarray import QArray, dequantize_blocks  # noqa: F401 (doctests)
@@ -103,8 +104,9 @@ def _split(dimension_numbers, weight_is_rhs):
     return list(rc), list(lc), list(rb), list(lb)
 
 
-def _dequantized(qarray, lhs, dimension_numbers, weight_is_rhs, out_dtype):
-    w = qarray.dequantize()
+def _dequantized(qarray, lhs, dimension_numbers, weight_is_rhs, out_dtype, w=None):
+    """``dot_general`` of ``lhs`` with ``qarray.dequantize()`` (or with ``w`` when given)."""
+    w = qarray.dequantize() if w is None else w
     operands = (lhs, w) if weight_is_rhs else (w, lhs)
     dtype = jnp.promote_types(lhs.dtype, w.dtype)
     operands = tuple(o.astype(dtype) for o in operands)
@@ -250,23 +252,32 @@ def _one_dot(qarray, wc) -> bool:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
 def _integer_dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, chosen):
-    """The integer formulations, with the float derivative ``d(lhs) @ dequantize(w)``.
+    """The integer formulations, with the float derivative
+    ``d(lhs) @ dequantize(w) + lhs @ ((values - zero_point) * d(scale))``.
 
     Rounding the activations into limbs has a zero derivative; the tangent rule gives the
     derivative of the float product they stand for (for ``"int8"``: a straight-through
-    estimator). No derivative flows into the compressed weight.
+    estimator). The integer values have none; the scale has its exact one (trained through
+    ``jc.tree.partition(..., scales=True)``), computed only when the scale is differentiated.
     """
     return _dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, chosen)
 
 
-@_integer_dot.defjvp
+@functools.partial(_integer_dot.defjvp, symbolic_zeros=True)
 def _integer_dot_jvp(dimension_numbers, weight_is_rhs, preferred_element_type, chosen, p, t):
     qarray, lhs = p
+    t_qarray, t_lhs = t
     out = _integer_dot(
         qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, chosen
     )
-    tangent = _dequantized(qarray, t[1], dimension_numbers, weight_is_rhs, out.dtype)
-    return out, tangent.astype(out.dtype)
+    tangent = jnp.zeros(out.shape, out.dtype)
+    if not isinstance(t_lhs, SymbolicZero):
+        tangent += _dequantized(qarray, t_lhs, dimension_numbers, weight_is_rhs, out.dtype)
+    t_scale = t_qarray.scale
+    if not isinstance(t_scale, SymbolicZero):
+        d_w = dequantize_blocks(qarray.values, t_scale, qarray.zero_point, qarray.dtype)
+        tangent += _dequantized(qarray, lhs, dimension_numbers, weight_is_rhs, out.dtype, d_w)
+    return out, tangent
 
 
 def _resolve(qarray, lhs, dimension_numbers, weight_is_rhs, mode, rows) -> str:

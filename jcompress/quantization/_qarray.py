@@ -150,7 +150,7 @@ class QArray(jtree.Compressed, kind="QArray"):
     """
 
     values = jtree.field()
-    scale = jtree.field()
+    scale = jtree.field(trainable="scales")
     zero_point = jtree.field(default=None)
     act_scale = jtree.field(default=None)
     bits = jtree.field(static=True)

@@ -82,9 +82,9 @@ class LowRank(jtree.Compressed, kind="LowRank"):
            [8., 8., 8.]], dtype=float32)
     """
 
-    a = jtree.field()
+    a = jtree.field(trainable=True)
     """The left factor ``(*stacked, in, r)``."""
-    b = jtree.field()
+    b = jtree.field(trainable=True)
     """The right factor ``(*stacked, r, out)``."""
     dtype = jtree.field(static=True)
     layer_shape = jtree.field(static=True, repr=False)  # shape without the stacked axes

@@ -21,6 +21,9 @@ This package imports nothing else from jcompress. One concept per module:
   (:func:`parse_rules`, :func:`assign`): quantization specs and per-layer sparsities.
 * ``_selection``: ``where=`` resolved once: :func:`selection` (a :class:`Selection` of paths,
   leaves, roles and the way back to a tree) and :func:`select` (the same as a bool pytree).
+* ``_partition``: :func:`partition` / :func:`combine`: the trainable children of compressed
+  leaves (codebook tables, low-rank factors, scales if asked) and float leaves, apart from the
+  fixed integers, for ``jax.grad`` and optax.
 * ``_groups``: :class:`Member` / :class:`Group`, plain data naming parameter axes that must
   lose the same channels together (filled in by ``jcompress.structure.dependencies``), and the
   index arithmetic between a group's channels and its members' indices.
@@ -46,6 +49,7 @@ from jcompress.tree._groups import (
     member_table,
     per_channel,
 )
+from jcompress.tree._partition import combine, partition
 from jcompress.tree._paths import (
     Params,
     common_prefix_hint,
@@ -80,6 +84,7 @@ __all__ = [
     "channel_mask",
     "check_array_leaf",
     "check_finite",
+    "combine",
     "common_prefix_hint",
     "default_role",
     "describe_form",
@@ -97,6 +102,7 @@ __all__ = [
     "match_paths",
     "member_table",
     "parse_rules",
+    "partition",
     "path_str",
     "per_channel",
     "resolve_roles",

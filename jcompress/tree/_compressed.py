@@ -34,10 +34,13 @@ _PACKED_BITS = {"int2": 2, "uint2": 2, "int4": 4, "uint4": 4, "float4_e2m1fn": 4
 class Field:
     """One declared field of a compressed leaf (made by :func:`field`)."""
 
-    __slots__ = ("default", "name", "repr", "static", "stored")
+    __slots__ = ("default", "name", "repr", "static", "stored", "trainable")
 
-    def __init__(self, *, static: bool, default: Any, stored: bool, repr: bool):
+    def __init__(
+        self, *, static: bool, default: Any, stored: bool, repr: bool, trainable: bool | str
+    ):
         self.static, self.default, self.stored, self.repr = static, default, stored, repr
+        self.trainable = trainable
         self.name = ""
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -56,7 +59,12 @@ class Field:
 
 
 def field(
-    *, static: bool = False, default: Any = _MISSING, stored: bool = True, repr: bool = True
+    *,
+    static: bool = False,
+    default: Any = _MISSING,
+    stored: bool = True,
+    repr: bool = True,
+    trainable: bool | str = False,
 ) -> Any:
     """Declare a field of a :class:`Compressed` leaf, as a class attribute.
 
@@ -71,6 +79,11 @@ def field(
         its default.
       repr: whether ``repr`` shows it (static fields are shown when not at their default,
         array children as ``dtype[shape]`` when not ``None``).
+      trainable: for a float array child, whether :func:`jcompress.tree.partition` puts it in
+        the trainable half: ``True`` (always: codebook tables, low-rank factors), ``"scales"``
+        (only with ``partition(..., scales=True)``: quantization scales) or ``False`` (never:
+        integer values, indices). The leaf's runtime fast paths must then give this child its
+        derivative (or compute through ``dequantize``).
 
     >>> import jax.numpy as jnp
     >>> class Halved(Compressed, kind="doctest.Halved"):
@@ -88,7 +101,11 @@ def field(
         )
     if not stored and not static:
         raise ValueError("field(stored=False) is for static fields; array children are stored")
-    return Field(static=static, default=default, stored=stored, repr=repr)
+    if not (isinstance(trainable, bool) or trainable == "scales"):
+        raise ValueError(f"field: trainable must be False, True or 'scales', got {trainable!r}")
+    if trainable is not False and static:
+        raise ValueError("field(trainable=...) is for array children; static fields are data")
+    return Field(static=static, default=default, stored=stored, repr=repr, trainable=trainable)
 
 
 def fields(leaf: Any) -> tuple[Field, ...]:

@@ -1,0 +1,181 @@
+"""jc.tree.partition / combine: training the float children of compressed leaves (scales,
+low-rank factors) with jax.grad and optax, integer values fixed, through jc.compressed."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jcompress as jc
+from jcompress.quantization import PerGroup, QuantSpec, dequantize, quantize
+from jcompress.structure import low_rank
+
+RNG = np.random.default_rng(0)
+W = jnp.asarray(RNG.standard_normal((256, 64), np.float32) / 16)
+X = jnp.asarray(RNG.standard_normal((4, 256), np.float32))
+SPECS = {
+    "int8": QuantSpec(bits=8),
+    "int4-g64": QuantSpec(bits=4, granularity=PerGroup(64)),
+    "int4-asym": QuantSpec(bits=4, symmetric=False),
+}
+
+
+def _params():
+    return {"Dense_0": {"kernel": W, "bias": jnp.zeros(64)}, "step": jnp.asarray(3)}
+
+
+def fn(p, x):
+    return x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+
+
+def _same(a, b):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("scales", [False, True])
+def test_partition_splits_by_declared_fields_and_combine_restores(scales):
+    q = quantize(_params(), SPECS["int4-asym"])
+    trainable, rest = jc.tree.partition(q, scales=scales)
+    qa_t, qa_r = trainable["Dense_0"]["kernel"], rest["Dense_0"]["kernel"]
+    assert qa_t is None if not scales else qa_t.scale is not None
+    if scales:  # integers stay in rest: values and the zero point
+        assert qa_t.values is None and qa_t.zero_point is None and qa_r.scale is None
+    assert trainable["Dense_0"]["bias"] is not None and rest["Dense_0"]["bias"] is None
+    assert trainable["step"] is None and rest["step"] is not None  # an integer leaf
+    _same(jc.tree.combine(trainable, rest), q)
+    frozen, everything = jc.tree.partition(q, floats=False)
+    assert jax.tree.leaves(frozen) == []
+    _same(jc.tree.combine(frozen, everything), q)
+
+
+@pytest.mark.parametrize("spec", list(SPECS), ids=str)
+@pytest.mark.parametrize("formulation", ["dequantize", "chunked", "limbs"])
+def test_scale_gradient_through_compressed_equals_dequantized(spec, formulation):
+    q = quantize(_params(), SPECS[spec])
+    trainable, rest = jc.tree.partition(q, scales=True)
+    fast = jc.compressed(fn, formulation=formulation)
+    (record,) = jc.explain(fast, q, X)
+    assert record.formulation == formulation
+
+    def loss(t, x, f):
+        return jnp.sum(jnp.sin(f(jc.tree.combine(t, rest), x)))
+
+    def reference(p, x):
+        return fn(dequantize(p), x)
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(trainable, X, fast)
+    eager = jax.grad(loss, argnums=(0, 1))(trainable, X, fast)
+    want = jax.grad(loss, argnums=(0, 1))(trainable, X, reference)
+    g, w = got[0]["Dense_0"]["kernel"].scale, want[0]["Dense_0"]["kernel"].scale
+    assert float(jnp.max(jnp.abs(w))) > 1.0  # a real gradient (was zero on the integer paths)
+    np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4 * float(jnp.max(jnp.abs(w))))
+    np.testing.assert_allclose(eager[0]["Dense_0"]["kernel"].scale, g, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(got[0]["Dense_0"]["bias"], want[0]["Dense_0"]["bias"], atol=1e-5)
+
+
+def _dots(jaxpr) -> int:
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == "dot_general"
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _dots(sub)
+    return count
+
+
+def test_the_scale_term_costs_nothing_unless_the_scale_is_differentiated():
+    q = quantize(_params(), SPECS["int8"])
+    trainable, rest = jc.tree.partition(q, scales=True)
+    fast = jc.compressed(fn, formulation="limbs")
+
+    def loss(t, x):
+        return jnp.sum(jnp.sin(fast(jc.tree.combine(t, rest), x)))
+
+    only_x = _dots(jax.make_jaxpr(jax.grad(loss, argnums=1))(trainable, X).jaxpr)
+    both = _dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(trainable, X).jaxpr)
+    assert both == only_x + 1  # the scale's cotangent; none when only x is differentiated
+
+
+def test_optax_fine_tunes_scales_with_values_fixed():
+    q = quantize(_params(), SPECS["int4-g64"])
+    target = fn(_params(), X)
+    trainable, rest = jc.tree.partition(q, scales=True)
+    fast = jc.compressed(fn, formulation="limbs")
+
+    def loss(t):
+        return jnp.mean((fast(jc.tree.combine(t, rest), X) - target) ** 2)
+
+    opt = optax.adam(1e-3)
+    state = opt.init(trainable)
+
+    @jax.jit
+    def step(t, s):
+        value, g = jax.value_and_grad(loss)(t)
+        updates, s = opt.update(g, s, t)
+        return optax.apply_updates(t, updates), s, value
+
+    first = float(loss(trainable))
+    for _ in range(30):
+        trainable, state, _ = step(trainable, state)
+    tuned = jc.tree.combine(trainable, rest)
+    assert float(loss(trainable)) < 0.7 * first
+    assert np.array_equal(tuned["Dense_0"]["kernel"].values, q["Dense_0"]["kernel"].values)
+    assert tuned["Dense_0"]["kernel"].bits == 4
+
+
+def test_low_rank_factors_are_trainable_and_get_their_gradients():
+    params = {"Dense_0": {"kernel": W, "bias": jnp.zeros(64)}}
+    lr = low_rank(params, rank=8)
+    trainable, rest = jc.tree.partition(lr, floats=False)
+    leaf = trainable["Dense_0"]["kernel"]
+    assert (
+        leaf.a.shape == (256, 8)
+        and leaf.b.shape == (8, 64)
+        and trainable["Dense_0"]["bias"] is None
+    )
+
+    def loss(t, f):
+        return jnp.sum(jnp.sin(f(jc.tree.combine(t, rest), X)))
+
+    got = jax.grad(loss)(trainable, jc.compressed(fn))["Dense_0"]["kernel"]
+    want = jax.grad(loss)(trainable, lambda p, x: fn(dequantize(p), x))["Dense_0"]["kernel"]
+    np.testing.assert_allclose(got.a, want.a, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.b, want.b, rtol=1e-4, atol=1e-5)
+
+
+def test_nnx_state_round_trip():
+    model = nnx.Linear(256, 64, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    q = quantize(state, SPECS["int8"])
+    trainable, rest = jc.tree.partition(q, scales=True)
+    _same(jc.tree.combine(trainable, rest), q)
+
+    def loss(t):
+        return jnp.sum(
+            jc.compressed(lambda s, x: nnx.merge(graphdef, s)(x))(jc.tree.combine(t, rest), X)
+        )
+
+    grads = jax.grad(loss)(trainable)
+    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_errors():
+    q = quantize(_params(), SPECS["int8"])
+    trainable, _ = jc.tree.partition(q, scales=True)
+    with pytest.raises(ValueError, match="in both halves"):
+        jc.tree.combine(trainable, q)
+    with pytest.raises(ValueError, match="same structure"):
+        jc.tree.combine(trainable, {"other": 1})
+    with pytest.raises(TypeError, match="must be bools"):
+        jc.tree.partition(q, scales="yes")
+    with pytest.raises(ValueError, match="False, True or 'scales'"):
+        jc.tree.field(trainable="tables")
+    with pytest.raises(ValueError, match="for array children"):
+        jc.tree.field(static=True, trainable=True)
