@@ -39,6 +39,21 @@ def test_round_trip_through_bytes_and_a_checkpoint(model_and_params, tmp_path):
     assert [a.shape for a in exported.in_avals][-1] == (4, 16)
 
 
+def test_a_runtime_layout_comes_back_as_itself(tmp_path):
+    from jcompress.quantization import OutMajor, runtime_layout
+
+    rng = np.random.default_rng(0)
+    params = {"Dense_0": {"kernel": jnp.asarray(rng.standard_normal((512, 256), np.float32))}}
+    fn = lambda p, x: x @ p["Dense_0"]["kernel"]
+    fast = runtime_layout(quantize(params, QuantSpec(bits=8)))
+    assert isinstance(fast["Dense_0"]["kernel"].layout, OutMajor)
+    x = jnp.ones((1, 512))
+    exported = load_exported(export(fn, fast, x))
+    (flat, _), _ = jax.tree.unflatten(exported.in_tree, exported.in_avals)
+    assert isinstance(flat["Dense_0/kernel"].layout, OutMajor)  # was a plain tuple
+    np.testing.assert_array_equal(exported.call(fast, x), compressed(fn)(fast, x))
+
+
 def test_shape_structs_are_enough(model_and_params):
     model, q = model_and_params
     specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), q)

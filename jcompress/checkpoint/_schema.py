@@ -27,6 +27,7 @@ import numpy as np
 
 from jcompress.checkpoint import _registry
 from jcompress.tree import Compressed, describe_form, is_equinox_module, path_str
+from jcompress.tree._kinds import static_type
 
 _SCALARS = (bool, int, float, str)
 
@@ -81,9 +82,14 @@ def _variable_types() -> dict[str, type]:
 
 
 def encode_static(path: str, field: str, value: Any) -> Any:
-    """JSON form of a static field: JSON scalars, dtypes and tuples/lists of them."""
+    """JSON form of a static field: JSON scalars, dtypes and tuples/lists of them; a registered
+    ``NamedTuple`` (``register_static``: a runtime layout such as ``OutMajor``, which exported
+    programs carry and checkpoints reset) keeps its type name."""
     if value is None or isinstance(value, _SCALARS):
         return value
+    name = type(value).__name__
+    if isinstance(value, tuple) and static_type(name) is type(value):
+        return {"namedtuple": name, "items": [encode_static(path, field, v) for v in value]}
     if isinstance(value, tuple | list):
         items = [encode_static(path, field, v) for v in value]
         return {"tuple": items} if isinstance(value, tuple) else {"list": items}
@@ -114,6 +120,9 @@ def decode_static(value: Any) -> Any:
             return tuple(decode_static(v) for v in value["tuple"])
         if "list" in value:
             return [decode_static(v) for v in value["list"]]
+        if "namedtuple" in value and static_type(value["namedtuple"]) is not None:
+            items = (decode_static(v) for v in value["items"])
+            return static_type(value["namedtuple"])(*items)
         raise ValueError(f"unknown static value {value!r}")
     return value
 

@@ -11,6 +11,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jcompress import tree as jtree
+from jcompress.tree._kinds import register_static
 
 __all__ = [
     "OutMajor",
@@ -23,6 +24,7 @@ __all__ = [
 ]
 
 
+@register_static
 class OutMajor(NamedTuple):
     """A runtime layout of a matmul weight: its trailing ``contracting + output`` axes, which are
     ``(*contracting axes, *output axes)`` in the float array (Flax ``Dense`` ``(in, out)``,

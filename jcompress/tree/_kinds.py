@@ -121,3 +121,36 @@ def kind_named(name: str) -> Kind | None:
 def kind_names() -> list[str]:
     """Every registered kind's name, sorted."""
     return sorted(_BY_NAME)
+
+
+# Static values of a named type (a ``NamedTuple`` such as ``OutMajor``, a runtime layout)
+_STATIC: dict[str, type] = {}
+
+
+def register_static(cls: type) -> type:
+    """Let checkpoints and exports store static values of the ``NamedTuple`` class ``cls`` under
+    its class name and rebuild them as ``cls`` (not as plain tuples); a class decorator.
+
+    >>> from typing import NamedTuple
+    >>> @register_static
+    ... class DoctestLayout(NamedTuple):
+    ...     axis: int
+    >>> static_type("DoctestLayout") is DoctestLayout
+    True
+    """
+    if not (issubclass(cls, tuple) and hasattr(cls, "_fields")):
+        raise TypeError(f"register_static takes a NamedTuple class, got {cls!r}")
+    known = _STATIC.get(cls.__name__)
+    # the same class again (a reloaded module) replaces itself; another class is a clash
+    if known is not None and (known.__module__, known.__qualname__) != (
+        cls.__module__,
+        cls.__qualname__,
+    ):
+        raise ValueError(f"a static type named {cls.__name__!r} is already registered: {known}")
+    _STATIC[cls.__name__] = cls
+    return cls
+
+
+def static_type(name: str) -> type | None:
+    """The static ``NamedTuple`` class registered under ``name``, or ``None``."""
+    return _STATIC.get(name)
