@@ -12,11 +12,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jcompress.runtime import _interpret as ip
 from jcompress.runtime._roles import consumer_role
+from jcompress.runtime._trace import signature
 from jcompress.tree import Params, is_compressed, leaves_with_paths
 
 __all__ = ["InputStats", "Moments", "capture", "collect_inputs", "consumer_inputs"]
@@ -207,19 +207,11 @@ _TRACES: collections.OrderedDict = collections.OrderedDict()
 _MAX_TRACES = 32
 
 
-def _signature(x: Any) -> Any:
-    if is_compressed(x):
-        return (jax.tree.structure(x), tuple((a.shape, a.dtype) for a in jax.tree.leaves(x)))
-    if ip.is_array_like(x):
-        return (tuple(x.shape), np.dtype(x.dtype), getattr(x, "weak_type", False))
-    return ("static", x)
-
-
 def _trace_cached(fn: Callable[..., Any], params: Params, args: tuple) -> ip.Traced:
     """``trace_params`` once per ``fn``, tree structure, shapes and static values (what
     ``jax.jit`` keys its cache on), so calls on new batches reuse the compiled program."""
-    flat, treedef = jax.tree_util.tree_flatten(((params, *args), {}), is_leaf=is_compressed)
-    key = (fn, treedef, tuple(_signature(x) for x in flat))
+    tree = ((params, *args), {})
+    key = (fn, *signature(tree))
     try:
         hit = _TRACES.get(key)
     except TypeError:  # an unhashable static value: trace every time
@@ -231,6 +223,7 @@ def _trace_cached(fn: Callable[..., Any], params: Params, args: tuple) -> ip.Tra
             _TRACES.popitem(last=False)
     else:
         _TRACES.move_to_end(key)
+    flat = jax.tree.leaves(tree, is_leaf=is_compressed)
     leaves = tuple(x for x in flat if ip.is_array_like(x))
     return dataclasses.replace(hit, leaves=leaves)
 

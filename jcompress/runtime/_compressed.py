@@ -160,7 +160,7 @@ def _split_args(args: tuple, kwargs: dict):
     names = ip.leaf_names(args, kwargs)
     static, dynamic = [], {}
     for i, (x, name) in enumerate(zip(flat, names)):
-        if ip._is_array_like(x):
+        if ip.is_array_like(x):
             static.append(_DYNAMIC)
             dynamic[name if is_compressed(x) and name not in dynamic else f"~{i:06d}"] = x
         elif not _hashable(x):

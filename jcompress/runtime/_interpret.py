@@ -61,11 +61,6 @@ from jcompress.runtime._views import view_rule
 
 __all__ = ["Interpreter"]
 
-# Earlier private spellings, still imported by structure/_shrink.py and runtime/_compressed.py.
-_bind = bind
-_is_array_like = is_array_like
-_stand_in = stand_in
-
 
 class Interpreter:
     """A forward pass over a closed jaxpr with per-variable values and facts.

@@ -23,6 +23,7 @@ __all__ = [
     "is_array_like",
     "leaf_names",
     "run_abstract",
+    "signature",
     "stand_in",
     "trace",
     "trace_params",
@@ -36,6 +37,25 @@ def is_array_like(x: Any) -> bool:
         or is_compressed(x)
         or isinstance(x, jax.core.Tracer)
     )
+
+
+def signature(tree: Any) -> tuple[Any, tuple[Any, ...]]:
+    """``(treedef, per-leaf keys)``: what a cache of traces keys on, as ``jax.jit`` does: the
+    structure, each array's shape, dtype and weak type, each compressed leaf's structure and
+    children's shapes, and every other leaf as itself (hashable when those static values are).
+    """
+    flat, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_compressed)
+    keys = []
+    for x in flat:
+        if is_compressed(x):
+            keys.append(
+                (jax.tree.structure(x), tuple((a.shape, a.dtype) for a in jax.tree.leaves(x)))
+            )
+        elif is_array_like(x):
+            keys.append((tuple(x.shape), np.dtype(x.dtype), getattr(x, "weak_type", False)))
+        else:
+            keys.append(("static", x))
+    return treedef, tuple(keys)
 
 
 def stand_in(x: Any) -> Any:

@@ -27,6 +27,7 @@ import numpy as np
 
 from jcompress import tree as jtree
 from jcompress.runtime import _interpret as ip
+from jcompress.runtime._trace import signature
 from jcompress.structure._graph import Dependencies, Fact, analyze, dependencies
 from jcompress.tree import Group, Member, Params, member_table, per_channel
 
@@ -250,7 +251,7 @@ class _Shrinker(Dependencies):
             if kernel[dn.rhs_spec[1]] == 1 and kernel[dn.rhs_spec[0]] == old_in[dn.lhs_spec[1]]:
                 params["feature_group_count"] = new_in[dn.lhs_spec[1]]  # depthwise: per channel
             # a grouped convolution keeps its groups (each lost equally many channels)
-        outs = ip._bind(eqn.replace(params=params), invals)
+        outs = ip.bind(eqn.replace(params=params), invals)
         for o, n in zip(outs, new):
             if tuple(np.shape(o)) != n:
                 raise ValueError(
@@ -261,12 +262,9 @@ class _Shrinker(Dependencies):
 
 
 def _signature(args: tuple) -> tuple:
-    leaves, treedef = jax.tree_util.tree_flatten(args, is_leaf=jtree.is_compressed)
-    sig = []
-    for x in leaves:
-        if ip._is_array_like(x):
-            sig.append((tuple(x.shape), str(x.dtype)))
-        else:
+    key = signature(args)
+    for x in jax.tree.leaves(args, is_leaf=jtree.is_compressed):
+        if not ip.is_array_like(x):
             try:
                 hash(x)
             except TypeError:
@@ -274,13 +272,12 @@ def _signature(args: tuple) -> tuple:
                     f"small_fn: a non-array argument of type {type(x).__name__} is not hashable; "
                     "non-array arguments are static and must be hashable"
                 ) from None
-            sig.append(("static", x))
-    return treedef, tuple(sig)
+    return key
 
 
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if ip._is_array_like(x) else x,
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if ip.is_array_like(x) else x,
         tree,
         is_leaf=jtree.is_compressed,
     )
@@ -298,7 +295,7 @@ def _small_fn(fn, param_structs, removed, order) -> Callable[..., Any]:
         flat, _ = jax.tree_util.tree_flatten(
             ((small_params, *args), {}), is_leaf=jtree.is_compressed
         )
-        leaves = [x for x in flat if ip._is_array_like(x)]
+        leaves = [x for x in flat if ip.is_array_like(x)]
         shapes = {p: tuple(np.shape(x)) for p, x in jtree.leaves_with_paths(small_params)}
         runner = _Shrinker(program, shapes)
         outs, _ = runner.run(program.traced.jaxpr, leaves, runner.initial(program.traced))
