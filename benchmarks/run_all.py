@@ -35,6 +35,7 @@ SCRIPTS = (
     "pruning_overhead",
     "calibrated",
     "runtime",
+    "budget",
 )
 
 

@@ -86,12 +86,37 @@ def _check_llm(out: str, _globals: dict) -> None:
         assert abs(rows[name][1]) < 0.1, name
 
 
+def _check_budget(out: str, _globals: dict) -> None:
+    rows = {
+        m.group(1): (int(m.group(2)), m.group(3), float(m.group(4)))
+        for m in re.finditer(
+            r"^\| (\w[^|]*?) +\| +(\d+) \| +[\d.]+x \| +(yes|no) \| +([\d.]+) \|", out, re.M
+        )
+    }
+    assert list(rows) == [
+        "float32",
+        "allocated",
+        "uniform int8",
+        "uniform int4",
+        "uniform int2",
+        "uniform int4 g64",
+        "uniform int2 g64",
+    ], out
+    budget = rows["float32"][0] // 8
+    assert rows["allocated"][0] <= budget and rows["allocated"][1] == "yes", out
+    fitting = [v[2] for k, v in rows.items() if k.startswith("uniform") and v[1] == "yes"]
+    # lower perplexity than every uniform setting that fits the same bytes
+    assert fitting and rows["allocated"][2] < min(fitting), out
+    assert re.search(r"^  block_0/q/kernel +int\d( g64)? +\d+ bytes$", out, re.M), out
+
+
 CHECKS = {
     "01_prune_mlp.py": _check_prune_mlp,
     "02_quantize_mlp.py": _check_quantize_mlp,
     "05_shrink_cnn.py": _check_shrink_cnn,
     "06_llm_compression.py": _check_llm,
     "07_nm_nnx_cnn.py": _check_pruning,
+    "08_budget.py": _check_budget,
 }
 
 
