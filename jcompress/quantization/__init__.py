@@ -5,7 +5,8 @@
   :class:`PerTensor`, :class:`PerChannel`, :class:`PerGroup` and calibrations
   :class:`AbsMax`, :class:`Percentile`, :class:`MSE`;
   per-path settings are ordered ``[(regex, spec | None), ...]`` rules.
-* :func:`quantize` / :func:`dequantize`: float leaves to :class:`QArray` and back.
+* :func:`quantize` / :func:`dequantize`: float leaves to :class:`QArray` (or, for ``NF4`` /
+  ``Codebook`` specs, :class:`LookupArray`) and back.
 * :func:`calibrate`: frozen ``{path: Scales}`` reused by :func:`quantize` and
   :func:`fake_quantize` (quantization-aware training with a straight-through gradient).
 * :func:`runtime_layout`: once after loading, the layout ``jc.compressed`` computes with
@@ -19,6 +20,7 @@
 """
 
 from jcompress.quantization._dispatch import runtime_layout
+from jcompress.quantization._lookup import LookupArray
 from jcompress.quantization._qarray import OutMajor, QArray, widen
 from jcompress.quantization._qat import fake_quantize
 from jcompress.quantization._quantize import calibrate, dequantize, nonfinite, quantize
@@ -56,6 +58,7 @@ __all__ = [
     "PerGroup",
     "PerTensor",
     "Percentile",
+    "LookupArray",
     "OutMajor",
     "QArray",
     "QuantSpec",

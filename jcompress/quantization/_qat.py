@@ -11,13 +11,22 @@ import jax.numpy as jnp
 from jcompress import tree as jtree
 from jcompress.quantization._quantize import map_quantized
 from jcompress.quantization._scales import Scales, compute_scales, fake_quant
-from jcompress.quantization._spec import QuantSpec, SpecOrRules
+from jcompress.quantization._spec import Int, QuantSpec, SpecOrRules
+from jcompress.quantization._tables import lookup_leaf
 
 __all__ = ["fake_quantize"]
 
 
+def _fake_leaf(w, scales, *, spec: QuantSpec, blocks, key):
+    if isinstance(spec.format, Int):
+        return _fake_int(w, scales, spec=spec, blocks=blocks)
+    # Lookup formats: forward exactly the LookupArray's dequantize(), gradient the identity.
+    out = lookup_leaf(jax.lax.stop_gradient(w), key, spec=spec, blocks=blocks).dequantize()
+    return out + (w - jax.lax.stop_gradient(w))
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "blocks"))
-def _fake_leaf(w, scales, *, spec: QuantSpec, blocks):
+def _fake_int(w, scales, *, spec: QuantSpec, blocks):
     if scales is None:
         scales = compute_scales(jax.lax.stop_gradient(w), spec=spec, blocks=blocks)
     scales = jax.lax.stop_gradient(scales)
@@ -34,13 +43,17 @@ def fake_quantize(
     where: jtree.Where = None,
     roles: Mapping[str, jtree.Role] | None = None,
     scales: Mapping[str, Scales] | None = None,
+    key: jax.Array | None = None,
 ) -> jtree.Params:
     """Quantize then dequantize the selected leaves, with a straight-through gradient.
 
     The forward value of each selected leaf equals ``quantize(...)``'s ``QArray.dequantize()``
     (same dtype); the gradient is the identity for elements inside the clipping range and zero
     for clipped ones (Bengio et al., 2013, "Estimating or propagating gradients through stochastic
-    neurons"; the clipped variant as in Jacob et al., CVPR 2018). Scales carry no gradient. Call it
+    neurons"; the clipped variant as in Jacob et al., CVPR 2018). Scales carry no gradient.
+    ``NF4`` / ``Codebook`` specs: the forward value is the ``LookupArray``'s ``dequantize()``
+    (tables recomputed every call, with no gradient) and the gradient is the identity
+    everywhere (nothing is clipped). Call it
     inside any loss, under ``jit`` and ``grad``; pass ``scales=calibrate(params, ...)`` so no MSE
     search runs per step (QAT is then an ordinary optax loop on float parameters).
 
@@ -50,6 +63,7 @@ def fake_quantize(
       where: selection, intersected with the rules.
       roles: ``{path: Role}``.
       scales: frozen ``{path: Scales}`` from :func:`calibrate`; ``None`` calibrates every call.
+      key: for ``Codebook(init="kmeans++")`` specs, as in :func:`quantize`.
 
     Returns:
       A tree like ``params`` with the selected leaves fake-quantized.
@@ -66,4 +80,6 @@ def fake_quantize(
     Array([[1., 0.],
            [1., 1.]], dtype=float32)
     """
-    return map_quantized(_fake_leaf, params, spec_or_rules, where, roles, scales, "fake_quantize")
+    return map_quantized(
+        _fake_leaf, params, spec_or_rules, where, roles, scales, "fake_quantize", key
+    )

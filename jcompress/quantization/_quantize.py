@@ -11,9 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress import tree as jtree
+from jcompress.quantization._lookup import LookupArray
 from jcompress.quantization._qarray import QArray, storage_dtype
 from jcompress.quantization._scales import ScaleBlocks, Scales, compute_scales, scale_blocks, to_int
-from jcompress.quantization._spec import QuantSpec, SpecOrRules, require_int, resolve_specs
+from jcompress.quantization._spec import (
+    E4M3,
+    E5M2,
+    Codebook,
+    Int,
+    QuantSpec,
+    SpecOrRules,
+    require_int,
+    resolve_specs,
+)
+from jcompress.quantization._tables import leaf_key, lookup_leaf
 
 __all__ = ["calibrate", "dequantize", "nonfinite", "quantize"]
 
@@ -29,6 +40,12 @@ class Quantized(NamedTuple):
 def resolve_quantized(params, spec_or_rules, where, roles, what) -> dict[str, Quantized]:
     """``{path: Quantized}`` for the leaves to quantize, with eager value checks."""
     chosen, specs = resolve_specs(params, spec_or_rules, where=where, roles=roles, what=what)
+    for path, spec in specs.items():
+        if isinstance(spec.format, E4M3 | E5M2):
+            raise ValueError(
+                f"{path}: {what} with QuantSpec(format={spec.format!r}) is not implemented yet; "
+                "use format=Int(), NF4() or Codebook() for this leaf"
+            )
     resolved = chosen.roles
     chosen.check_finite()
     out = {}
@@ -79,17 +96,30 @@ def scales_for(quantized: dict[str, Quantized], scales) -> dict[str, Scales] | N
     }
 
 
-def map_quantized(leaf_fn, params, spec_or_rules, where, roles, scales, what):
-    """``leaf_fn(w, scales | None, spec=, blocks=)`` on every leaf to quantize; others unchanged."""
+def _check_key(quantized: dict[str, Quantized], key, what: str) -> None:
+    for path, q in quantized.items():
+        fmt = q.spec.format
+        if key is None and isinstance(fmt, Codebook) and fmt.init == "kmeans++":
+            raise ValueError(
+                f"{path}: QuantSpec(format={fmt!r}) needs a random key: {what}(..., "
+                "key=jax.random.key(0)); or use init='linear' / 'density' (deterministic)"
+            )
+
+
+def map_quantized(leaf_fn, params, spec_or_rules, where, roles, scales, what, key=None):
+    """``leaf_fn(w, scales | None, spec=, blocks=, key=)`` on every leaf to quantize (``key``:
+    the leaf's own, from ``key`` and its path); other leaves unchanged."""
     quantized = resolve_quantized(params, spec_or_rules, where, roles, what)
     given = scales_for(quantized, scales)
+    _check_key(quantized, key, what)
 
     def leaf(path, x):
         if path not in quantized:
             return x
         q = quantized[path]
         frozen = None if given is None else given[path]
-        return leaf_fn(jnp.asarray(x), frozen, spec=q.spec, blocks=q.blocks)
+        k = leaf_key(key, path)
+        return leaf_fn(jnp.asarray(x), frozen, spec=q.spec, blocks=q.blocks, key=k)
 
     return jtree.map_with_paths(leaf, params)
 
@@ -100,6 +130,12 @@ def _quantize_leaf(w, scales, *, spec: QuantSpec, blocks) -> QArray:
         scales = compute_scales(w, spec=spec, blocks=blocks)
     values, _ = to_int(w, scales, spec)
     return QArray(values, scales.scale, scales.zero_point, bits=spec.bits, dtype=w.dtype)
+
+
+def _leaf(w, scales, *, spec: QuantSpec, blocks, key) -> QArray | LookupArray:
+    if isinstance(spec.format, Int):
+        return _quantize_leaf(w, scales, spec=spec, blocks=blocks)
+    return lookup_leaf(w, key, spec=spec, blocks=blocks)  # never the integer kernels
 
 
 def calibrate(
@@ -146,8 +182,10 @@ def quantize(
     where: jtree.Where = None,
     roles: Mapping[str, jtree.Role] | None = None,
     scales: Mapping[str, Scales] | None = None,
+    key: jax.Array | None = None,
 ) -> jtree.Params:
-    """Replace the selected float leaves by :class:`QArray` s (round to nearest, calibrated clip).
+    """Replace the selected float leaves by :class:`QArray` s (round to nearest, calibrated clip)
+    or, for ``NF4`` / ``Codebook`` specs, by :class:`LookupArray` s (table lookups).
 
     Only the quantized leaves change; every other leaf, the tree structure and nnx ``Variable``
     wrappers are kept. Works eagerly and inside ``jit`` (sharded inputs give values and scales
@@ -168,15 +206,22 @@ def quantize(
         per-channel scales and groups on the wrong axes without any error. Pass
         ``roles=jc.roles(fn, params, *args)`` there. (``gptq``, ``awq`` and ``sparsegpt`` trace
         ``fn`` and read the roles themselves.)
-      scales: frozen calibration from :func:`calibrate` (skips the calibration search).
+      scales: frozen calibration from :func:`calibrate` (skips the calibration search;
+        ``Int()`` formats only).
+      key: a ``jax.random`` key for ``Codebook(init="kmeans++")`` specs (each leaf uses
+        ``key`` folded with a hash of its path); unused by the other formats.
 
     Returns:
-      The tree with :class:`QArray` leaves.
+      The tree with :class:`QArray` leaves (``Int()`` specs) and :class:`LookupArray` leaves
+      (``NF4()``: the 16 QLoRA levels times an abs-max scale per block of the granularity;
+      ``Codebook()``: k-means tables per tensor or output channel, exact zeros kept).
 
     Raises:
       ValueError: a rule or ``where`` selecting nothing; a non-float leaf selected; a
         ``PerGroup`` size not dividing the group axis; NaN/Inf in concrete weights (inside
-        ``jit``: such blocks get NaN scales, see :func:`nonfinite`); ``scales`` not matching.
+        ``jit``: such blocks get NaN scales or tables, see :func:`nonfinite`); ``scales`` not
+        matching; a ``kmeans++`` codebook without ``key``; ``E4M3`` / ``E5M2`` specs (not
+        implemented yet).
 
     >>> import jax.numpy as jnp
     >>> from jcompress.quantization import QuantSpec, PerGroup
@@ -186,8 +231,14 @@ def quantize(
     QArray(shape=(64, 8), bits=4, dtype=float32, values=int4[64,8], scale=float32[2,8])
     >>> q["Dense_0"]["kernel"].nbytes   # 512 int4 values + 16 float32 scales
     320
+    >>> from jcompress.quantization import NF4, Codebook
+    >>> quantize(params, QuantSpec(format=NF4(), granularity=PerGroup(64)))["Dense_0"]["kernel"]
+    LookupArray(shape=(64, 8), bits=4, dtype=float32, format='NF4', indices=uint4[64,8],
+                table=float32[1,1,16], scale=float32[1,8])
+    >>> quantize(params, QuantSpec(format=Codebook(), bits=3))["Dense_0"]["kernel"].table.shape
+    (1, 8, 8)
     """
-    return map_quantized(_quantize_leaf, params, spec_or_rules, where, roles, scales, "quantize")
+    return map_quantized(_leaf, params, spec_or_rules, where, roles, scales, "quantize", key)
 
 
 def dequantize(tree: jtree.Params) -> jtree.Params:
@@ -208,11 +259,12 @@ def dequantize(tree: jtree.Params) -> jtree.Params:
 
 
 def nonfinite(tree: Any) -> jax.Array:
-    """Whether any ``QArray`` (or :class:`Scales`) in ``tree`` came from NaN/Inf weights.
+    """Whether any ``QArray``, ``LookupArray`` (or :class:`Scales`) in ``tree`` came from NaN/Inf
+    weights.
 
     Eagerly, :func:`quantize` raises on NaN/Inf; inside ``jit`` it cannot, so a block holding them
-    gets a NaN scale (it dequantizes to NaN). This reads that flag: a scalar bool array, usable
-    under ``jit``.
+    gets a NaN scale (a lookup table: a NaN table; it dequantizes to NaN). This reads that flag: a
+    scalar bool array, usable under ``jit``.
 
     >>> import jax, jax.numpy as jnp
     >>> from jcompress.quantization import QuantSpec
@@ -220,9 +272,12 @@ def nonfinite(tree: Any) -> jax.Array:
     >>> bool(nonfinite(q))
     True
     """
+    kinds = QArray | Scales | LookupArray
     flags = [
-        jnp.any(~jnp.isfinite(x.scale))
-        for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QArray | Scales))
-        if isinstance(x, QArray | Scales)
+        jnp.any(~jnp.isfinite(a))
+        for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kinds))
+        if isinstance(x, kinds)
+        for a in (x.scale, getattr(x, "table", None))
+        if a is not None
     ]
     return jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
