@@ -2,11 +2,13 @@
 
 import itertools
 import re
+from math import inf
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import rich.console
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -300,6 +302,47 @@ def test_end_to_end_sparsity_meets_the_global_target():
     total = sum(s.sizes.values())
     assert zeros >= np.ceil(0.6 * total)
     assert zeros <= 0.6 * total + max(s.sizes.values())  # up to one layer's rounding
+
+
+def test_sparsity_rules_with_fn_and_batches_run_sparsegpt():
+    params, fn, xs, _ = _mlp()
+    rules = [("Dense_0/kernel", 0.5), ("Dense_1/kernel", 0.75), ("Dense_2/kernel", None)]
+    batches = [(x,) for x in xs]
+    got = compress(params, rules, fn=fn, batches=batches)
+    want, _ = jc.pruning.sparsegpt(fn, params, batches, rules, quiet=True)
+    for k in params:
+        np.testing.assert_array_equal(got[k]["kernel"], want[k]["kernel"])
+    magnitude = compress(params, rules)
+    # the same zeros per layer, but SparseGPT updates the kept weights
+    assert int(np.sum(np.asarray(got["Dense_1"]["kernel"]) == 0)) == 32 * 32 * 3 // 4
+    assert not np.array_equal(got["Dense_1"]["kernel"], magnitude["Dense_1"]["kernel"])
+    np.testing.assert_array_equal(got["Dense_2"]["kernel"], params["Dense_2"]["kernel"])
+    with pytest.raises(ValueError, match="both fn= and batches="):
+        compress(params, rules, fn=fn)
+
+
+def test_an_option_that_does_not_fit_a_leaf_is_skipped_for_that_leaf():
+    params, fn, xs, _ = _mlp()  # Dense_0 (16, 32), Dense_1 (32, 32), Dense_2 (32, 10)
+    g32 = QuantSpec(bits=2, granularity=jc.quantization.PerGroup(32))  # 16 inputs: no fit
+    opts = {"int8": QuantSpec(bits=8), "int4": QuantSpec(bits=4), "g32": g32}
+    s = sensitivity(fn, params, xs, opts, quiet=True)
+    assert list(s.skipped) == ["Dense_0/kernel"] and "g32" in s.skipped["Dense_0/kernel"]
+    assert "Dense_0/kernel" in s.skipped["Dense_0/kernel"]["g32"]  # the reason names the leaf
+    assert s.cost["Dense_0/kernel"]["g32"] is None and s.increase["Dense_0/kernel"]["g32"] == inf
+    assert s.cost["Dense_1/kernel"]["g32"] > 0
+    console = rich.console.Console(record=True, width=200)
+    console.print(s.table())
+    assert re.search(r"Dense_0/kernel .* n/a", console.export_text())
+    rules = allocate(s, ratio=7)  # int8 everywhere does not fit
+    assert dict(rules)["Dense_0/kernel"] != g32  # never the option that does not fit
+    compress(params, rules)  # and the rules apply
+    # an option that fits no leaf is a mistake: its own error
+    with pytest.raises(ValueError, match="PerGroup"):
+        g7 = QuantSpec(bits=4, granularity=jc.quantization.PerGroup(7))
+        sensitivity(fn, params, xs, {"g7": g7}, quiet=True)
+    # a leaf that no option fits: named, with the fix
+    with pytest.raises(ValueError, match="Dense_0/kernel: no option fits this leaf"):
+        sensitivity(fn, params, xs, {"g32": g32}, quiet=True)
 
 
 def test_table_and_plot(tmp_path, monkeypatch):

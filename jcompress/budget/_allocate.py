@@ -23,7 +23,8 @@ _MAX_FRONTIER = 20_000
 
 
 def _frontier(choices: list[list[tuple[int, float]]], budget: int) -> list[int] | None:
-    """Option index per leaf minimising the summed increase with summed cost <= ``budget``."""
+    """Option index per leaf minimising the summed increase with summed cost <= ``budget``;
+    ``choices[leaf]`` lists ``(cost, increase, option index)`` of the options that fit it."""
     grid = 1
     for _ in range(64):
         # points: (cost, increase, back-pointer); the frontier keeps increasing cost and
@@ -33,7 +34,7 @@ def _frontier(choices: list[list[tuple[int, float]]], budget: int) -> list[int] 
         for leaf in choices:
             points = {}
             for cost, inc, back in frontier:
-                for k, (c, d) in enumerate(leaf):
+                for c, d, k in leaf:
                     total = cost + math.ceil(c / grid) * grid
                     if total > budget:
                         continue
@@ -108,8 +109,10 @@ def allocate(
             max_bytes = int(sum(sensitivity.float_bytes.values()) / ratio)
         budget = int(max_bytes)
         cost, inc = sensitivity.cost, sensitivity.increase
-        choices = [[(cost[p][n], inc[p][n]) for n in names] for p in paths]
-        smallest = sum(min(c for c, _ in leaf) for leaf in choices)
+        choices = [
+            [(cost[p][n], inc[p][n], k) for k, n in enumerate(names) if cost[p][n] is not None]
+            for p in paths
+        ]
         unit = "bytes"
     else:
         if sparsity is None or max_bytes is not None or ratio is not None:
@@ -124,9 +127,16 @@ def allocate(
         # at least `needed` pruned <=> at most total - needed kept
         budget = total - needed
         cost, inc, sizes = sensitivity.cost, sensitivity.increase, sensitivity.sizes
-        choices = [[(sizes[p] - cost[p][n], inc[p][n]) for n in names] for p in paths]
-        smallest = sum(min(c for c, _ in leaf) for leaf in choices)
+        choices = [
+            [
+                (sizes[p] - cost[p][n], inc[p][n], k)
+                for k, n in enumerate(names)
+                if cost[p][n] is not None
+            ]
+            for p in paths
+        ]
         unit = "kept weights"
+    smallest = sum(min(c for c, _, _ in leaf) for leaf in choices)
     if smallest > budget:
         if sensitivity.kind == "quantization":
             hint = f"max_bytes={smallest}"

@@ -10,6 +10,7 @@ turns the result into per-leaf rules that meet a budget.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,9 @@ class Sensitivity:
         pruned weights for sparsity options.
       float_bytes: ``{path: bytes of the float leaf}``.
       sizes: ``{path: number of weights}``.
+      skipped: ``{path: {name: reason}}`` for the options that do not fit a leaf (a group size
+        or ``NM`` block that does not divide it): their increase is ``inf`` and their cost
+        ``None``, and :func:`jcompress.budget.allocate` never picks them.
     """
 
     kind: str
@@ -106,6 +110,7 @@ class Sensitivity:
     cost: Mapping[str, Mapping[str, int]]
     float_bytes: Mapping[str, int]
     sizes: Mapping[str, int]
+    skipped: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
 
     def table(self) -> Any:
         """A ``rich`` table: one row per leaf, ``increase (cost)`` per option."""
@@ -117,7 +122,12 @@ class Sensitivity:
         for name in self.options:
             table.add_column(name, justify="right")
         for path in self.paths:
-            row = [f"{self.increase[path][n]:.3g} ({self.cost[path][n]})" for n in self.options]
+            row = [
+                "n/a"
+                if self.cost[path][n] is None
+                else f"{self.increase[path][n]:.3g} ({self.cost[path][n]})"
+                for n in self.options
+            ]
             table.add_row(path, *row)
         return table
 
@@ -136,7 +146,11 @@ class Sensitivity:
         out = resolve(path)
         fig, ax = plt.subplots(figsize=(6, 4))
         for leaf in self.paths:
-            points = sorted((self.cost[leaf][n], self.increase[leaf][n]) for n in self.options)
+            points = sorted(
+                (self.cost[leaf][n], self.increase[leaf][n])
+                for n in self.options
+                if self.cost[leaf][n] is not None
+            )
             ax.plot(*zip(*points), marker="o", label=leaf)
         ax.set_xlabel("bytes" if self.kind == "quantization" else "pruned weights")
         ax.set_ylabel("metric increase")
@@ -189,12 +203,31 @@ def _batches(batches: Iterable[Any]) -> list[tuple[Any, ...]]:
 
 def _compressed_leaves(
     params, paths, originals, option, kind, roles
-) -> dict[str, tuple[jax.Array, int]]:
+) -> dict[str, tuple[jax.Array, int] | ValueError]:
     """``{path: (float value of the leaf compressed with option, cost)}`` for every selected
-    leaf: one ``quantize`` / ``magnitude_masks`` call over the selection (each leaf is
-    compressed on its own, exactly as if it were selected alone)."""
+    leaf, or the ``ValueError`` that says why the option does not fit that leaf (a group size
+    that does not divide it, ...). One call over the selection, then leaf by leaf if it fails
+    (each leaf is compressed on its own, exactly as if it were selected alone)."""
+    try:
+        return _compress_all(params, paths, originals, option, kind, roles)
+    except ValueError as error:
+        if len(paths) == 1:
+            return {paths[0]: error}
+    out: dict[str, Any] = {}
+    for p in paths:
+        try:
+            out.update(_compress_all(params, (p,), originals, option, kind, roles))
+        except ValueError as error:
+            out[p] = error
+    if all(isinstance(v, ValueError) for v in out.values()):
+        raise out[paths[0]]  # the option fits no leaf: a mistake, not a per-leaf limit
+    return out
+
+
+def _compress_all(params, paths, originals, option, kind, roles):
     if option is None:
-        return {p: (v, v.nbytes if kind == "quantization" else 0) for p, v in originals.items()}
+        none_cost = {p: originals[p].nbytes if kind == "quantization" else 0 for p in paths}
+        return {p: (originals[p], none_cost[p]) for p in paths}
     chosen = set(paths)
 
     def where(path: str, _leaf: Any) -> bool:
@@ -374,18 +407,32 @@ def sensitivity(
         )
     increase: dict[str, dict[str, float]] = {p: {} for p in paths}
     cost: dict[str, dict[str, int]] = {p: {} for p in paths}
+    skipped: dict[str, dict[str, str]] = {}
     for name in names:
         compressed = _compressed_leaves(params, paths, originals, options[name], kind, resolved)
         for path in paths:
-            value, cost[path][name] = compressed[path]
+            got = compressed[path]
+            if isinstance(got, ValueError):  # the option does not fit this leaf
+                increase[path][name], cost[path][name] = math.inf, None
+                skipped.setdefault(path, {})[name] = str(got)
+                continue
+            value, cost[path][name] = got
             if bool(jnp.array_equal(value, originals[path])):
                 increase[path][name] = 0.0  # the outputs cannot change
             else:
                 increase[path][name] = evaluate(path, value)
         del compressed
+    for path, reasons in skipped.items():
+        if len(reasons) == len(options):
+            raise ValueError(
+                f"{path}: no option fits this leaf ({'; '.join(reasons.values())}); add one "
+                "that does (None keeps it uncompressed), or leave it out with where="
+            )
     # the dicts in option order, as given
     increase = {p: {n: increase[p][n] for n in options} for p in paths}
     cost = {p: {n: cost[p][n] for n in options} for p in paths}
     sizes = {p: int(originals[p].size) for p in paths}
     float_bytes = {p: int(originals[p].nbytes) for p in paths}
-    return Sensitivity(kind, dict(options), paths, increase, cost, float_bytes, sizes)
+    return Sensitivity(
+        kind, dict(options), paths, increase, cost, float_bytes, sizes, skipped=skipped
+    )
