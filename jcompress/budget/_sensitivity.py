@@ -10,6 +10,7 @@ turns the result into per-leaf rules that meet a budget.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -260,21 +261,41 @@ def _check_scalar(value: jax.Array, what: str) -> None:
         )
 
 
+def _objective(fn, metric, values, tree, key, *args):
+    """The loss whose squared gradient :func:`_fisher` accumulates (the tree is an argument:
+    no constants in the compiled program)."""
+    outputs = fn(jtree.map_with_paths(lambda p, x: values.get(p, x), tree), *args)
+    if metric is None:
+        return _fisher_loss(outputs, key)
+    return jnp.asarray(metric(outputs, jax.lax.stop_gradient(outputs)), jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _fisher_step(fn, metric, squares, values, tree, key, *args):
+    """One backward pass: ``(loss, squares + g**2)``; compiled once per ``fn`` and shapes."""
+    value, g = jax.value_and_grad(_objective, argnums=2)(fn, metric, values, tree, key, *args)
+    return value, {p: s + jnp.square(g[p].astype(jnp.float32)) for p, s in squares.items()}
+
+
+@jax.jit
+def _half_weighted(fisher: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """``1/2 * sum(F * (new - old)**2)`` in float32: exactly 0 where ``new == old``."""
+    delta = new.astype(jnp.float32) - old.astype(jnp.float32)
+    return 0.5 * jnp.sum(fisher * jnp.square(delta))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score(metric, outputs, reference) -> jax.Array:
+    return jnp.asarray(metric(outputs, reference), jnp.float32)
+
+
 def _fisher(fn, params, batches, metric, paths, originals, key) -> dict[str, jax.Array]:
     """``{path: mean over batches of g**2}`` (float32): one backward pass per batch."""
-
-    def loss(values, tree, key, *args):  # the tree is an argument: no constants in the program
-        outputs = fn(jtree.map_with_paths(lambda p, x: values.get(p, x), tree), *args)
-        if metric is None:
-            return _fisher_loss(outputs, key)
-        return jnp.asarray(metric(outputs, jax.lax.stop_gradient(outputs)), jnp.float32)
-
-    grad = jax.jit(jax.value_and_grad(loss))
-    squares = {p: jnp.zeros(v.shape, jnp.float32) for p, v in originals.items()}
+    squares = {p: jnp.zeros(originals[p].shape, jnp.float32) for p in paths}
     for b, args in enumerate(batches):
-        value, g = grad(originals, params, jax.random.fold_in(key, b), *args)
+        step_key = jax.random.fold_in(key, b)
+        value, squares = _fisher_step(fn, metric, squares, originals, params, step_key, *args)
         _check_scalar(value, "metric(outputs, reference)")
-        squares = {p: squares[p] + jnp.square(g[p].astype(jnp.float32)) for p in paths}
     fisher = {p: squares[p] / len(batches) for p in paths}
     for p in paths:
         if not bool(jnp.all(jnp.isfinite(fisher[p]))):
@@ -370,17 +391,13 @@ def sensitivity(
     if method == "fisher":
         key = jax.random.key(0) if key is None else key
         fisher = _fisher(fn, params, batches, metric, paths, originals, key)
-        half_weighted = jax.jit(
-            lambda f, new, old: 0.5 * jnp.sum(f * jnp.square(new.astype(f.dtype) - old))
-        )
 
-        def evaluate(path, value):
-            old = originals[path].astype(jnp.float32)
-            return float(half_weighted(fisher[path], value, old))
+        def evaluate(path, value):  # exactly 0 for an unchanged leaf (F is finite)
+            return float(_half_weighted(fisher[path], value, originals[path]))
     else:
         metric = default_metric if metric is None else metric
         forward = jax.jit(fn)
-        score = jax.jit(lambda out, ref: jnp.asarray(metric(out, ref), jnp.float32))
+        score = functools.partial(_score, metric)
         references = [forward(params, *args) for args in batches]
         base = []
         for ref in references:
@@ -417,7 +434,7 @@ def sensitivity(
                 skipped.setdefault(path, {})[name] = str(got)
                 continue
             value, cost[path][name] = got
-            if bool(jnp.array_equal(value, originals[path])):
+            if method == "measure" and bool(jnp.array_equal(value, originals[path])):
                 increase[path][name] = 0.0  # the outputs cannot change
             else:
                 increase[path][name] = evaluate(path, value)
