@@ -394,6 +394,18 @@ class Compressed(abc.ABC):
                     changes[name] = stored
         return self.replace(**changes) if changes else self
 
+    def trainable_fields(self, *, scales: bool = False) -> tuple[str, ...]:
+        """The array children :func:`jcompress.tree.partition` puts in the trainable half:
+        those declared ``field(trainable=True)``, and ``trainable="scales"`` ones when
+        ``scales``. A leaf whose trainable children depend on its data overrides this (a
+        ``LookupArray`` trains its table only as a codebook, never the fixed NF4 levels).
+        """
+        return tuple(
+            f.name
+            for f in self._fields
+            if not f.static and (f.trainable is True or (f.trainable == "scales" and scales))
+        )
+
     @property
     def leading_axes(self) -> int:
         """How many leading axes of ``shape`` ``leaf[i]`` may index: axes that every array

@@ -37,21 +37,21 @@ def _split_leaf(leaf: Compressed, scales: bool) -> tuple[Any, Any]:
     declared = [f for f in fields(leaf) if not f.static]
     if not declared:  # a leaf that builds its own pytree declares nothing trainable
         return None, leaf
+    trainable = set(leaf.trainable_fields(scales=scales))
     values, structure = _children(leaf)
     train, rest = [], []
     for f, x in zip(declared, values):
         if isinstance(x, Compressed):
             t, r = _split_leaf(x, scales)
-        elif _inexact(x) and (f.trainable is True or (f.trainable == "scales" and scales)):
+        elif _inexact(x) and f.name in trainable:
             t, r = x, None
         else:
             t, r = None, x
         train.append(t)
         rest.append(r)
-    trainable = None
-    if any(t is not None for t in train):
-        trainable = jax.tree.unflatten(structure, train)
-    return trainable, jax.tree.unflatten(structure, rest)
+    if all(t is None for t in train):
+        return None, leaf
+    return jax.tree.unflatten(structure, train), jax.tree.unflatten(structure, rest)
 
 
 def partition(tree: Params, *, scales: bool = False, floats: bool = True) -> tuple[Any, Any]:
