@@ -32,7 +32,9 @@ other.
 **Single thread** (:meth:`Run.single_thread`): reruns this script in a child process pinned to one
 CPU with XLA's multi-threaded Eigen off, for single-thread ratios beside the default ones.
 
-Results: ``benchmarks/results/<name>.json`` (``JC_BENCH_RESULTS`` overrides the directory)::
+Results: ``benchmarks/results/<name>.json`` (``JC_BENCH_RESULTS`` overrides the directory; a
+script that writes a second result, such as a timing kept apart from its quality tables, names
+it ``<script>.<part>``)::
 
     {"meta": {...}, "tables": [{"id", "title", "columns", "rows", "notes", "noise", "noisy",
      "command", "script"}, ...], "extra": {...}}

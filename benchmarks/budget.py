@@ -30,13 +30,13 @@ magnitude-pruning sensitivity (options 0.5..0.9 and dense), applied by magnitude
 SparseGPT (which takes the per-layer rules), vs uniform 70 % per layer by magnitude and by
 SparseGPT (plus one global magnitude threshold, itself a non-uniform allocation).
 
-``--timing`` (off by default) adds a separate table: ``sensitivity`` with ``method="measure"``
-and ``"fisher"`` vs quantizing once, on a ~100M-parameter stand-in (six 4096² layers).
+Then, as a separate result (``results/budget.timing.json``: a timing, so it needs a quiet
+machine), ``sensitivity`` with ``method="measure"`` and ``"fisher"`` vs quantizing once, on a
+~100M-parameter stand-in (six 4096² layers).
 
-    python benchmarks/budget.py            # 5 seeds, ratios 6/8/10 (~5 min on 2 cores)
-    python benchmarks/budget.py --quick    # 1 seed, ratio 8, small data (a smoke test)
-    python benchmarks/budget.py --timing   # also the timing table (quiet machine only)
-    python benchmarks/budget.py --only-timing   # only the timing table (into results/quick/)
+    python benchmarks/budget.py                # the study, then the timing (~7 min on 2 cores)
+    python benchmarks/budget.py --only-timing  # the timing table alone (quiet machine)
+    python benchmarks/budget.py --quick        # 1 seed, ratio 8, small data (a smoke test)
 """
 
 from __future__ import annotations
@@ -575,7 +575,7 @@ def sparsity_study(run: Run, quick: bool, seeds: list[int]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# timing (off by default; its numbers are only meaningful on a quiet machine)
+# timing (a separate result: its numbers are only meaningful on a quiet machine)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -631,19 +631,21 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, ratio 8, small data")
     ap.add_argument("--seeds", type=int, default=None, help="seeds (default 5; --quick: 1)")
-    ap.add_argument("--timing", action="store_true", help="also the timing table (quiet machine)")
     ap.add_argument(
         "--only-timing",
         action="store_true",
-        help="only the timing table, as results/budget_timing.json (with --quick: a small "
+        help="only the timing table (results/budget.timing.json; with --quick: a small "
         "stand-in, into results/quick/)",
     )
     args = ap.parse_args(argv)
-    if args.only_timing:
-        run = Run("budget_timing", script=__file__, argv=argv, quick=args.quick)
-        timing(run, args.quick)
-        run.finish()
-        return
+    if not args.only_timing:
+        study(argv, args)
+    run = Run("budget.timing", script=__file__, argv=argv, quick=args.quick)
+    timing(run, args.quick)
+    run.finish()
+
+
+def study(argv, args) -> None:
     run = Run("budget", script=__file__, argv=argv, quick=args.quick)
     seeds = list(range(args.seeds or (1 if args.quick else 5)))
     ratios = (8,) if args.quick else RATIOS
@@ -657,8 +659,6 @@ def main(argv=None) -> None:
             "allocated_wins_everywhere": all(r["wins"] == r["seeds"] for r in summary),
         }
         print("\ngoals:", run.extra["goals"])
-    if args.timing:
-        timing(run, args.quick)
     run.finish()
 
 
