@@ -490,7 +490,7 @@ def test_checkpoints_know_only_the_protocol_and_the_registry():
         "print(_registry.registered())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['AWQArray', 'LowRank', 'QArray']"
+    assert out.stdout.strip() == "['AWQArray', 'Float8Array', 'LookupArray', 'LowRank', 'QArray']"
 
 
 # ---- sharding and CheckpointManager ----------------------------------------------------------

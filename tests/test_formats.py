@@ -1,5 +1,7 @@
 """Number formats beyond integers: ``QuantSpec(format=...)`` with ``Int`` (the default), ``NF4``
-and ``Codebook`` (the ``LookupArray`` leaf), checked against NumPy references."""
+and ``Codebook`` (the ``LookupArray`` leaf), ``E4M3`` and ``E5M2`` (the ``Float8Array`` leaf),
+checked against NumPy references; hypothesis properties at the end (``HYPOTHESIS_PROFILE=deep``
+for >= 1000 examples)."""
 
 import dataclasses
 import statistics
@@ -19,6 +21,7 @@ from jcompress.quantization import (
     MSE,
     NF4,
     Codebook,
+    Float8Array,
     Int,
     LookupArray,
     Percentile,
@@ -155,18 +158,23 @@ def test_nf4_levels_are_the_published_qlora_values():
     np.testing.assert_allclose(NF4_LEVELS, built / built.max(), rtol=0, atol=2e-7)
 
 
-def _ref_nf4(w: np.ndarray, group: int | None, per_channel: bool):
-    """NumPy NF4 of a Dense ``(in, out)`` kernel: ``(scale, indices, nearest distance, distance
-    to every level)``."""
+def _ref_blocks(w: np.ndarray, group: int | None, per_channel: bool):
+    """A Dense ``(in, out)`` kernel in float32 as ``(blocks (n, size, out|1...), abs-max per
+    block)``: groups of ``group`` inputs, or one block per output channel / for the tensor."""
     x = np.asarray(w, np.float32)
     n_in, n_out = x.shape
     if group is not None:
         blocks = x.reshape(n_in // group, group, n_out)
-        absmax = np.abs(blocks).max(axis=1, keepdims=True)
-    else:
-        axes = (0,) if per_channel else (0, 1)
-        blocks = x[None]
-        absmax = np.abs(blocks).max(axis=tuple(a + 1 for a in axes), keepdims=True)
+        return blocks, np.abs(blocks).max(axis=1, keepdims=True)
+    axes = (1,) if per_channel else (1, 2)
+    return x[None], np.abs(x[None]).max(axis=axes, keepdims=True)
+
+
+def _ref_nf4(w: np.ndarray, group: int | None, per_channel: bool):
+    """NumPy NF4 of a Dense ``(in, out)`` kernel: ``(scale, indices, nearest distance, distance
+    to every level)``."""
+    x = np.asarray(w, np.float32)
+    blocks, absmax = _ref_blocks(x, group, per_channel)
     scale = np.where(absmax > 0, absmax, np.float32(1)).astype(np.float32)
     r = blocks * (np.float32(1) / scale)
     dist = np.abs(r[..., None] - NF4_LEVELS)
@@ -314,11 +322,67 @@ def test_density_init_takes_quantiles_of_the_nonzero_weights():
     np.testing.assert_allclose(np.asarray(la.table).ravel(), want, rtol=1e-6)
 
 
+# ---- FP8 -------------------------------------------------------------------------------------
+
+FP8 = {"E4M3": (E4M3(), jnp.float8_e4m3fn, 448.0), "E5M2": (E5M2(), jnp.float8_e5m2, 57344.0)}
+
+
+def _ref_float8(w: np.ndarray, fp8, fmax: float, group: int | None, per_channel: bool):
+    """NumPy ``scale * float8(clip(w / scale))`` of a Dense ``(in, out)`` kernel, blocks as in
+    :func:`_ref_nf4`: ``(scale, values, dequantized in float32)``."""
+    x = np.asarray(w, np.float32)
+    blocks, absmax = _ref_blocks(x, group, per_channel)
+    scale = absmax * np.float32(1 / fmax)
+    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    r = np.clip(blocks * (np.float32(1) / scale), -fmax, fmax).astype(np.float32)
+    values = r.astype(fp8)
+    return scale, values.reshape(x.shape), (values.astype(np.float32) * scale).reshape(x.shape)
+
+
+@pytest.mark.parametrize("name", sorted(FP8))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    ("granularity", "group", "per_channel"),
+    [(PerTensor(), None, False), (PerChannel(), None, True), (PerGroup(8), 8, True)],
+)
+def test_float8_is_scale_times_float8_of_w_over_scale(name, dtype, granularity, group, per_channel):
+    fmt, fp8, fmax = FP8[name]
+    w = np.array(_kernel((32, 6), seed=12), np.float32)
+    w[0, 0] = 40.0  # an outlier sets its block's scale
+    w[:, 3] = 0.0  # a pruned channel
+    w = np.asarray(jnp.asarray(w).astype(dtype))
+    fa = _leaf(jnp.asarray(w), QuantSpec(format=fmt, granularity=granularity))
+    assert isinstance(fa, Float8Array) and fa.format == name and fa.bits == 8
+    assert fa.values.dtype == fp8 and fa.dtype == dtype and fa.dequantize().dtype == dtype
+    scale, values, deq = _ref_float8(w, fp8, fmax, group, per_channel)
+    np.testing.assert_array_equal(fa.scale, scale.reshape(fa.scale.shape))
+    np.testing.assert_array_equal(np.asarray(fa.values, np.float32), values.astype(np.float32))
+    np.testing.assert_array_equal(fa.dequantize(), deq.astype(dtype))
+    assert np.all(np.asarray(fa.dequantize())[:, 3] == 0)
+    assert np.abs(np.asarray(fa.values, np.float32)).max() == fmax  # the block's abs-max
+    assert fa.nbytes == w.size + fa.scale.size * 4
+
+
+@pytest.mark.parametrize("name", sorted(FP8))
+def test_float8_casts_saturate(name):
+    fmt, fp8, fmax = FP8[name]
+    # w * (1 / scale) rounds above fmax for some abs-max values: clipped, never Inf or NaN
+    w = jnp.asarray(np.array([[3.0, -3.0, 1e-3], [7.0, 1e38, -1e38]], np.float32))
+    fa = _leaf(w, QuantSpec(format=fmt, granularity=PerTensor()))
+    values = np.asarray(fa.values, np.float32)
+    assert np.isfinite(values).all() and np.abs(values).max() == fmax
+    assert np.isfinite(np.asarray(fa.dequantize())).all()
+    r = np.float32(fmax) * np.float32(1 + 2**-20)
+    assert np.asarray(jnp.clip(r, -fmax, fmax).astype(fp8), np.float32) == fmax
+
+
 # ---- one place for each: quantize, jit, rules, errors ----------------------------------------
 
 SPECS = {
     "nf4": QuantSpec(format=NF4(), granularity=PerGroup(8)),
     "codebook": QuantSpec(format=Codebook(init="kmeans++", iters=5), bits=3),
+    "e4m3": QuantSpec(format=E4M3(), granularity=PerGroup(8)),
+    "e5m2": QuantSpec(format=E5M2(), granularity=PerTensor()),
 }
 
 
@@ -340,7 +404,7 @@ def test_jit_equals_eager_and_does_not_recompile(name):
     assert len(traces) == 1
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(got)):
         np.testing.assert_array_equal(a, b)
-    assert type(got["Dense_0"]["kernel"]) is LookupArray
+    assert type(got["Dense_0"]["kernel"]) is (Float8Array if name[0] == "e" else LookupArray)
 
 
 def test_rules_mix_formats_and_where_selects(strict):
@@ -369,9 +433,6 @@ def test_errors_name_the_leaf_and_the_fix():
         quantize(params, QuantSpec(format=Codebook(init="kmeans++")))
     with pytest.raises(ValueError, match=r"Dense_0/kernel: .*kmeans\+\+.*fake_quantize\(\.\.\."):
         fake_quantize(params, QuantSpec(format=Codebook(init="kmeans++")))
-    for fmt in (E4M3(), E5M2()):
-        with pytest.raises(ValueError, match=r"Dense_0/kernel: quantize .* not implemented yet"):
-            quantize(params, QuantSpec(format=fmt))
     with pytest.raises(ValueError, match="Dense_0/kernel: calibrate supports QuantSpec"):
         calibrate(params, QuantSpec(format=NF4()))
     scales = calibrate(params, QuantSpec(bits=4))
@@ -396,7 +457,8 @@ def test_errors_name_the_leaf_and_the_fix():
             quantize(bad, spec, key=jax.random.key(0))
         flagged = jax.jit(lambda p, s=spec: quantize(p, s, key=jax.random.key(0)))(bad)
         assert bool(nonfinite(flagged))
-        assert np.isnan(np.asarray(flagged["Dense_0"]["kernel"].dequantize())[:, 1]).all()
+        deq = np.asarray(flagged["Dense_0"]["kernel"].dequantize())
+        assert np.isnan(deq[:, 1]).all() and np.isnan(deq).any()
     assert not bool(nonfinite(quantize(params, SPECS["nf4"])))
 
 
@@ -474,6 +536,37 @@ def test_compressed_equals_the_dequantized_function_and_explain_names_the_lookup
     np.testing.assert_allclose(got, w.dequantize() @ y.T, rtol=1e-6, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def float8_model():
+    params = {
+        "Dense_0": {"kernel": _kernel((16, 32)), "bias": jnp.zeros(32)},
+        "Dense_1": {"kernel": _kernel((32, 8), 1).astype(jnp.bfloat16)},
+    }
+    rules = [("Dense_0/kernel", SPECS["e4m3"]), ("Dense_1/kernel", SPECS["e5m2"])]
+    return quantize(params, rules), _kernel((4, 16), 2)
+
+
+def test_float8_model_compressed_checkpoint_report_export(float8_model, tmp_path):
+    tree, x = float8_model
+    run = jc.compressed(mlp)
+    out = run(tree, x)
+    np.testing.assert_allclose(out, mlp(dequantize(tree), x), rtol=1e-6, atol=1e-6)
+    explained = {e.path: e.formulation for e in jc.explain(run, tree, x)}
+    assert explained == {"Dense_0/kernel": "e4m3_dequantize", "Dense_1/kernel": "e5m2_dequantize"}
+    checkpoint.save(tmp_path / "c", tree)
+    back = checkpoint.load(tmp_path / "c")
+    for path in ("Dense_0", "Dense_1"):
+        a, b = tree[path]["kernel"], back[path]["kernel"]
+        assert type(b) is Float8Array and b.format == a.format and b.dtype == a.dtype
+        assert b.values.dtype == a.values.dtype
+        np.testing.assert_array_equal(b.dequantize(), a.dequantize())
+    rows = {r.path: r for r in jc.report.summarize(tree).leaves}
+    assert rows["Dense_0/kernel"].kind == "Float8Array" and rows["Dense_0/kernel"].bits == 8.0
+    assert rows["Dense_0/kernel"].memory_bytes == 16 * 32 + 2 * 32 * 4
+    exported = jc.load_exported(jc.export(mlp, tree, x))
+    np.testing.assert_allclose(exported.call(back, x), out, rtol=1e-6)
+
+
 def test_checkpoint_report_and_export(lookup_model, tmp_path):
     tree, x = lookup_model
     checkpoint.save(tmp_path / "c", tree)
@@ -536,11 +629,13 @@ def _expand(block: np.ndarray, shape) -> np.ndarray:
 @st.composite
 def lookup_problems(draw):
     shape, role = draw(st.sampled_from(CASES))
-    if draw(st.booleans()):
+    kind = draw(st.sampled_from(["nf4", "codebook", "e4m3", "e5m2"]))
+    if kind != "codebook":
         group = shape[role.group_axis]
         sizes = [d for d in (2, 4, 8) if group % d == 0]
         grans = [PerTensor(), PerChannel(), *(PerGroup(d) for d in sizes)]
-        spec = QuantSpec(format=NF4(), granularity=draw(st.sampled_from(grans)))
+        fmt = {"nf4": NF4(), "e4m3": E4M3(), "e5m2": E5M2()}[kind]
+        spec = QuantSpec(format=fmt, granularity=draw(st.sampled_from(grans)))
     else:
         init = draw(st.sampled_from(["linear", "density", "kmeans++"]))
         spec = QuantSpec(
@@ -554,12 +649,21 @@ def lookup_problems(draw):
 
 
 @given(lookup_problems())
-def test_property_lookup_invariants(problem):
+def test_property_format_invariants(problem):
     w, role, spec, seed = problem
     la = _leaf(jnp.asarray(w), spec, role=role, key=jax.random.key(seed))
     deq = np.asarray(la.dequantize())
     assert la.shape == w.shape and deq.dtype == w.dtype and np.isfinite(deq).all()
     assert np.all(deq[np.asarray(w, np.float32) == 0] == 0)  # pruned zeros stay exactly zero
+    if isinstance(la, Float8Array):
+        _, fp8, fmax = FP8[la.format]
+        scale = _expand(np.asarray(la.scale), w.shape)
+        r = np.clip(np.asarray(w, np.float32) * (np.float32(1) / scale), -fmax, fmax)
+        values = np.asarray(la.values, np.float32)
+        np.testing.assert_array_equal(values, r.astype(np.float32).astype(fp8).astype(np.float32))
+        np.testing.assert_array_equal(deq, (values * scale).astype(w.dtype))
+        assert np.abs(values).max() == (fmax if np.any(np.asarray(w) != 0) else 0.0)
+        return
     assert la.indices.dtype == index_dtype(spec.bits)
     idx = np.asarray(la.indices, np.int64)
     assert idx.max() < 2**spec.bits
@@ -594,3 +698,20 @@ def test_property_lookup_invariants(problem):
         err = np.sum((np.asarray(la.lookup(), np.float64) - w64) ** 2)
         err0 = np.sum((np.asarray(start.lookup(), np.float64) - w64) ** 2)
         assert err <= err0 * (1 + 1e-5) + 1e-300
+
+
+def test_partition_trains_codebook_tables_with_the_indices_fixed():
+    w = _kernel((16, 4), seed=8)
+    la = _leaf(w, QuantSpec(format=Codebook(), bits=2))
+    trainable, rest = jc.tree.partition({"k": la})
+    assert trainable["k"].indices is None and rest["k"].table is None
+    g = jax.grad(lambda t: jnp.sum(jc.tree.combine(t, rest)["k"].dequantize() * w))(trainable)
+    # d/dtable[c, e] of sum(table[c, idx] * w) = sum of w over the weights using entry e
+    idx = np.asarray(la.indices, np.int64)
+    want = np.zeros((4, 4), np.float32)
+    for (i, c), e in np.ndenumerate(idx):
+        want[c, e] += np.asarray(w)[i, c]
+    np.testing.assert_allclose(g["k"].table[0], want, rtol=1e-5, atol=1e-6)
+    nf4 = _leaf(w, QuantSpec(format=NF4()))
+    trainable, _ = jc.tree.partition({"k": nf4}, scales=True)
+    assert trainable["k"].scale.shape == (1, 4)

@@ -1,12 +1,13 @@
 """Quantization: ``QArray`` leaves, post-training quantization with calibrated clipping, QAT.
 
-* :class:`QuantSpec` with formats :class:`Int` (default), :class:`NF4`, :class:`Codebook`
-  (:class:`E4M3`, :class:`E5M2` declared, not implemented yet), granularities
+* :class:`QuantSpec` with formats :class:`Int` (default), :class:`NF4`, :class:`Codebook`,
+  :class:`E4M3`, :class:`E5M2`, granularities
   :class:`PerTensor`, :class:`PerChannel`, :class:`PerGroup` and calibrations
   :class:`AbsMax`, :class:`Percentile`, :class:`MSE`;
   per-path settings are ordered ``[(regex, spec | None), ...]`` rules.
-* :func:`quantize` / :func:`dequantize`: float leaves to :class:`QArray` (or, for ``NF4`` /
-  ``Codebook`` specs, :class:`LookupArray`) and back.
+* :func:`quantize` / :func:`dequantize`: float leaves to :class:`QArray` (for ``NF4`` /
+  ``Codebook`` specs :class:`LookupArray`, for ``E4M3`` / ``E5M2`` :class:`Float8Array`) and
+  back.
 * :func:`calibrate`: frozen ``{path: Scales}`` reused by :func:`quantize` and
   :func:`fake_quantize` (quantization-aware training with a straight-through gradient).
 * :func:`runtime_layout`: once after loading, the layout ``jc.compressed`` computes with
@@ -20,6 +21,7 @@
 """
 
 from jcompress.quantization._dispatch import runtime_layout
+from jcompress.quantization._float8 import Float8Array
 from jcompress.quantization._lookup import LookupArray
 from jcompress.quantization._qarray import OutMajor, QArray, widen
 from jcompress.quantization._qat import fake_quantize
@@ -58,6 +60,7 @@ __all__ = [
     "PerGroup",
     "PerTensor",
     "Percentile",
+    "Float8Array",
     "LookupArray",
     "OutMajor",
     "QArray",

@@ -12,7 +12,7 @@ from jax.typing import ArrayLike
 from jcompress import tree as jtree
 from jcompress.quantization._qarray import broadcast_apply
 
-__all__ = ["FORMATS", "NF4_LEVELS", "LookupArray", "index_dtype"]
+__all__ = ["FORMATS", "NF4_LEVELS", "LookupArray", "dequantized_dot", "index_dtype"]
 
 NF4_LEVELS = np.array(
     [
@@ -70,6 +70,10 @@ class LookupArray(jtree.Compressed, kind="LookupArray"):
       array's rank with, along each axis, size 1, the array's size, or a divisor (``PerGroup``
       blocks), as ``QArray.scale`` (NF4: the abs-max of each block).
 
+    ``jc.tree.partition`` puts ``table`` in the trainable half (a codebook's centroids are
+    fine-tuned with the indices fixed, as in Deep Compression; an NF4 table trained so no longer
+    holds the NF4 levels) and ``scale`` when ``scales=True``.
+
     Static: ``bits``, the original float ``dtype`` and ``format`` (``"NF4"`` or
     ``"Codebook"``, what ``jc.explain`` names).
 
@@ -89,8 +93,8 @@ class LookupArray(jtree.Compressed, kind="LookupArray"):
     """
 
     indices = jtree.field()
-    table = jtree.field()
-    scale = jtree.field(default=None)
+    table = jtree.field(trainable=True)  # fine-tuned centroids (Deep Compression)
+    scale = jtree.field(default=None, trainable="scales")
     bits = jtree.field(static=True)
     dtype = jtree.field(static=True)
     format = jtree.field(static=True)
@@ -156,31 +160,40 @@ class LookupArray(jtree.Compressed, kind="LookupArray"):
             w = broadcast_apply(lambda v, s: v * s, w, self.scale)
         return w.astype(self.dtype)
 
-    def dot_general(
-        self,
-        lhs: ArrayLike,
-        dimension_numbers: Any,
-        *,
-        weight_is_rhs: bool = True,
-        preferred_element_type: Any = None,
-        **options: Any,
-    ) -> jax.Array:
+    def dot_general(self, lhs: ArrayLike, dimension_numbers: Any, **options: Any) -> jax.Array:
         """``lax.dot_general`` with the dequantized table lookup as one operand.
 
         The lookup runs inside the jitted function, next to the matmul (``jc.explain`` names it
         ``nf4_lookup`` / ``codebook_lookup``, a float path); ``options`` (``mode=`` of integer
         leaves) do not apply to a lookup and are ignored.
         """
-        del options
-        from jcompress.runtime._explain import kernel_scope
+        name = f"{self.format.lower()}_lookup"
+        return dequantized_dot(self, name, lhs, dimension_numbers, **options)
 
-        lhs = jnp.asarray(lhs)
-        with kernel_scope(f"{self.format.lower()}_lookup", "float"):
-            w = self.dequantize()
-            dtype = jnp.promote_types(lhs.dtype, w.dtype)
-            operands = (lhs.astype(dtype), w.astype(dtype))
-            if not weight_is_rhs:
-                operands = operands[::-1]
-            return jax.lax.dot_general(
-                *operands, dimension_numbers, preferred_element_type=preferred_element_type
-            )
+
+def dequantized_dot(
+    leaf: jtree.Compressed,
+    formulation: str,
+    lhs: ArrayLike,
+    dimension_numbers: Any,
+    *,
+    weight_is_rhs: bool = True,
+    preferred_element_type: Any = None,
+    **options: Any,
+) -> jax.Array:
+    """A compressed leaf's ``dot_general`` that dequantizes it inside the jitted function, under
+    ``jc.explain``'s name ``formulation`` (a float path); ``options`` are ignored. Both operands
+    are cast to their promoted dtype (explicitly: strict promotion holds)."""
+    del options
+    from jcompress.runtime._explain import kernel_scope
+
+    lhs = jnp.asarray(lhs)
+    with kernel_scope(formulation, "float"):
+        w = leaf.dequantize()
+        dtype = jnp.promote_types(lhs.dtype, w.dtype)
+        operands = (lhs.astype(dtype), w.astype(dtype))
+        if not weight_is_rhs:
+            operands = operands[::-1]
+        return jax.lax.dot_general(
+            *operands, dimension_numbers, preferred_element_type=preferred_element_type
+        )

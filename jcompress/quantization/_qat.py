@@ -9,10 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from jcompress import tree as jtree
-from jcompress.quantization._quantize import map_quantized
+from jcompress.quantization._quantize import format_leaf, map_quantized
 from jcompress.quantization._scales import Scales, compute_scales, fake_quant
 from jcompress.quantization._spec import Int, QuantSpec, SpecOrRules
-from jcompress.quantization._tables import lookup_leaf
 
 __all__ = ["fake_quantize"]
 
@@ -20,8 +19,8 @@ __all__ = ["fake_quantize"]
 def _fake_leaf(w, scales, *, spec: QuantSpec, blocks, key):
     if isinstance(spec.format, Int):
         return _fake_int(w, scales, spec=spec, blocks=blocks)
-    # Lookup formats: forward exactly the LookupArray's dequantize(), gradient the identity.
-    out = lookup_leaf(jax.lax.stop_gradient(w), key, spec=spec, blocks=blocks).dequantize()
+    # Other formats: forward exactly their leaf's dequantize(), gradient the identity.
+    out = format_leaf(jax.lax.stop_gradient(w), key, spec=spec, blocks=blocks).dequantize()
     return out + (w - jax.lax.stop_gradient(w))
 
 
@@ -51,9 +50,9 @@ def fake_quantize(
     (same dtype); the gradient is the identity for elements inside the clipping range and zero
     for clipped ones (Bengio et al., 2013, "Estimating or propagating gradients through stochastic
     neurons"; the clipped variant as in Jacob et al., CVPR 2018). Scales carry no gradient.
-    ``NF4`` / ``Codebook`` specs: the forward value is the ``LookupArray``'s ``dequantize()``
-    (tables recomputed every call, with no gradient) and the gradient is the identity
-    everywhere (nothing is clipped). Call it
+    ``NF4`` / ``Codebook`` / ``E4M3`` / ``E5M2`` specs: the forward value is their leaf's
+    ``dequantize()`` (tables and scales recomputed every call, with no gradient) and the gradient
+    is the identity everywhere (nothing is clipped). Call it
     inside any loss, under ``jit`` and ``grad``; pass ``scales=calibrate(params, ...)`` so no MSE
     search runs per step (QAT is then an ordinary optax loop on float parameters).
 

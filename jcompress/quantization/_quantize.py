@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress import tree as jtree
+from jcompress.quantization._float8 import Float8Array, float8_leaf
 from jcompress.quantization._lookup import LookupArray
 from jcompress.quantization._qarray import QArray, storage_dtype
 from jcompress.quantization._scales import ScaleBlocks, Scales, compute_scales, scale_blocks, to_int
@@ -40,12 +41,6 @@ class Quantized(NamedTuple):
 def resolve_quantized(params, spec_or_rules, where, roles, what) -> dict[str, Quantized]:
     """``{path: Quantized}`` for the leaves to quantize, with eager value checks."""
     chosen, specs = resolve_specs(params, spec_or_rules, where=where, roles=roles, what=what)
-    for path, spec in specs.items():
-        if isinstance(spec.format, E4M3 | E5M2):
-            raise ValueError(
-                f"{path}: {what} with QuantSpec(format={spec.format!r}) is not implemented yet; "
-                "use format=Int(), NF4() or Codebook() for this leaf"
-            )
     resolved = chosen.roles
     chosen.check_finite()
     out = {}
@@ -132,10 +127,18 @@ def _quantize_leaf(w, scales, *, spec: QuantSpec, blocks) -> QArray:
     return QArray(values, scales.scale, scales.zero_point, bits=spec.bits, dtype=w.dtype)
 
 
-def _leaf(w, scales, *, spec: QuantSpec, blocks, key) -> QArray | LookupArray:
+def format_leaf(w, key, *, spec: QuantSpec, blocks) -> LookupArray | Float8Array:
+    """The leaf of a non-integer format: a ``Float8Array`` (``E4M3`` / ``E5M2``) or a
+    ``LookupArray`` (``NF4`` / ``Codebook``); never the integer kernels."""
+    if isinstance(spec.format, E4M3 | E5M2):
+        return float8_leaf(w, spec=spec, blocks=blocks)
+    return lookup_leaf(w, key, spec=spec, blocks=blocks)
+
+
+def _leaf(w, scales, *, spec: QuantSpec, blocks, key) -> QArray | LookupArray | Float8Array:
     if isinstance(spec.format, Int):
         return _quantize_leaf(w, scales, spec=spec, blocks=blocks)
-    return lookup_leaf(w, key, spec=spec, blocks=blocks)  # never the integer kernels
+    return format_leaf(w, key, spec=spec, blocks=blocks)
 
 
 def calibrate(
@@ -185,7 +188,8 @@ def quantize(
     key: jax.Array | None = None,
 ) -> jtree.Params:
     """Replace the selected float leaves by :class:`QArray` s (round to nearest, calibrated clip)
-    or, for ``NF4`` / ``Codebook`` specs, by :class:`LookupArray` s (table lookups).
+    or, for ``NF4`` / ``Codebook`` specs, :class:`LookupArray` s (table lookups) and for
+    ``E4M3`` / ``E5M2`` specs :class:`Float8Array` s (8-bit floats times abs-max scales).
 
     Only the quantized leaves change; every other leaf, the tree structure and nnx ``Variable``
     wrappers are kept. Works eagerly and inside ``jit`` (sharded inputs give values and scales
@@ -212,16 +216,17 @@ def quantize(
         ``key`` folded with a hash of its path); unused by the other formats.
 
     Returns:
-      The tree with :class:`QArray` leaves (``Int()`` specs) and :class:`LookupArray` leaves
+      The tree with :class:`QArray` leaves (``Int()`` specs), :class:`LookupArray` leaves
       (``NF4()``: the 16 QLoRA levels times an abs-max scale per block of the granularity;
-      ``Codebook()``: k-means tables per tensor or output channel, exact zeros kept).
+      ``Codebook()``: k-means tables per tensor or output channel, exact zeros kept) and
+      :class:`Float8Array` leaves (``E4M3()`` / ``E5M2()``: ``scale * float8(w / scale)``,
+      ``scale = absmax / fmax`` per block, saturating).
 
     Raises:
       ValueError: a rule or ``where`` selecting nothing; a non-float leaf selected; a
         ``PerGroup`` size not dividing the group axis; NaN/Inf in concrete weights (inside
         ``jit``: such blocks get NaN scales or tables, see :func:`nonfinite`); ``scales`` not
-        matching; a ``kmeans++`` codebook without ``key``; ``E4M3`` / ``E5M2`` specs (not
-        implemented yet).
+        matching; a ``kmeans++`` codebook without ``key``.
 
     >>> import jax.numpy as jnp
     >>> from jcompress.quantization import QuantSpec, PerGroup
@@ -259,8 +264,8 @@ def dequantize(tree: jtree.Params) -> jtree.Params:
 
 
 def nonfinite(tree: Any) -> jax.Array:
-    """Whether any ``QArray``, ``LookupArray`` (or :class:`Scales`) in ``tree`` came from NaN/Inf
-    weights.
+    """Whether any ``QArray``, ``LookupArray``, ``Float8Array`` (or :class:`Scales`) in ``tree``
+    came from NaN/Inf weights.
 
     Eagerly, :func:`quantize` raises on NaN/Inf; inside ``jit`` it cannot, so a block holding them
     gets a NaN scale (a lookup table: a NaN table; it dequantizes to NaN). This reads that flag: a
@@ -272,7 +277,7 @@ def nonfinite(tree: Any) -> jax.Array:
     >>> bool(nonfinite(q))
     True
     """
-    kinds = QArray | Scales | LookupArray
+    kinds = QArray | Scales | LookupArray | Float8Array
     flags = [
         jnp.any(~jnp.isfinite(a))
         for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kinds))

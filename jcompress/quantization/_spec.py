@@ -237,8 +237,9 @@ class Codebook:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class E4M3:
-    """8-bit float ``float8_e4m3fn`` (4 exponent, 3 mantissa bits) times an abs-max scale per
-    block. ``bits`` is 8. Not implemented yet: ``quantize`` raises.
+    """8-bit float ``float8_e4m3fn`` (4 exponent, 3 mantissa bits, largest value 448) times an
+    abs-max scale per block of the granularity (saturating cast); stored as a ``Float8Array``.
+    ``bits`` is 8. Reference: Micikevicius et al., "FP8 Formats for Deep Learning" (2022).
 
     >>> E4M3()
     E4M3()
@@ -247,8 +248,9 @@ class E4M3:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class E5M2:
-    """8-bit float ``float8_e5m2`` (5 exponent, 2 mantissa bits) times an abs-max scale per
-    block. ``bits`` is 8. Not implemented yet: ``quantize`` raises.
+    """8-bit float ``float8_e5m2`` (5 exponent, 2 mantissa bits, largest value 57344) times an
+    abs-max scale per block of the granularity (saturating cast); stored as a ``Float8Array``.
+    ``bits`` is 8. Reference: Micikevicius et al., "FP8 Formats for Deep Learning" (2022).
 
     >>> E5M2()
     E5M2()
@@ -291,7 +293,7 @@ class QuantSpec:
         representable (:class:`Int` only).
       format: :class:`Int` (default: integers, the ``QArray`` leaf), :class:`NF4` or
         :class:`Codebook` (table lookups, the ``LookupArray`` leaf), :class:`E4M3` /
-        :class:`E5M2` (8-bit floats; not implemented yet).
+        :class:`E5M2` (8-bit floats times scales, the ``Float8Array`` leaf).
 
     >>> QuantSpec(bits=4, granularity=PerGroup(32)).levels
     (-7, 7)

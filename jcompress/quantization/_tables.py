@@ -103,7 +103,7 @@ def _init(x, nz, key, *, n: int, init: str, zero_centre: bool) -> jax.Array:
 
 
 def codebook_table(
-    w: jax.Array, key: jax.Array | None, *, k: int, init: str, iters: int
+    w: jax.Array, key: jax.Array | None, *, k: int, init: str, iters: int | jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """``(table (k,), indices int32 like w)``: Lloyd's k-means of one table's 1-D weights ``w``.
 
@@ -143,22 +143,22 @@ def codebook_table(
     return jnp.where(finite, c * scale, jnp.float32(jnp.nan)), idx
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "blocks"))
-def _codebook_leaf(w, key, *, spec: QuantSpec, blocks: ScaleBlocks) -> LookupArray:
-    fmt = spec.format
+@functools.partial(jax.jit, static_argnames=("bits", "init", "blocks"))
+def _codebook_leaf(w, key, iters, *, bits: int, init: str, blocks: ScaleBlocks) -> LookupArray:
+    # ``iters`` is traced: specs differing only in it share one compiled program
     reduce = blocks.reduce_axes
     kept = tuple(a for a in range(w.ndim) if a not in reduce)
     perm = kept + reduce
     rows = int(np.prod([w.shape[a] for a in kept], dtype=np.int64))
     x = jnp.transpose(w, perm).reshape(rows, -1)
     keys = None if key is None else jax.random.split(key, rows)
-    k = 2**spec.bits
-    one = functools.partial(codebook_table, k=k, init=fmt.init, iters=fmt.iters)
+    k = 2**bits
+    one = functools.partial(codebook_table, k=k, init=init, iters=iters)
     tables, idx = jax.vmap(one, in_axes=(0, None if keys is None else 0))(x, keys)
     idx = jnp.transpose(idx.reshape([w.shape[a] for a in perm]), np.argsort(perm))
-    indices = idx.astype(jnp.uint8).astype(index_dtype(spec.bits))
+    indices = idx.astype(jnp.uint8).astype(index_dtype(bits))
     table = tables.reshape((*blocks.scale_shape, k))
-    return LookupArray(indices, table, bits=spec.bits, dtype=w.dtype, format="Codebook")
+    return LookupArray(indices, table, bits=bits, dtype=w.dtype, format="Codebook")
 
 
 def leaf_key(key: jax.Array | None, path: str) -> jax.Array | None:
@@ -175,8 +175,9 @@ def lookup_leaf(
     leaf's own, for ``Codebook(init="kmeans++")``)."""
     if isinstance(spec.format, NF4):
         return _nf4_leaf(w, blocks=blocks)
-    if isinstance(spec.format, Codebook):
-        return _codebook_leaf(
-            w, key if spec.format.init == "kmeans++" else None, spec=spec, blocks=blocks
-        )
+    fmt = spec.format
+    if isinstance(fmt, Codebook):
+        key = key if fmt.init == "kmeans++" else None
+        iters = jnp.asarray(fmt.iters, jnp.int32)
+        return _codebook_leaf(w, key, iters, bits=spec.bits, init=fmt.init, blocks=blocks)
     raise ValueError(f"{spec.format!r} is not a lookup format")  # pragma: no cover
