@@ -715,3 +715,20 @@ def test_partition_trains_codebook_tables_with_the_indices_fixed():
     nf4 = _leaf(w, QuantSpec(format=NF4()))
     trainable, _ = jc.tree.partition({"k": nf4}, scales=True)
     assert trainable["k"].scale.shape == (1, 4)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_embedding_gather_takes_only_its_rows(name):
+    table = _kernel((12, 8), seed=13).at[3].set(0.0)
+    spec = dataclasses.replace(SPECS[name], granularity=PerChannel())  # per row of the table
+    q = quantize({"embedding": table}, spec, key=jax.random.key(0))
+    leaf = q["embedding"]
+    ids = jnp.array([[0, 3, 11], [5, 5, 2]])
+    want = jnp.take(leaf.dequantize(), ids, axis=0)
+    np.testing.assert_array_equal(leaf.take(ids), want)
+    np.testing.assert_array_equal(
+        leaf.take(jnp.array([1, 7]), axis=1), leaf.dequantize()[:, [1, 7]]
+    )
+    run = jc.compressed(lambda p, ids: p["embedding"][ids])
+    np.testing.assert_array_equal(run(q, ids), want)
+    assert [e.formulation for e in jc.explain(run, q, ids)] == ["take"]

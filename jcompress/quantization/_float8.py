@@ -26,7 +26,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jcompress import tree as jtree
-from jcompress.quantization._lookup import dequantized_dot
+from jcompress.quantization._lookup import dequantized_dot, take_rows
 from jcompress.quantization._qarray import broadcast_apply
 from jcompress.quantization._scales import ScaleBlocks
 from jcompress.quantization._spec import E4M3, QuantSpec
@@ -100,6 +100,10 @@ class Float8Array(jtree.Compressed, kind="Float8Array"):
         ``mode=`` do not apply and are ignored)."""
         name = f"{self.format.lower()}_dequantize"
         return dequantized_dot(self, name, lhs, dimension_numbers, **options)
+
+    def take(self, indices: ArrayLike, axis: int = 0) -> jax.Array:
+        """``jnp.take(self.dequantize(), indices, axis)``, scaling only the rows it takes."""
+        return take_rows(self, indices, axis)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "blocks"))

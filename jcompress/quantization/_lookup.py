@@ -12,7 +12,14 @@ from jax.typing import ArrayLike
 from jcompress import tree as jtree
 from jcompress.quantization._qarray import broadcast_apply
 
-__all__ = ["FORMATS", "NF4_LEVELS", "LookupArray", "dequantized_dot", "index_dtype"]
+__all__ = [
+    "FORMATS",
+    "NF4_LEVELS",
+    "LookupArray",
+    "dequantized_dot",
+    "index_dtype",
+    "take_rows",
+]
 
 NF4_LEVELS = np.array(
     [
@@ -169,6 +176,29 @@ class LookupArray(jtree.Compressed, kind="LookupArray"):
         """
         name = f"{self.format.lower()}_lookup"
         return dequantized_dot(self, name, lhs, dimension_numbers, **options)
+
+    def take(self, indices: ArrayLike, axis: int = 0) -> jax.Array:
+        """``jnp.take(self.dequantize(), indices, axis)``, looking up only the rows it takes
+        (gathered tables: ``Embed``)."""
+        return take_rows(self, indices, axis)
+
+
+def take_rows(leaf: jtree.Compressed, indices: ArrayLike, axis: int = 0) -> jax.Array:
+    """``jnp.take(leaf.dequantize(), indices, axis)`` dequantizing only the rows taken: every
+    array child is gathered along ``axis`` (a child of size 1 along it, shared, or of blocks of
+    rows, takes the block of each index), then the smaller leaf is dequantized. For leaves whose
+    children have the float array's leading axes (``LookupArray``, ``Float8Array``)."""
+    indices = jnp.asarray(indices)
+    axis = axis % len(leaf.shape)
+    n = leaf.shape[axis]
+
+    def gather(x):
+        if x is None:
+            return None
+        block = n // x.shape[axis]
+        return jnp.take(x, indices if block == 1 else jnp.floor_divide(indices, block), axis=axis)
+
+    return leaf.replace(**{a: gather(getattr(leaf, a)) for a in leaf.array_fields}).dequantize()
 
 
 def dequantized_dot(
