@@ -1,6 +1,8 @@
 """jc.tree.partition / combine: training the float children of compressed leaves (scales,
 low-rank factors) with jax.grad and optax, integer values fixed, through jc.compressed."""
 
+import dataclasses
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -10,7 +12,16 @@ import pytest
 from flax import nnx
 
 import jcompress as jc
-from jcompress.quantization import PerGroup, QuantSpec, dequantize, quantize
+from jcompress.quantization import (
+    NF4,
+    Codebook,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    QuantSpec,
+    dequantize,
+    quantize,
+)
 from jcompress.structure import low_rank
 
 RNG = np.random.default_rng(0)
@@ -179,3 +190,129 @@ def test_errors():
         jc.tree.field(trainable="tables")
     with pytest.raises(ValueError, match="for array children"):
         jc.tree.field(static=True, trainable=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# lookup formats: codebook tables are trained, NF4 levels never
+# ------------------------------------------------------------------------------------------------
+
+
+def _pruned_w():
+    w = np.asarray(W).copy()
+    w[np.abs(w) < np.quantile(np.abs(w), 0.6)] = 0.0  # 60% exact zeros
+    return jnp.asarray(w)
+
+
+CODEBOOK = QuantSpec(bits=4, format=Codebook(init="linear", iters=10), granularity=PerTensor())
+
+
+@pytest.mark.parametrize("granularity", [PerTensor(), PerChannel()], ids=["tensor", "channel"])
+def test_centroid_gradient_is_the_per_cluster_sum_of_weight_gradients(granularity):
+    spec = dataclasses.replace(CODEBOOK, granularity=granularity)
+    params = {"Dense_0": {"kernel": _pruned_w(), "bias": jnp.zeros(64)}}
+    q = quantize(params, spec)
+    trainable, rest = jc.tree.partition(q, floats=False)
+    leaf = q["Dense_0"]["kernel"]
+    assert trainable["Dense_0"]["kernel"].table.shape == leaf.table.shape
+
+    def loss(t, f):
+        return jnp.sum(jnp.sin(f(jc.tree.combine(t, rest), X)))
+
+    got = jax.jit(jax.grad(loss), static_argnums=1)(trainable, jc.compressed(fn))
+    eager = jax.grad(loss)(trainable, jc.compressed(fn))
+    table_grad = np.asarray(got["Dense_0"]["kernel"].table)
+    # the dense gradient of the same loss at the dequantized weight, summed per cluster
+    dense = dequantize(q)
+    g_w = np.asarray(
+        jax.grad(lambda w: jnp.sum(jnp.sin(X @ w + dense["Dense_0"]["bias"])))(
+            dense["Dense_0"]["kernel"]
+        )
+    )
+    idx = np.asarray(leaf.indices.astype(jnp.int32))
+    table = np.asarray(leaf.table)
+    want = np.zeros_like(table)
+    for i in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            t = (0 if table.shape[0] == 1 else i, 0 if table.shape[1] == 1 else j)
+            want[(*t, idx[i, j])] += g_w[i, j]
+    zero = table[..., 0] == 0  # the reserved entry of pruned weights: never moves
+    want[..., 0] = np.where(zero, 0.0, want[..., 0])
+    np.testing.assert_allclose(table_grad, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(eager["Dense_0"]["kernel"].table, table_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_centroid_fine_tuning_keeps_zeros_and_the_table_size():
+    params = {"Dense_0": {"kernel": _pruned_w(), "bias": jnp.zeros(64)}}
+    target = fn({"Dense_0": {"kernel": W, "bias": jnp.zeros(64)}}, X)
+    q = quantize(params, CODEBOOK)
+    trainable, rest = jc.tree.partition(q)
+    apply = jc.compressed(fn)
+
+    def loss(t):
+        return jnp.mean((apply(jc.tree.combine(t, rest), X) - target) ** 2)
+
+    opt = optax.adamw(1e-2, weight_decay=1e-2)  # decay would move a zero entry if it had one
+    state = opt.init(trainable)
+
+    @jax.jit
+    def step(t, s):
+        g = jax.grad(loss)(t)
+        updates, s = opt.update(g, s, t)
+        return optax.apply_updates(t, updates), s
+
+    first = float(loss(trainable))
+    for _ in range(20):
+        trainable, state = step(trainable, state)
+    tuned = jc.tree.combine(trainable, rest)
+    w = np.asarray(dequantize(tuned)["Dense_0"]["kernel"])
+    assert float(loss(trainable)) < first
+    np.testing.assert_array_equal(w == 0, np.asarray(params["Dense_0"]["kernel"]) == 0)
+    assert len(np.unique(w)) <= 2**4
+    assert np.array_equal(tuned["Dense_0"]["kernel"].indices, q["Dense_0"]["kernel"].indices)
+
+
+def test_nf4_levels_are_never_trained_its_scales_when_asked():
+    params = {"Dense_0": {"kernel": W, "bias": jnp.zeros(64)}}
+    q = quantize(params, QuantSpec(format=NF4(), granularity=PerGroup(64)))
+    frozen, _ = jc.tree.partition(q, floats=False)
+    assert frozen["Dense_0"]["kernel"] is None  # the 16 levels are the format
+    trainable, rest = jc.tree.partition(q, scales=True, floats=False)
+    leaf = trainable["Dense_0"]["kernel"]
+    assert leaf.table is None and leaf.indices is None and leaf.scale is not None
+
+    def loss(t, f):
+        return jnp.sum(jnp.sin(f(jc.tree.combine(t, rest), X)))
+
+    got = jax.grad(loss)(trainable, jc.compressed(fn))["Dense_0"]["kernel"].scale
+    want = jax.grad(loss)(trainable, lambda p, x: fn(dequantize(p), x))["Dense_0"]["kernel"].scale
+    assert float(jnp.max(jnp.abs(want))) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_scan_over_stacked_codebook_layers():
+    layers = jnp.stack([_pruned_w()[:64, :64] * (i + 1) for i in range(3)])  # (3, 64, 64)
+    params = {"kernel": layers}
+    roles = {"kernel": jc.Role("matmul", contracting=(1,), output=(2,), stacked=(0,))}
+    q = quantize(params, CODEBOOK, roles=roles)
+    assert q["kernel"].table.shape[0] == 3  # one table per layer
+    trainable, rest = jc.tree.partition(q, floats=False)
+    x = X[:, :64]
+
+    def run(t):
+        def body(h, leaf):
+            return jnp.tanh(h @ leaf.dequantize()), None
+
+        h, _ = jax.lax.scan(body, x, jc.tree.combine(t, rest)["kernel"])
+        return jnp.sum(h)
+
+    def run_unrolled(t):
+        k = jc.tree.combine(t, rest)["kernel"]
+        h = x
+        for i in range(3):
+            h = jnp.tanh(h @ k[i].dequantize())
+        return jnp.sum(h)
+
+    got = jax.jit(jax.grad(run))(trainable)["kernel"].table
+    want = jax.grad(run_unrolled)(trainable)["kernel"].table
+    assert float(jnp.max(jnp.abs(want))) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

@@ -77,9 +77,11 @@ class LookupArray(jtree.Compressed, kind="LookupArray"):
       array's rank with, along each axis, size 1, the array's size, or a divisor (``PerGroup``
       blocks), as ``QArray.scale`` (NF4: the abs-max of each block).
 
-    ``jc.tree.partition`` puts ``table`` in the trainable half (a codebook's centroids are
-    fine-tuned with the indices fixed, as in Deep Compression; an NF4 table trained so no longer
-    holds the NF4 levels) and ``scale`` when ``scales=True``.
+    ``jc.tree.partition`` puts a ``Codebook`` table in the trainable half (its centroids are
+    fine-tuned with the indices fixed, as in Deep Compression: each entry's gradient is the sum
+    of the gradients of the weights mapped to it; a reserved ``0.0`` entry has none, so pruned
+    weights stay exactly zero through training), never an NF4 table (the 16 levels are the
+    format), and ``scale`` when ``scales=True``.
 
     Static: ``bits``, the original float ``dtype`` and ``format`` (``"NF4"`` or
     ``"Codebook"``, what ``jc.explain`` names).
@@ -155,10 +157,20 @@ class LookupArray(jtree.Compressed, kind="LookupArray"):
     def shape(self) -> tuple[int, ...]:
         return tuple(self.indices.shape)
 
+    def trainable_fields(self, *, scales: bool = False) -> tuple[str, ...]:
+        """``table`` (a codebook's; never NF4's fixed levels), and ``scale`` when ``scales``."""
+        names = super().trainable_fields(scales=scales)
+        return tuple(n for n in names if not (n == "table" and self.format == "NF4"))
+
     def lookup(self) -> jax.Array:
         """``table[indices]`` in ``float32`` (before the scale), the float array's shape."""
+        table = self.table
+        if self.format == "Codebook":  # a reserved 0.0 entry stays 0.0: no gradient reaches it
+            zero = jax.lax.stop_gradient(table[..., :1] == 0)
+            first = jnp.where(zero, jnp.zeros((), table.dtype), table[..., :1])
+            table = jnp.concatenate([first, table[..., 1:]], axis=-1)
         idx = self.indices.astype(jnp.int32)[..., None]
-        return jnp.take_along_axis(self.table, idx, axis=-1)[..., 0]
+        return jnp.take_along_axis(table, idx, axis=-1)[..., 0]
 
     def dequantize(self) -> jax.Array:
         """The float array, ``table[indices] * scale`` in ``float32``, cast to ``dtype``."""
