@@ -184,8 +184,14 @@ def dot_general(
         if mode != "weight_only":
             raise ValueError(f"formulation= applies to mode='weight_only' only, got {mode!r}")
         mode = formulation
+    elif mode == "fp8":
+        raise ValueError(
+            "mode='fp8' multiplies 8-bit float weights (QuantSpec(format=E4M3()) or E5M2(), "
+            f"Float8Array leaves); this integer QArray takes mode {MODES}: quantize this leaf "
+            "to E4M3, or give it another mode"
+        )
     elif mode not in MODES and mode not in FORMULATIONS:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"mode must be one of {MODES} (or 'fp8' for FP8 leaves), got {mode!r}")
     qarray, dn, order = _stored_axes(qarray, dimension_numbers, weight_is_rhs)
     xc, wc, xb, wb = _split(dn, weight_is_rhs)
     if mode == "int8" and getattr(qarray, "act_scale", None) is not None:

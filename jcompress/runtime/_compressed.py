@@ -244,6 +244,11 @@ def compressed(
         ``clip(round(x / a), -127, 127)`` instead: no per-token absmax, and inputs beyond
         ``127·a`` saturate. Per-input-channel ``act_scale`` raises ``ValueError`` there. In
         ``"weight_only"`` mode ``act_scale`` is ignored (results stay ``fn(dequantize(tree))``).
+        ``"fp8"``: FP8 weights (``QuantSpec(format=E4M3())`` / ``E5M2()``) multiply
+        activations rounded per row to the same 8-bit format, ``float8 x float8 -> float32``
+        (an fp8 matmul where the backend has one; XLA:CPU converts both to float32, as
+        ``explain`` says); integer ``QArray`` s refuse it. Lookup leaves (NF4, codebooks) and
+        low-rank factors ignore ``mode``.
       **options: handed unread, with ``mode``, to every compressed leaf's ``dot_general``; each
         leaf type documents and checks its own (an unknown one raises ``ValueError`` or
         ``TypeError`` naming the leaf, at the first call). ``QArray``: ``formulation=``

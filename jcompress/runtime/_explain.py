@@ -16,6 +16,7 @@ from jcompress.tree import is_compressed, leaves_with_paths
 __all__ = [
     "INTEGER_DOT",
     "FLOAT_FALLBACK",
+    "FP8_DOT",
     "FUSED",
     "GATHER",
     "Explained",
@@ -24,15 +25,16 @@ __all__ = [
 ]
 
 INTEGER_DOT = "integer dot"
+FP8_DOT = "fp8 dot"
 FUSED = "fused dequantization"
 FLOAT_FALLBACK = "float fallback"
 GATHER = "gather rows"
 UNKNOWN = "unknown"
 
 # A compressed leaf's kernel says what it computes and which path it intends, by code.
-_PATH_CODES = {"int": INTEGER_DOT, "fused": FUSED, "float": FLOAT_FALLBACK}
+_PATH_CODES = {"int": INTEGER_DOT, "fp8": FP8_DOT, "fused": FUSED, "float": FLOAT_FALLBACK}
 _MARK = re.compile(r"jc\[(?P<path>[^|\]]*)\|(?P<how>[^\]]*)\]")
-_KERNEL = re.compile(r"jc\.kernel=(?P<kernel>[A-Za-z_0-9.\-]+)\|(?P<code>int|fused|float)")
+_KERNEL = re.compile(r"jc\.kernel=(?P<kernel>[A-Za-z_0-9.\-]+)\|(?P<code>int|fp8|fused|float)")
 _INSTR = re.compile(
     r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<type>[a-z0-9]+)\[(?P<dims>[0-9,]*)\]\S*\s+"
     r"(?P<op>[\w\-]+)\((?P<args>[^)]*)\)(?P<rest>.*)$"
@@ -43,6 +45,11 @@ _COMP = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s.*\{\s*$")
 _COMMENT = re.compile(r"/\*.*?\*/")
 _FLOAT = ("f16", "bf16", "f32", "f64")
 _SUBBYTE_INT = ("s8", "s4", "s2", "u8", "u4", "u2")
+_FP8 = ("f8e4m3fn", "f8e5m2")
+FP8_FALLBACK_NOTE = (
+    "this backend has no fp8 matmul (XLA:CPU: none): it converted both 8-bit operands to "
+    "float32 (the same products, a float matmul)"
+)
 
 
 @contextlib.contextmanager
@@ -75,7 +82,8 @@ class Explained:
 
     Attributes:
       path: the leaf's path (leaves of arguments after the first: ``args[i]/...``).
-      intended: the path jcompress asked for: ``"integer dot"`` (``s8 x s8 -> s32``), ``"fused
+      intended: the path jcompress asked for: ``"integer dot"`` (``s8 x s8 -> s32``), ``"fp8
+        dot"`` (``float8 x float8`` read by the matmul itself: ``mode="fp8"``), ``"fused
         dequantization"`` (the integer weight read inside the fusion doing the matmul), ``"float
         fallback"`` (a float copy of the whole weight materialised: no fast path), or ``"gather
         rows"``.
@@ -165,6 +173,7 @@ def _classify_by_flow(comps, fused, path: str, weight_size: int) -> str:
         params = [i.name for i in instrs if i.param_of == path]
         if not params:
             continue
+        fp8 = any(i.dtype in _FP8 for i in instrs if i.name in params)
         users: dict[str, list[_Instr]] = {}
         for i in instrs:
             for a in i.args:
@@ -175,10 +184,12 @@ def _classify_by_flow(comps, fused, path: str, weight_size: int) -> str:
                 if u.name in seen:
                     continue
                 seen.add(u.name)
-                if u.op in _PASS and u.dtype in _SUBBYTE_INT:  # layout-only / widening copies
+                if u.op in _PASS and u.dtype in (*_SUBBYTE_INT, *_FP8):  # layout-only copies
                     frontier.append(u.name)
                 else:
                     consumers.append(u)
+        if fp8 and any(c.op in ("dot", "custom-call") for c in consumers):
+            return FP8_DOT  # the 8-bit float values read by the matmul itself
         if any(c.dtype in _FLOAT and c.size == weight_size for c in consumers):
             return FLOAT_FALLBACK
         if any(_has_int_dot(comps, c) for c in consumers):
@@ -311,5 +322,7 @@ def explain(jitted_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Ex
         compiled = UNKNOWN if leaf is None else _classify(comps, fused, path, math.prod(leaf.shape))
         if intended == GATHER and compiled != FLOAT_FALLBACK:
             compiled = GATHER
+        if intended == FP8_DOT and compiled == FLOAT_FALLBACK and not note:
+            note = FP8_FALLBACK_NOTE
         out.append(Explained(path, intended, compiled, formulation, note))
     return out
