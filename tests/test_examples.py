@@ -110,6 +110,28 @@ def _check_budget(out: str, _globals: dict) -> None:
     assert re.search(r"^  block_0/q/kernel +int\d( g64)? +\d+ bytes$", out, re.M), out
 
 
+def _check_deep_compression(out: str, _globals: dict) -> None:
+    # the example asserts exact zeros and at most 2**5 values per kernel itself
+    rows = {
+        m.group(1): (float(m.group(2)), int(m.group(3)), int(m.group(4)))
+        for m in re.finditer(r"^\| ([^|]+?) \| +([\d.]+) ± [\d.]+ \| (\d+) \| (\d+) \|$", out, re.M)
+    }
+    assert list(rows) == [
+        "float, pruned",
+        "codebook, before fine-tuning",
+        "codebook, centroids fine-tuned",
+        "int5 per channel, RTN",
+        "int5, scales fine-tuned",
+    ], out
+    float_bytes = rows["float, pruned"][1]
+    # 5-bit indices in bytes plus 32-entry tables: about a quarter of float32
+    assert rows["codebook, centroids fine-tuned"][1] < float_bytes / 3.9, rows
+    assert rows["int5 per channel, RTN"][1] < float_bytes / 3.8, rows
+    assert all(0.0 < acc <= 100.0 for acc, _, _ in rows.values()), rows
+    # 92% of the weights are zero: the checkpoint encodes far less than memory holds
+    assert all(encoded < memory / 3 for _, memory, encoded in rows.values()), rows
+
+
 CHECKS = {
     "01_prune_mlp.py": _check_prune_mlp,
     "02_quantize_mlp.py": _check_quantize_mlp,
@@ -117,6 +139,7 @@ CHECKS = {
     "06_llm_compression.py": _check_llm,
     "07_nm_nnx_cnn.py": _check_pruning,
     "08_budget.py": _check_budget,
+    "09_deep_compression.py": _check_deep_compression,
 }
 
 
