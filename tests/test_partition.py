@@ -10,9 +10,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jcompress as jc
 from jcompress.quantization import (
+    E4M3,
     NF4,
     Codebook,
     PerChannel,
@@ -316,3 +319,40 @@ def test_scan_over_stacked_codebook_layers():
     want = jax.grad(run_unrolled)(trainable)["kernel"].table
     assert float(jnp.max(jnp.abs(want))) > 0
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(format=NF4(), granularity=PerGroup(16)),
+        QuantSpec(bits=3, format=Codebook(init="density", iters=5), granularity=PerChannel()),
+        QuantSpec(format=E4M3()),
+    ],
+    ids=["nf4", "codebook", "e4m3"],
+)
+def test_sharded_formats_stay_sharded_through_quantize_partition_and_grad(devices, spec):
+    mesh = jax.sharding.Mesh(np.array(devices), ("x",))
+    sharding = NamedSharding(mesh, P(None, "x"))  # output channels across the 8 devices
+    w = jax.device_put(_pruned_w(), sharding)
+    quant = jax.jit(lambda p: quantize(p, spec))
+    q = quant({"kernel": w})
+    leaf = q["kernel"]
+    for name in jc.tree.fields(leaf):
+        child = getattr(leaf, name.name) if not name.static else None
+        if child is not None and child.shape[-1] == 64:  # per output channel: split, no gather
+            assert child.sharding.is_equivalent_to(sharding, child.ndim), (name, child.sharding)
+    assert "all-gather" not in quant.lower({"kernel": w}).compile().as_text()
+    single = quantize({"kernel": jnp.asarray(np.asarray(w))}, spec)["kernel"]
+    np.testing.assert_array_equal(np.asarray(leaf.dequantize()), np.asarray(single.dequantize()))
+    trainable, rest = jc.tree.partition(q, scales=True, floats=False)
+    x = jax.device_put(X, NamedSharding(mesh, P()))
+
+    def loss(t):
+        return jnp.sum(
+            jnp.sin(jc.compressed(lambda p, x: x @ p["kernel"])(jc.tree.combine(t, rest), x))
+        )
+
+    grads = jax.jit(jax.grad(loss))(trainable)
+    for g in jax.tree.leaves(grads):
+        if g.shape[-1] == 64:
+            assert g.sharding.is_equivalent_to(sharding, g.ndim), g.sharding
