@@ -444,13 +444,15 @@ def test_errors_name_the_leaf_and_the_fix():
         )
     with pytest.raises(ValueError, match="AWQ supports"):
         awq_layer(params["Dense_0"]["kernel"], jnp.eye(8), QuantSpec(format=Codebook()))
-    with pytest.raises(ValueError, match="Dense_0/kernel: GPTQ supports"):
-        gptq(
-            lambda p, x: x @ p["Dense_0"]["kernel"],
-            params,
-            [jnp.ones((2, 8))],
-            QuantSpec(format=NF4()),
-        )
+    # gptq over a model takes the formats (tests/test_gptq_formats.py); gptq_layer does not
+    q = gptq(
+        lambda p, x: x @ p["Dense_0"]["kernel"],
+        params,
+        [jnp.ones((2, 8))],
+        QuantSpec(format=NF4()),
+        quiet=True,
+    )
+    assert isinstance(q["Dense_0"]["kernel"], LookupArray)
     bad = {"Dense_0": {"kernel": _kernel((8, 4)).at[1, 1].set(jnp.nan)}}
     for spec in SPECS.values():
         with pytest.raises(ValueError, match="Dense_0/kernel"):

@@ -41,9 +41,11 @@ from jax.typing import ArrayLike
 from jcompress import calibration
 from jcompress import tree as jtree
 from jcompress.quantization._calibrated import resolve_calibrated
+from jcompress.quantization._gptq_grid import gptq_format_leaf
 from jcompress.quantization._qarray import QArray, dequantize_blocks, storage_dtype
 from jcompress.quantization._scales import Scales, compute_scales, scale_blocks, to_int
 from jcompress.quantization._spec import (
+    Int,
     PerChannel,
     PerGroup,
     QuantSpec,
@@ -251,8 +253,11 @@ def _gptq_stack(leaf, stats, mask, *, lay, spec, block_size, percdamp, act_order
     return QArray(values, scale, zero_point, bits=spec.bits, dtype=leaf.dtype), st
 
 
-def _gptq_leaf(path, leaf, stats, spec, role, mask, options) -> QArray:
-    """GPTQ on every stacked slice of one leaf, reassembled into the leaf's ``QArray``."""
+def _gptq_leaf(path, leaf, stats, spec, role, mask, options):
+    """GPTQ on every stacked slice of one leaf, reassembled into the leaf ``quantize`` makes
+    (a ``QArray``; NF4 / codebooks / FP8: :func:`gptq_format_leaf`)."""
+    if not isinstance(spec.format, Int):
+        return gptq_format_leaf(path, leaf, stats, spec, role, mask, options)
     lay = calibration.LeafMatrices.of(path, leaf.shape, role)
     lay.check_gram(stats)
     shared = dataclasses.replace(lay, path="")  # the compiled program is shared across paths
@@ -282,7 +287,11 @@ def gptq(
     The inputs of every selected matmul/conv leaf are captured on ``batches`` (``jc.capture``
     with Gram matrices), each leaf (each stacked slice on its own) is quantized by
     :func:`gptq_layer` with its spec, and comes back as a :class:`QArray` with exactly the
-    layout ``quantize`` gives for the same spec and role.
+    layout ``quantize`` gives for the same spec and role. Specs of the other formats (``NF4``,
+    ``Codebook(init="linear" | "density")``, ``E4M3``, ``E5M2``) give the ``LookupArray`` /
+    ``Float8Array`` that ``quantize`` gives, with the same tables and scales, each row rounded
+    to the nearest stored value (nearest table entry, or 8-bit float) under the same error
+    feedback.
 
     Args:
       fn: ``fn(params, *args)`` (linen: ``lambda p, x: model.apply({"params": p}, x)``).
@@ -308,7 +317,8 @@ def gptq(
       quiet: no ``rich`` progress bar.
 
     Returns:
-      The tree with :class:`QArray` leaves for the selected leaves, others unchanged.
+      The tree with compressed leaves (``QArray``; ``LookupArray`` / ``Float8Array`` for the
+      other formats) for the selected leaves, others unchanged.
 
     Raises:
       ValueError: as :func:`quantize` (rules, selection, ``PerGroup`` divisibility, NaN/Inf),
@@ -326,7 +336,7 @@ def gptq(
     """
     what = "GPTQ"
     resolved = resolve_calibrated(
-        fn, params, batches, spec_or_rules, where=where, roles=roles, what=what
+        fn, params, batches, spec_or_rules, where=where, roles=roles, what=what, formats=True
     )
     mask_of = {} if masks is None else jtree.match_by_path(params, masks, name="masks")
     calibration.check_options(what, block_size=block_size, percdamp=percdamp, what=what)
