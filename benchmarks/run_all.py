@@ -36,6 +36,7 @@ SCRIPTS = (
     "calibrated",
     "runtime",
     "budget",
+    "formats",
 )
 
 
