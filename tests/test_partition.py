@@ -356,3 +356,32 @@ def test_sharded_formats_stay_sharded_through_quantize_partition_and_grad(device
     for g in jax.tree.leaves(grads):
         if g.shape[-1] == 64:
             assert g.sharding.is_equivalent_to(sharding, g.ndim), g.sharding
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(format=NF4(), granularity=PerGroup(16)),
+        QuantSpec(bits=3, format=Codebook(init="density", iters=5), granularity=PerChannel()),
+        QuantSpec(format=E4M3()),
+    ],
+    ids=["nf4", "codebook", "e4m3"],
+)
+def test_vmap_and_scan_over_stacked_format_layers(spec):
+    layers = jnp.stack([_pruned_w()[:64, :64] * (i + 1) for i in range(3)])  # (3, 64, 64)
+    roles = {"kernel": jc.Role("matmul", contracting=(1,), output=(2,), stacked=(0,))}
+    q = quantize({"kernel": layers}, spec, roles=roles)["kernel"]
+    xs = jnp.stack([X[:, :64] * (i + 1) for i in range(3)])  # (3, 4, 64)
+    matmul = jc.compressed(lambda w, x: x @ w)
+    got = jax.jit(jax.vmap(matmul))(q, xs)
+    want = np.stack([np.asarray(xs[i]) @ np.asarray(q[i].dequantize()) for i in range(3)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    def body(h, leaf):
+        return jnp.tanh(matmul(leaf, h)), None
+
+    h, _ = jax.lax.scan(body, X[:, :64], q)
+    ref = X[:, :64]
+    for i in range(3):
+        ref = jnp.tanh(ref @ q[i].dequantize())
+    np.testing.assert_allclose(h, ref, rtol=1e-5, atol=1e-5)

@@ -55,12 +55,14 @@ class ScaleBlocks(NamedTuple):
 
     ``split_shape`` is ``shape`` with the group axis split into ``(n, size)`` (``PerGroup``) or
     ``shape`` itself; ``reduce_axes`` are the axes of ``split_shape`` each block spans;
-    ``scale_shape`` is the ``QArray.scale`` shape.
+    ``scale_shape`` is the ``QArray.scale`` shape; ``stacked`` the leaf's stacked (layer) axes,
+    which every child of a compressed leaf carries at full size (``vmap``/``scan`` over layers).
     """
 
     split_shape: tuple[int, ...]
     reduce_axes: tuple[int, ...]
     scale_shape: tuple[int, ...]
+    stacked: tuple[int, ...] = ()
 
 
 def scale_blocks(
@@ -72,7 +74,7 @@ def scale_blocks(
     >>> from jcompress.tree import Role
     >>> dense = Role("matmul", (0,), (1,))
     >>> scale_blocks("k", (64, 10), QuantSpec(granularity=PerGroup(16)), dense)
-    ScaleBlocks(split_shape=(4, 16, 10), reduce_axes=(1,), scale_shape=(4, 10))
+    ScaleBlocks(split_shape=(4, 16, 10), reduce_axes=(1,), scale_shape=(4, 10), stacked=())
     >>> conv = Role("conv", (0, 1, 2), (3,))
     >>> scale_blocks("k", (3, 3, 64, 8), QuantSpec(granularity=PerGroup(32)), conv).scale_shape
     (3, 3, 2, 8)
@@ -84,7 +86,7 @@ def scale_blocks(
     if not isinstance(spec.granularity, PerGroup):
         scale_shape = tuple(d if a in kept else 1 for a, d in enumerate(shape))
         reduce_axes = tuple(a for a in range(len(shape)) if a not in kept)
-        return ScaleBlocks(shape, reduce_axes, scale_shape)
+        return ScaleBlocks(shape, reduce_axes, scale_shape, tuple(role.stacked))
     size = spec.granularity.size
     if not role.contracting:
         raise ValueError(
@@ -103,7 +105,7 @@ def scale_blocks(
     n = shape[g] // size
     split = (*shape[:g], n, size, *shape[g + 1 :])
     scale_shape = (*shape[:g], n, *shape[g + 1 :])
-    return ScaleBlocks(split, (g + 1,), scale_shape)
+    return ScaleBlocks(split, (g + 1,), scale_shape, tuple(role.stacked))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,7 +60,9 @@ def _nf4_leaf(w: jax.Array, *, blocks: ScaleBlocks) -> LookupArray:
     levels = jnp.asarray(NF4_LEVELS)
     idx = jnp.where(jnp.isnan(r), _NF4_ZERO, _nearest(r, levels))
     indices = idx.reshape(w.shape).astype(jnp.uint8).astype(index_dtype(4))
-    table = levels.reshape((1,) * w.ndim + (levels.size,))
+    # the 16 levels, repeated per stacked layer (every child carries the layer axes)
+    layers = tuple(w.shape[a] if a in blocks.stacked else 1 for a in range(w.ndim))
+    table = jnp.broadcast_to(levels, (*layers, levels.size))
     return LookupArray(
         indices, table, scale.reshape(blocks.scale_shape), bits=4, dtype=w.dtype, format="NF4"
     )
