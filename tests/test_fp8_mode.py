@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import jcompress as jc
 from jcompress.quantization import (
@@ -93,3 +95,30 @@ def test_nan_rows_give_nan_and_integer_weights_refuse_fp8():
     qi = quantize({"Dense_0": {"kernel": W}}, QuantSpec(bits=8))
     with pytest.raises(ValueError, match=r"Dense_0/kernel: mode='fp8' multiplies 8-bit float"):
         jc.compressed(fn, mode="fp8")(qi, X)
+
+
+@st.composite
+def fp8_problems(draw):
+    k, n = draw(st.sampled_from([(32, 8), (64, 16), (48, 24)]))
+    rows = draw(st.sampled_from([1, 3, 8]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    w = rng.standard_normal((k, n)).astype(np.float32) * draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    w[rng.random((k, n)) < draw(st.sampled_from([0.0, 0.5]))] = 0.0
+    row_scale = rng.choice([0.0, 1e-4, 1.0, 1e4], size=(rows, 1)).astype(np.float32)
+    x = rng.standard_normal((rows, k)).astype(np.float32) * row_scale
+    fmt = draw(st.sampled_from(["E4M3", "E5M2"]))
+    granularity = draw(st.sampled_from([PerTensor(), PerChannel()]))
+    return w, x, fmt, granularity
+
+
+@given(fp8_problems())
+def test_property_fp8_mode_matches_the_reference(problem):
+    w, x, fmt, granularity = problem
+    spec = QuantSpec(format=E4M3() if fmt == "E4M3" else E5M2(), granularity=granularity)
+    q = quantize({"Dense_0": {"kernel": jnp.asarray(w)}}, spec)
+    got = np.asarray(jc.compressed(fn, mode="fp8")(q, jnp.asarray(x)))
+    w_q = np.asarray(dequantize(q)["Dense_0"]["kernel"], np.float64)
+    want = _rows_to_fp8(x, DTYPES[fmt]).astype(np.float64) @ w_q
+    assert np.all(np.isfinite(got))
+    bound = 4e-6 * (np.abs(_rows_to_fp8(x, DTYPES[fmt])) @ np.abs(w_q)) + 1e-30
+    assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)

@@ -10,6 +10,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from hypothesis import given
+from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -385,3 +387,57 @@ def test_vmap_and_scan_over_stacked_format_layers(spec):
     for i in range(3):
         ref = jnp.tanh(ref @ q[i].dequantize())
     np.testing.assert_allclose(h, ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# properties (hypothesis: bucketed shapes, every leaf kind, both flags)
+# ------------------------------------------------------------------------------------------------
+
+LEAF_SPECS = [
+    QuantSpec(bits=4),
+    QuantSpec(bits=3, symmetric=False, granularity=PerGroup(8)),
+    QuantSpec(format=NF4(), granularity=PerGroup(8)),
+    QuantSpec(bits=2, format=Codebook(init="linear", iters=2)),
+    QuantSpec(format=E4M3(), granularity=PerTensor()),
+]
+
+
+@st.composite
+def trees(draw):
+    shape = draw(st.sampled_from([(16, 8), (32, 16), (8, 24)]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[rng.random(shape) < draw(st.sampled_from([0.0, 0.5, 0.9]))] = 0.0
+    spec = draw(st.sampled_from(LEAF_SPECS))
+    q = quantize({"a": {"kernel": jnp.asarray(w)}}, spec)
+    tree = {
+        **q,
+        "b": {"kernel": jnp.asarray(w[:, :4]), "bias": jnp.zeros(4, jnp.bfloat16)},
+        "count": jnp.arange(3),
+        "none": None,
+    }
+    return tree, draw(st.booleans()), draw(st.booleans())
+
+
+@given(trees())
+def test_property_partition_combine_round_trip(problem):
+    tree, scales, floats = problem
+    trainable, rest = jc.tree.partition(tree, scales=scales, floats=floats)
+    _same(jc.tree.combine(trainable, rest), tree)
+    # the halves are disjoint: every array is in exactly one of them, integers never trainable
+    n_train = len(jax.tree.leaves(trainable))
+    n_rest = len(jax.tree.leaves(rest))
+    assert n_train + n_rest == len(jax.tree.leaves(tree))
+    assert all(jnp.issubdtype(x.dtype, jnp.inexact) for x in jax.tree.leaves(trainable))
+    leaf = tree["a"]["kernel"]
+    names = set(leaf.trainable_fields(scales=scales))
+    part = trainable["a"]["kernel"]
+    for f in jc.tree.fields(leaf):
+        if f.static or getattr(leaf, f.name) is None:
+            continue
+        held = part is not None and getattr(part, f.name) is not None
+        assert held == (f.name in names), (f.name, names)
+    # a gradient step over the trainable half leaves the rest bit-identical
+    moved = jax.tree.map(lambda x: x + 1, trainable)
+    again = jc.tree.combine(moved, rest)
+    _same(jc.tree.partition(again, scales=scales, floats=floats)[1], rest)
