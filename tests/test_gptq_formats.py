@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import jcompress as jc
 from jcompress.quantization import (
@@ -171,3 +173,34 @@ def test_kmeans_plus_plus_needs_a_key_gptq_does_not_take():
         ValueError, match=r"Dense_0/kernel: gptq with Codebook\(init='kmeans\+\+'\)"
     ):
         gptq(fn, {"Dense_0": {"kernel": w}}, [(x,)], spec, quiet=True)
+
+
+@st.composite
+def gptq_problems(draw):
+    seed = draw(st.integers(0, 2**16))
+    name = draw(st.sampled_from(list(SPECS)))
+    sparsity = draw(st.sampled_from([0.0, 0.5]))
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    return seed, name, sparsity, scale
+
+
+@given(gptq_problems())
+def test_property_gptq_formats_never_lose_to_round_to_nearest(problem):
+    seed, name, sparsity, scale = problem
+    x, w = layer(seed)
+    w = w * scale
+    rng = np.random.default_rng(seed)
+    mask = rng.random(w.shape) >= sparsity
+    params = {"Dense_0": {"kernel": w}}
+    masks = {"Dense_0": {"kernel": jnp.asarray(mask)}}
+    got = gptq(fn, params, [(x,)], SPECS[name], masks=masks, block_size=BLOCK, quiet=True)
+    masked = {"Dense_0": {"kernel": jnp.where(mask, w, 0)}}
+    ref = quantize(masked, SPECS[name])
+    xs, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+
+    def err(q):
+        return float(np.linalg.norm(xs @ (w64 - np.asarray(dequantize(q)["Dense_0"]["kernel"]))))
+
+    assert err(got) <= err(ref) * (1 + 1e-5) + 1e-6
+    deq = np.asarray(dequantize(got)["Dense_0"]["kernel"])
+    assert np.all(np.isfinite(deq)) and np.all(deq[~mask] == 0)

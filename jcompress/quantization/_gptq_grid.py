@@ -106,6 +106,27 @@ def _sweep(w, h, scale, table, ref, mask, *, kind, block_size, percdamp, act_ord
     return codes, calibration.LayerStats(loss, err, prep.ok & jnp.isfinite(err), fallback)
 
 
+@functools.partial(jax.jit, static_argnames=("lay", "kind", "block_size", "percdamp", "act_order"))
+def _grid_stack(leaf, stats, extra, *, lay, kind, block_size, percdamp, act_order):
+    """:func:`_sweep` on every stacked slice (one compiled program per shape, layout, kind)."""
+
+    def one(w, h, s, t, r, m=None):
+        return _sweep(
+            w,
+            h,
+            s,
+            t,
+            r,
+            m,
+            kind=kind,
+            block_size=block_size,
+            percdamp=percdamp,
+            act_order=act_order,
+        )
+
+    return calibration.per_slice(one, lay, leaf, stats, *extra)
+
+
 def gptq_format_leaf(
     path: str, leaf: jax.Array, stats: Any, spec: QuantSpec, role: jtree.Role, mask, options
 ) -> LookupArray | Float8Array:
@@ -136,11 +157,7 @@ def gptq_format_leaf(
     if mask is not None:
         extra.append(lay.to_matrices(jnp.broadcast_to(mask, leaf.shape)))
     shared = dataclasses.replace(lay, path="")  # one compiled program for every leaf alike
-
-    def one(w, h, s, t, r, m=None):
-        return _sweep(w, h, s, t, r, m, kind=kind, **options)
-
-    out, st = calibration.per_slice(one, shared, leaf, stats, *extra)
+    out, st = _grid_stack(leaf, stats, tuple(extra), lay=shared, kind=kind, **options)
     calibration.raise_if_any_failed(path, st, "GPTQ", options["percdamp"])
     codes = shared.from_matrices(out)
     if isinstance(ref, LookupArray):
