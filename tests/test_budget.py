@@ -174,6 +174,30 @@ def test_fisher_is_deterministic_per_key_and_zero_where_nothing_changes():
     assert a.increase["Dense_2/kernel"]["int8"] == 0.0 and a.increase["Dense_2/kernel"]["int4"] > 0
 
 
+def test_unhashable_model_and_metric_callables():
+    """An Equinox-style model object (a dataclass with eq: unhashable) as fn and as metric."""
+    import dataclasses as dc
+
+    params, fn, xs, _ = _mlp()
+
+    @dc.dataclass(eq=True)
+    class Call:
+        scale: float = 1.0
+
+        def __call__(self, p, x):
+            return fn(p, x) * self.scale
+
+    @dc.dataclass(eq=True)
+    class Metric:
+        def __call__(self, out, ref):
+            return jc.budget.default_metric(out, ref)
+
+    model = Call()
+    for method in ("measure", "fisher"):
+        s = sensitivity(model, params, xs, QUANT, metric=Metric(), method=method, quiet=True)
+        assert s.increase["Dense_0/kernel"]["int2"] > 0
+
+
 def test_fisher_with_a_custom_metric():
     params, fn, xs, _ = _mlp()
     labels = [jnp.arange(8) % 10 for _ in xs]

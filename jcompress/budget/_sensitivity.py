@@ -261,13 +261,29 @@ def _check_scalar(value: jax.Array, what: str) -> None:
         )
 
 
+class _Static:
+    """A callable as a static ``jit`` argument, compared by identity (as ``jax.jit`` keys its
+    own cache): works for unhashable callables (an Equinox module, a dataclass instance)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __hash__(self) -> int:
+        return id(self.fn)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Static) and other.fn is self.fn
+
+
 def _objective(fn, metric, values, tree, key, *args):
     """The loss whose squared gradient :func:`_fisher` accumulates (the tree is an argument:
     no constants in the compiled program)."""
-    outputs = fn(jtree.map_with_paths(lambda p, x: values.get(p, x), tree), *args)
-    if metric is None:
+    outputs = fn.fn(jtree.map_with_paths(lambda p, x: values.get(p, x), tree), *args)
+    if metric.fn is None:
         return _fisher_loss(outputs, key)
-    return jnp.asarray(metric(outputs, jax.lax.stop_gradient(outputs)), jnp.float32)
+    return jnp.asarray(metric.fn(outputs, jax.lax.stop_gradient(outputs)), jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -285,8 +301,13 @@ def _half_weighted(fisher: jax.Array, new: jax.Array, old: jax.Array) -> jax.Arr
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _forward(fn, params, *args):
+    return fn.fn(params, *args)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _score(metric, outputs, reference) -> jax.Array:
-    return jnp.asarray(metric(outputs, reference), jnp.float32)
+    return jnp.asarray(metric.fn(outputs, reference), jnp.float32)
 
 
 def _fisher(fn, params, batches, metric, paths, originals, key) -> dict[str, jax.Array]:
@@ -294,7 +315,9 @@ def _fisher(fn, params, batches, metric, paths, originals, key) -> dict[str, jax
     squares = {p: jnp.zeros(originals[p].shape, jnp.float32) for p in paths}
     for b, args in enumerate(batches):
         step_key = jax.random.fold_in(key, b)
-        value, squares = _fisher_step(fn, metric, squares, originals, params, step_key, *args)
+        value, squares = _fisher_step(
+            _Static(fn), _Static(metric), squares, originals, params, step_key, *args
+        )
         _check_scalar(value, "metric(outputs, reference)")
     fisher = {p: squares[p] / len(batches) for p in paths}
     for p in paths:
@@ -396,8 +419,8 @@ def sensitivity(
             return float(_half_weighted(fisher[path], value, originals[path]))
     else:
         metric = default_metric if metric is None else metric
-        forward = jax.jit(fn)
-        score = functools.partial(_score, metric)
+        forward = functools.partial(_forward, _Static(fn))
+        score = functools.partial(_score, _Static(metric))
         references = [forward(params, *args) for args in batches]
         base = []
         for ref in references:
