@@ -56,11 +56,11 @@ def _sweep(w, h, scale, table, ref, mask, *, kind, block_size, percdamp, act_ord
     w0 = jnp.asarray(w).astype(jnp.float32)
     if mask is not None:
         w0 = jnp.where(mask, w0, jnp.float32(0))
-    w0 = jnp.where((jnp.diagonal(h) == 0)[:, None], jnp.float32(0), w0)
     block = calibration.block_rows(n, block_size, 1)
+    # (prepare zeroes the rows of dead inputs itself)
     prep = calibration.prepare(w0, h, percdamp=percdamp, block=block, act_order=act_order)
     rows = prep.w.shape[0]
-    perm, pad = prep.perm, prep.w.shape[0] - n
+    perm, pad = prep.perm, rows - n
     s_rows = jnp.concatenate([scale[perm], jnp.ones((pad, out), jnp.float32)])
     keep = None
     if mask is not None:
@@ -88,7 +88,7 @@ def _sweep(w, h, scale, table, ref, mask, *, kind, block_size, percdamp, act_ord
         prep,
         init,
         block=block,
-        segment=calibration.block_rows(n, block_size, 1),
+        segment=block,  # no per-segment work: tables and scales are fixed
         on_segment=lambda carry, *_: carry,
         on_row=on_row,
     )

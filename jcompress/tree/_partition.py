@@ -96,6 +96,10 @@ def partition(tree: Params, *, scales: bool = False, floats: bool = True) -> tup
     return trainable, rest
 
 
+class _InBothHalves(ValueError):
+    """``combine`` met a value in both halves (told apart from a structure mismatch)."""
+
+
 def combine(trainable: Any, rest: Any) -> Params:
     """The tree :func:`partition` split: each value from whichever half holds it.
 
@@ -105,7 +109,7 @@ def combine(trainable: Any, rest: Any) -> Params:
 
     def pick(a: Any, b: Any) -> Any:
         if a is not None and b is not None:
-            raise ValueError(
+            raise _InBothHalves(
                 "combine: a value is in both halves; pass the two trees one partition() made "
                 "(trainable first), e.g. combine(updated_trainable, rest)"
             )
@@ -113,9 +117,9 @@ def combine(trainable: Any, rest: Any) -> Params:
 
     try:
         return jax.tree.map(pick, trainable, rest, is_leaf=lambda x: x is None)
-    except ValueError as e:
-        if "combine:" in str(e):
-            raise
+    except _InBothHalves:
+        raise
+    except ValueError as e:  # jax's structure mismatch
         raise ValueError(
             "combine: trainable and rest do not have the same structure; pass the two trees "
             f"one partition() made, trainable first ({e})"
