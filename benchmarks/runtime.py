@@ -8,7 +8,8 @@ CPU mode (default), every table with the noise measure of ``benchmarks/_harness.
   cache: each layer's weight comes from memory, as in a model's decode step; one layer timed
   alone would sit in cache and flatter the float baseline), K x N = 4096 x 4096 and
   4096 x 11008, batch 1, 4, 16, 64, 256. Variants, all jit-compiled in one process, trees made
-  once with ``runtime_layout`` (int8 containers, output-major per-channel weights on CPU):
+  once with ``runtime_layout`` (int8 containers, output-major per-channel and group-major
+  per-group weights on CPU):
 
   - ``float32``: ``jax.jit(f)`` on the float parameters (the baseline, ratio 1.0);
   - ``int8``, ``int4``: per-channel weight-only; ``int8 g128``, ``int4 g128``: ``PerGroup(128)``;

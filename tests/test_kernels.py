@@ -15,7 +15,7 @@ from test_runtime_compressed import LAYOUTS, SPECS, _dequantize, _quant, _quanti
 from test_runtime_roles import Stack
 
 from jcompress.quantization import _dispatch, _kernels
-from jcompress.quantization._qarray import OutMajor, QArray, widen
+from jcompress.quantization._qarray import GroupMajor, OutMajor, QArray, widen
 from jcompress.runtime import compressed, explain, roles
 from jcompress.runtime._explain import FUSED, INTEGER_DOT
 from jcompress.tree import Role, is_compressed
@@ -305,7 +305,13 @@ def test_dispatch_per_group_and_batch():
         "limbs",
         "chunked",
     ]
-    assert [f(r, size=size, grouped=True, group=32) for r in (16, 17)] == ["limbs", "chunked"]
+    # groups of 32 or fewer: dequantized chunks at every batch; group-major weights: limbs
+    assert [f(r, size=size, grouped=True, group=32) for r in (1, 16, 17)] == ["chunked"] * 3
+    assert [f(r, size=size, grouped=True, group=128, group_major=True) for r in (1, 256)] == [
+        "limbs",
+        "limbs",
+    ]
+    assert f(1, size=size, grouped=True, group=128, group_major=True, int8_dot=False) == "chunked"
     assert f(1, size=100, grouped=True) == "dequantize"
     # no int8 dot instruction (or an unknown CPU): the float formulations only
     assert f(1, size=size, int8_dot=False) == "chunked"
@@ -511,13 +517,12 @@ def test_runtime_layout_take_index_stored_checkpoint_vmap_scan(tmp_path):
         assert wide.inner.layout is None and wide.stored().inner.values.dtype == jnp.int4
 
 
-def test_runtime_layout_model_explain_and_no_retrace(monkeypatch):
-    """``runtime_layout`` on an nn.scan stack and an MLP: ``jc.compressed`` gives the canonical
-    tree's results, explain names the one-dot formulation, a second call does not retrace."""
+def _laid_out_model(monkeypatch, model, x, **quant):
+    """``(fn, role_map, q, fast, run)``: ``model``'s parameters quantized (``quant``), laid out
+    by ``runtime_layout`` on a CPU said to have an int8 dot, and ``run = compressed(fn)`` checked
+    against the canonical tree's float results without retracing on a second call."""
     monkeypatch.setattr(_dispatch, "int8_dot_cpu", lambda: True)
     monkeypatch.setattr(_dispatch, "_MIN_SIZE", 1)
-    model = Stack(features=8)
-    x = jax.random.normal(jax.random.key(1), (2, 8))
     params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     traced = []
 
@@ -526,14 +531,8 @@ def test_runtime_layout_model_explain_and_no_retrace(monkeypatch):
         return model.apply({"params": p}, x)
 
     role_map = roles(fn, params, x)
-    q = _quantize_tree(params, role_map, bits=4)
+    q = _quantize_tree(params, role_map, **quant)
     fast = _dispatch.runtime_layout(q, backend="cpu")
-    kernel = fast["layers"]["Dense_0"]["kernel"]
-    assert kernel.layout == OutMajor(1, 1) and kernel.values.dtype == jnp.int8
-    assert _dispatch.runtime_layout(q, roles=role_map, backend="cpu")["layers"]["Dense_0"][
-        "kernel"
-    ].layout == OutMajor(1, 1)
-    assert _dispatch.runtime_layout(q, backend="gpu") is q
     run = compressed(fn)
     traced.clear()
     got = run(fast, x)
@@ -541,5 +540,178 @@ def test_runtime_layout_model_explain_and_no_retrace(monkeypatch):
     assert len(traced) == 1
     ref = jax.jit(fn)(_dequantize(q), x)
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+    return fn, role_map, q, fast, run
+
+
+def test_runtime_layout_model_explain_and_no_retrace(monkeypatch):
+    """``runtime_layout`` on an nn.scan stack and an MLP: ``jc.compressed`` gives the canonical
+    tree's results, explain names the one-dot formulation, a second call does not retrace."""
+    x = jax.random.normal(jax.random.key(1), (2, 8))
+    fn, role_map, q, fast, _ = _laid_out_model(monkeypatch, Stack(features=8), x, bits=4)
+    kernel = fast["layers"]["Dense_0"]["kernel"]
+    assert kernel.layout == OutMajor(1, 1) and kernel.values.dtype == jnp.int8
+    assert _dispatch.runtime_layout(q, roles=role_map, backend="cpu")["layers"]["Dense_0"][
+        "kernel"
+    ].layout == OutMajor(1, 1)
+    assert _dispatch.runtime_layout(q, backend="gpu") is q
     (record,) = explain(compressed(fn, formulation="limbs"), fast, x)
     assert record.formulation == "limbs_nk" and record.intended == record.compiled == INTEGER_DOT
+
+
+# ------------------------------------------------------------------------------------------------
+# GroupMajor: per-group weights stored (..., G, out, g), one batched integer dot over the groups
+# ------------------------------------------------------------------------------------------------
+
+# name: (weight shape, role, lhs shape for m rows, dimension numbers, layout); groups of 4
+GROUP_MAJOR = {
+    "dense": ((8, 6), DENSE, lambda m: (m, 8), DN, GroupMajor(2, 1)),
+    "qkv": ((8, 2, 3), LAYOUTS["qkv"][1], lambda m: (m, 8), (((1,), (0,)), ((), ())),
+            GroupMajor(2, 2)),
+    "stacked": ((2, 8, 3), LAYOUTS["stacked"][1], lambda m: (2, m, 8), LAYOUTS["stacked"][3],
+                GroupMajor(2, 1)),
+    # two contracting axes: the layout fits the array, the product goes canonical
+    "out": ((2, 8, 5), LAYOUTS["out"][1], lambda m: (m, 2, 8), LAYOUTS["out"][3],
+            GroupMajor(2, 1)),
+}  # fmt: skip
+
+
+@given(
+    name=st.sampled_from(sorted(GROUP_MAJOR)),
+    spec=st.sampled_from([dict(group=4), dict(bits=4, group=4, asym=True), dict(bits=4, group=4)]),
+    mode=st.sampled_from(["limbs", "int8", "chunked", "dequantize", "weight_only"]),
+    rows=st.sampled_from([1, 2, 3, 5]),  # 3 limbs: batched dot up to 4 rows, then the loop
+    static=st.booleans(),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    seed=st.integers(0, 3),
+)
+def test_group_major_equals_the_numpy_reference(name, spec, mode, rows, static, dtype, seed):
+    """A ``GroupMajor`` weight in every mode and at batches on both sides of the batched dot:
+    weight-only modes equal the NumPy product with the NumPy dequantization; ``int8`` (dynamic
+    or static step) equals the canonical weight's result (the same activation rounding);
+    ``shape``, ``nbytes``, ``dequantize`` and ``stored`` are unchanged."""
+    wshape, role, xshape, dn, layout = GROUP_MAJOR[name]
+    rng = np.random.default_rng(seed)
+    q = widen(_quant(rng.standard_normal(wshape), role, **spec))
+    if static and mode == "int8":
+        q = _with_step(q, np.float32([0.02, 0.04])[: 2 if role.stacked else 1])
+    laid = q.with_layout(layout)
+    assert laid.layout == layout and laid.shape == q.shape and laid.nbytes == q.nbytes
+    np.testing.assert_array_equal(laid.dequantize(), q.dequantize())
+    np.testing.assert_array_equal(laid.stored().values, q.stored().values)
+    x = jnp.asarray(rng.standard_normal(xshape(rows)), dtype)
+    got = KERNEL(laid, x, dn, mode=mode)
+    canonical = KERNEL(q, x, dn, mode=mode)
+    x64 = np.asarray(x, np.float64)
+    ref = canonical if mode == "int8" else np_dot_general(x64, _np_dequantize(q), dn)
+    assert got.shape == ref.shape and got.dtype == jnp.float32
+    scale = np.abs(np.asarray(ref)).max() + 1e-30
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * scale)
+
+
+def test_group_major_formulations_jit_eager_and_explain(strict):
+    """At a size the dispatch serves: batch 1-4 one batched integer dot (``limbs_groups``, no
+    loop), batch 8 one dot per group (``limbs``), ``int8`` alike; jit == eager; NaN rows."""
+    rng = np.random.default_rng(0)
+    q = widen(_quant(rng.standard_normal((1024, 256)), DENSE, bits=4, group=128, asym=True))
+    laid = q.with_layout(GroupMajor(8, 1))
+    for rows, mode, name in ((1, "limbs", "limbs_groups"), (4, "limbs", "limbs_groups"),
+                             (8, "limbs", "limbs"), (1, "int8", "int8_groups"),
+                             (16, "int8", "int8")):  # fmt: skip
+        x = jnp.asarray(rng.standard_normal((rows, 1024)), jnp.float32)
+        with strict():
+            got = KERNEL(laid, x, DN, mode=mode)
+            eager = _kernels.dot_general(laid, x, DN, mode=mode)
+        np.testing.assert_allclose(got, eager, rtol=1e-6, atol=1e-6 * np.abs(got).max())
+        np.testing.assert_allclose(
+            got, KERNEL(q, x, DN, mode=mode), rtol=1e-5, atol=1e-5 * np.abs(got).max()
+        )
+        lowered = KERNEL.lower(laid, x, DN, mode=mode)
+        assert f"jc.kernel={name}|int" in lowered.as_text(debug_info=True)
+        assert ("while" in lowered.compile().as_text()) == (not name.endswith("_groups"))
+    x = jnp.ones((2, 1024), jnp.float32).at[1, 3].set(jnp.nan)
+    got = KERNEL(laid, x, DN, mode="limbs")
+    assert np.isnan(got[1]).all() and np.isfinite(got[0]).all()
+
+
+def test_group_major_gradients_equal_canonical():
+    """The derivative through a ``GroupMajor`` weight: with respect to the activations and to
+    the scales (trained through ``partition(..., scales=True)``), equal to the canonical one's
+    (the scale's in the stored layout)."""
+    rng = np.random.default_rng(1)
+    q = widen(_quant(rng.standard_normal((2, 8, 3)), LAYOUTS["stacked"][1], group=4, asym=True))
+    laid = q.with_layout(GroupMajor(2, 1))
+    dn = LAYOUTS["stacked"][3]
+    x = jnp.asarray(rng.standard_normal((2, 1, 8)), jnp.float32)
+
+    def loss(w, x):
+        return jnp.sum(jnp.sin(_kernels.dot_general(w, x, dn, mode="limbs")))
+
+    gx, gx_ref = jax.grad(loss, 1)(laid, x), jax.grad(loss, 1)(q, x)
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    gs = jax.grad(lambda s: loss(laid.replace(scale=s), x))(laid.scale)
+    gs_ref = jax.grad(lambda s: loss(q.replace(scale=s), x))(q.scale)
+    np.testing.assert_allclose(gs, GroupMajor(2, 1).store(gs_ref), rtol=1e-5, atol=1e-6)
+
+
+def test_group_major_pick_take_index_checkpoint_vmap_scan(tmp_path):
+    """``runtime_layout`` makes ``GroupMajor`` for groups >= 128 along the one contracting axis
+    (from roles and from the scales), nothing for smaller groups or two contracting axes; the
+    laid-out weight gathers, indexes its stacked axis, vmaps, scans and saves canonical."""
+    from jcompress import checkpoint
+
+    rng = np.random.default_rng(2)
+    stacked = LAYOUTS["stacked"][1]
+    cases = [
+        ((256, 8), DENSE, 128, GroupMajor(2, 1)),
+        ((2, 256, 8), stacked, 128, GroupMajor(2, 1)),
+        ((256, 2, 3), LAYOUTS["qkv"][1], 128, GroupMajor(2, 2)),
+        ((256, 8), DENSE, 64, None),
+        ((2, 256, 8), LAYOUTS["out"][1], 128, None),
+    ]
+    for wshape, role, group, expected in cases:
+        q = _quant(rng.standard_normal(wshape), role, group=group)
+        assert _pick(q, role) == expected, (wshape, group)
+        assert _pick(q, None) == expected, (wshape, group)
+    q4 = _quant(rng.standard_normal((2, 256, 8)), stacked, bits=4, group=128, asym=True)
+    laid = widen(q4).with_layout(GroupMajor(2, 1))
+    assert laid.values.shape == (2, 2, 8, 128) and laid.scale.shape == (2, 2, 8, 1)
+    w = np.asarray(q4.dequantize())
+    for axis in range(3):
+        idx = jnp.array([[0, -1], [1, 0]])
+        np.testing.assert_array_equal(laid.take(idx, axis), np.take(w, np.asarray(idx), axis))
+    assert laid[1].layout == GroupMajor(2, 1) and laid[1].shape == (256, 8)
+    np.testing.assert_array_equal(laid[1].dequantize(), w[1])
+    checkpoint.save(tmp_path / "c", {"w": laid})
+    loaded = checkpoint.load(tmp_path / "c")["w"]
+    assert loaded.layout is None and loaded.values.dtype == jnp.int4
+    np.testing.assert_array_equal(loaded.dequantize(), w)
+    x = jnp.asarray(rng.standard_normal((1, 256)), jnp.float32)
+    layer = lambda q, x: _kernels.dot_general(q, x, DN, mode="limbs")
+    mapped = jax.jit(jax.vmap(layer, in_axes=(0, None)))(laid, x)
+    scanned = jax.jit(lambda q, x: lax.scan(lambda c, qi: (c, layer(qi, x)), 0, q)[1])(laid, x)
+    ref = np.stack([np.asarray(x, np.float64) @ w[i] for i in range(2)])
+    for got in (mapped, scanned):
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="blocks along axis 0"):
+        widen(_quant(rng.standard_normal((6, 8)), LAYOUTS["equinox"][1], group=4)).with_layout(
+            GroupMajor(2, 1)
+        )
+    with pytest.raises(TypeError, match="OutMajor or a GroupMajor"):
+        q4.with_layout((1, 1))
+
+
+def test_group_major_model_explain_and_no_retrace(monkeypatch):
+    """``runtime_layout`` on a per-group MLP: ``jc.compressed`` equals the canonical tree's
+    results, explain names the batched dot at batch 1, a second call does not retrace."""
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16)(nn.gelu(nn.Dense(256)(x)))
+
+    x = jax.random.normal(jax.random.key(1), (1, 256))
+    _, _, _, fast, run = _laid_out_model(monkeypatch, MLP(), x, bits=4, group=128)
+    assert fast["Dense_0"]["kernel"].layout == fast["Dense_1"]["kernel"].layout == GroupMajor(2, 1)
+    records = explain(run, fast, x)
+    assert {r.formulation for r in records} == {"limbs_groups"}
+    assert all(r.intended == r.compiled == INTEGER_DOT for r in records)

@@ -12,7 +12,8 @@
   :func:`fake_quantize` (quantization-aware training with a straight-through gradient).
 * :func:`runtime_layout`: once after loading, the layout ``jc.compressed`` computes with
   fastest on this backend (on CPU: int4 widened to int8 containers, per-channel weights
-  output-major, :class:`OutMajor`); :func:`widen` does the first part alone.
+  output-major, :class:`OutMajor`, per-group weights group-major, :class:`GroupMajor`);
+  :func:`widen` does the first part alone.
 * :func:`nonfinite`: the flag for NaN/Inf weights met inside ``jit``.
 * Calibrated post-training quantization: :func:`gptq` (Frantar et al. 2022) and :func:`awq`
   (Lin et al. 2023, :class:`AWQArray` leaves), from input statistics of ``jc.capture``.
@@ -23,7 +24,7 @@
 from jcompress.quantization._dispatch import runtime_layout
 from jcompress.quantization._float8 import Float8Array
 from jcompress.quantization._lookup import LookupArray
-from jcompress.quantization._qarray import OutMajor, QArray, widen
+from jcompress.quantization._qarray import GroupMajor, OutMajor, QArray, widen
 from jcompress.quantization._qat import fake_quantize
 from jcompress.quantization._quantize import calibrate, dequantize, nonfinite, quantize
 from jcompress.quantization._scales import Scales
@@ -62,6 +63,7 @@ __all__ = [
     "Percentile",
     "Float8Array",
     "LookupArray",
+    "GroupMajor",
     "OutMajor",
     "QArray",
     "QuantSpec",

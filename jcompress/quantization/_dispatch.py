@@ -3,8 +3,8 @@
 The dispatch half of the CPU/GPU/TPU kernels (the formulations themselves are in
 ``_kernels.py``): :func:`formulation` picks one per backend, batch size, weight size, granularity
 and CPU feature (:func:`int8_dot_cpu`); :func:`preferred_layout` / :func:`runtime_layout` make the
-one-time layout (int8 containers, output-major per-channel weights) the fastest formulation
-reads. ``benchmarks/runtime.py`` measures every rule here.
+one-time layout (int8 containers, output-major per-channel and group-major per-group weights)
+the fastest formulation reads. ``benchmarks/runtime.py`` measures every rule here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from jcompress import tree as jtree
-from jcompress.quantization._qarray import OutMajor, QArray, widen
+from jcompress.quantization._qarray import GroupMajor, OutMajor, QArray, widen
 
 __all__ = [
     "FORMULATIONS",
@@ -35,6 +35,12 @@ _MIN_SIZE = 1 << 16
 # CPU feature flags (``/proc/cpuinfo``) of an int8 dot-product instruction: x86 VNNI / AMX,
 # Arm dot product
 _INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+# Groups up to this size are multiplied by dequantized chunks at every batch (the integer loop
+# takes one small dot per group: 0.7x float32 at batch 1 with PerGroup(32), chunks 0.9x).
+_SMALL_GROUP = 32
+# The smallest group a GroupMajor layout is made for: with groups of 64 the per-group loop it
+# runs at batch >= 8 measured slower than the canonical formulations.
+_GROUP_MAJOR_MIN = 128
 
 
 @functools.cache
@@ -65,6 +71,7 @@ def formulation(
     grouped: bool = False,
     group: int | None = None,
     int8_dot: bool | None = None,
+    group_major: bool = False,
 ) -> str:
     """The formulation ``mode`` resolves to for ``rows`` activation rows and a weight of ``size``
     elements on ``backend`` (default: the default backend).
@@ -78,12 +85,16 @@ def formulation(
       group: the contracted size of one group (default 128).
       int8_dot: whether the CPU has an int8 dot-product instruction (default:
         :func:`int8_dot_cpu`); without one the CPU keeps to float formulations.
+      group_major: the weight is stored :class:`GroupMajor` (made by :func:`runtime_layout`).
 
     The CPU rules (``benchmarks/runtime.py`` measures them): small weights dequantize; per-channel
     weights use ``"limbs"`` at every batch; per-group weights use ``"limbs"`` (one integer dot
     per group) while ``2 * rows <= group``, and ``"chunked"`` above, where accumulating
-    ``rows x out`` partial sums per group costs more than dequantizing a chunk. GPU/TPU compilers
-    fuse the dequantization into the dot: ``"dequantize"``.
+    ``rows x out`` partial sums per group costs more than dequantizing a chunk; groups of 32 or
+    fewer use ``"chunked"`` at every batch (one integer dot per 32 rows is slower than a
+    dequantized chunk even at batch 1). A ``GroupMajor`` weight uses ``"limbs"`` at every batch
+    (one batched dot over all groups for up to 4 rows, else one dot per group reading its
+    contiguous block). GPU/TPU compilers fuse the dequantization into the dot: ``"dequantize"``.
 
     >>> formulation("weight_only", 4, "cpu", size=4096 * 4096, int8_dot=True)
     'limbs'
@@ -106,21 +117,26 @@ def formulation(
         return "dequantize"
     if not (int8_dot_cpu() if int8_dot is None else int8_dot):
         return "chunked"
-    if grouped and 2 * rows > (128 if group is None else group):
+    group = 128 if group is None else group
+    if grouped and not group_major and (group <= _SMALL_GROUP or 2 * rows > group):
         return "chunked"
     return "limbs"
 
 
 def preferred_layout(qarray: Any, role: jtree.Role | None = None, backend: str | None = None):
-    """The layout :func:`runtime_layout` gives ``qarray`` on ``backend``: :class:`OutMajor` for a
-    per-channel matmul weight of at least 2^16 elements on a CPU with an int8 dot instruction
-    (one integer dot over contiguous rows reads it at memory speed), else ``None``.
+    """The layout :func:`runtime_layout` gives ``qarray`` on ``backend`` (matmul weights of at
+    least 2^16 elements on a CPU with an int8 dot instruction): :class:`OutMajor` for per-channel
+    scales (one integer dot over contiguous rows reads it at memory speed), :class:`GroupMajor`
+    for ``PerGroup`` scales of groups of 128 or more along the one contracting axis (one batched
+    integer dot over all groups at batch 1-4); else ``None``.
 
     The axes come from ``role`` (contracting axes directly followed by the output axes, at the
     end) or, without one, from the scales: trailing axes with one scale per element are output
     axes, the size-1 axes before them contracting axes (Flax ``Dense`` / ``DenseGeneral``
-    kernels). Per-group and per-tensor scales, gathered tables and weights whose contracting
-    axes already come last (Equinox ``(out, in)``) keep ``None``.
+    kernels); per group, the blocked axis before the output axes is the contracting one when
+    every axis before it has one scale per element (stacked layers). Per-tensor scales, smaller
+    groups, gathered tables and weights whose contracting axes already come last (Equinox
+    ``(out, in)``) keep ``None``.
     """
     if (backend or jax.default_backend()) != "cpu" or not int8_dot_cpu():
         return None
@@ -143,10 +159,19 @@ def preferred_layout(qarray: Any, role: jtree.Role | None = None, backend: str |
         a = 0
         while a + b < n and scale[n - 1 - b - a] == 1:
             a += 1
-    if a == 0 or b == 0:
+    if b == 0:
         return None
+    k = n - 1 - b  # the contracting axis next to the output axes
+    if role is None and a == 0 and 1 < scale[k] < shape[k]:  # per group: a role of one axis
+        a = 1 if all(scale[d] == shape[d] for d in range(k)) else 0  # leading axes stacked
+    if a == 0:
+        return None
+    if a == 1 and 1 < scale[k] < shape[k]:  # per group along the one contracting axis
+        if shape[k] // scale[k] < _GROUP_MAJOR_MIN:
+            return None
+        return GroupMajor(groups=scale[k], output=b)
     if any(scale[d] != 1 for d in range(n - b - a, n - b)):
-        return None  # per-group (or per-element) scales on a contracting axis
+        return None  # per-group (or per-element) scales on one of several contracting axes
     return OutMajor(contracting=a, output=b)
 
 
@@ -155,8 +180,9 @@ def runtime_layout(tree: Any, *, roles: dict[str, jtree.Role] | None = None, bac
 
     A one-time transform after loading (or quantizing), as :func:`widen` is, never inside the
     jitted function. On CPU: sub-byte values widened to ``int8`` containers (XLA:CPU keeps
-    int4/int2 buffers at one byte per value anyway, and would convert them on every call), and
-    per-channel matmul weights output-major (:func:`preferred_layout`), read by one integer dot;
+    int4/int2 buffers at one byte per value anyway, and would convert them on every call),
+    per-channel matmul weights output-major (:func:`preferred_layout`), read by one integer dot,
+    and per-group ones (groups >= 128) group-major, read by one batched integer dot at batch 1-4;
     a ``QArray`` inside a wrapper leaf (``AWQArray``) is widened only. On GPU/TPU the tree is
     returned unchanged (their compilers fuse the dequantization). Results stay
     ``fn(dequantize(tree))`` to float rounding; ``jc.checkpoint.save`` stores the canonical

@@ -35,9 +35,16 @@ How the integer formulations run on CPU depends on the weight's layout (``QArray
 * contracting-major (Flax's ``(in, out)`` as stored), per channel: a loop over 512-wide K-chunks
   accumulating ``int32`` (exact): one whole-K dot of a K-major int8 weight is slower on XLA:CPU
   than the chunks;
-* per group (any layout): one group per loop step, its scales applied to its integer partial
+* per group, group-major (``GroupMajor``, made once by :func:`runtime_layout` for groups of 128
+  or more: ``(..., G, out, g)``): up to 4 activation rows (12 limb rows) ONE batched integer
+  dot over all groups (``limbs_groups`` / ``int8_groups``: ``(G, out, g) x (G, rows, g) ->
+  (G, out, rows)``, the limbs computed directly in that layout), each group's partial sums
+  scaled and summed in one fusion; more rows: one dot per group in a loop, each reading its
+  contiguous block;
+* per group, other layouts: one group per loop step, its scales applied to its integer partial
   sum; ``"chunked"`` once ``2·rows`` exceeds the group size (accumulating ``rows x out``
-  partial sums per group then costs more than dequantizing chunks);
+  partial sums per group then costs more than dequantizing chunks) and at every batch for
+  groups of 32 or fewer;
 * sub-byte values are widened to int8 inside the kernel, slowly on XLA:CPU: keep 4-bit values
   in int8 containers at run time (:func:`runtime_layout` or ``widen``: the same RAM as int4
   buffers on XLA:CPU, int8 speed).
@@ -77,12 +84,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jcompress.quantization._dispatch import FORMULATIONS, MODES, formulation
-from jcompress.quantization._qarray import QArray, dequantize_blocks  # noqa: F401 (doctests)
+from jcompress.quantization._qarray import GroupMajor, QArray, dequantize_blocks  # noqa: F401
 
 __all__ = ["dot_general"]
 
@@ -121,19 +127,23 @@ def _group_axis(qarray, wc) -> int | str | None:
     return grouped[0] if grouped else None
 
 
-def _limbs(x: jax.Array, n: int) -> tuple[jax.Array, jax.Array, list[float]]:
-    """Split rows ``x (..., K)`` into ``n`` int8 limbs: returns (limbs, row step, limb weights)."""
+def _row_step(x: jax.Array) -> jax.Array:
+    """The limb step of rows ``x (..., K)``: their absolute maximum / 127 (1/127 for zero rows;
+    NaN/Inf for rows holding them)."""
     a = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    a = jnp.where(a > 0, a, 1.0)
-    step = a / 127.0
-    r = x / step
+    return jnp.where(a > 0, a, 1.0) / 127.0
+
+
+def _limbs(r: jax.Array, n: int, axis: int = 0) -> tuple[jax.Array, list[float]]:
+    """Split ``r = x / step`` (``|r| <= 127``) into ``n`` int8 limbs stacked along ``axis``:
+    ``r ≈ Σ_i weights[i]·q_i`` (one limb: ``round(r)`` clipped, a static step's saturation)."""
     qs, weights = [], []
     for i in range(n):
         q = jnp.clip(jnp.round(r), -127, 127)
-        qs.append(q.astype(jnp.int8))
+        qs.append(q)
         weights.append(_LIMB_BASE ** (-i))
         r = (r - q) * _LIMB_BASE
-    return jnp.stack(qs), step, weights
+    return jnp.stack(qs, axis).astype(jnp.int8), weights
 
 
 def dot_general(
@@ -192,13 +202,18 @@ def dot_general(
         )
     elif mode not in MODES and mode not in FORMULATIONS:
         raise ValueError(f"mode must be one of {MODES} (or 'fp8' for FP8 leaves), got {mode!r}")
+    if isinstance(getattr(qarray, "layout", None), GroupMajor):
+        out = _group_major(
+            qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, mode, batch_hint
+        )
+        if out is not None:
+            return out
+        qarray = qarray.canonical()  # a product the layout does not serve: canonical (a copy)
     qarray, dn, order = _stored_axes(qarray, dimension_numbers, weight_is_rhs)
     xc, wc, xb, wb = _split(dn, weight_is_rhs)
     if mode == "int8" and getattr(qarray, "act_scale", None) is not None:
-        _check_static_step(qarray, wc, wb)
-    rows = batch_hint or int(
-        np.prod([lhs.shape[d] for d in range(lhs.ndim) if d not in xc and d not in xb])
-    )
+        _check_static_step(qarray.act_scale, qarray.values.shape, wc, wb)
+    rows = batch_hint or _rows(lhs, xc, xb)
     chosen = _resolve(qarray, lhs, dn, weight_is_rhs, mode, rows)
     name = f"{chosen}_nk" if chosen in ("limbs", "int8") and _one_dot(qarray, wc) else chosen
     if chosen in ("limbs", "int8"):
@@ -213,6 +228,46 @@ def dot_general(
         else:
             out = _integer_dot(qarray, lhs, dn, weight_is_rhs, preferred_element_type, chosen)
     return _free_axes_back(out, order, lhs.ndim, xc, xb, wc, wb, weight_is_rhs)
+
+
+def _rows(lhs, xc, xb) -> int:
+    """Activation rows: the product of ``lhs``'s free axes."""
+    return math.prod(lhs.shape[d] for d in range(lhs.ndim) if d not in xc and d not in xb)
+
+
+def _group_major(qarray, lhs, dimension_numbers, weight_is_rhs, out_dtype, mode, batch_hint):
+    """``dot_general`` of a ``GroupMajor`` weight when the product contracts its group axis
+    alone, maps its leading axes to batch axes in order and leaves its output axes free, and the
+    formulation is an integer one; ``None`` otherwise (the caller goes canonical)."""
+    layout = qarray.layout
+    (lc, rc), (lb, rb) = jax.tree.map(int, dimension_numbers, is_leaf=lambda x: x is None)
+    dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+    xc, wc, xb, wb = _split(dn, weight_is_rhs)
+    shape = qarray.shape
+    lead = len(shape) - layout.axes
+    full = [d for d in range(len(shape)) if d != lead]  # scales there: shared or per element
+    stored_scale = layout.canonical_shape(qarray.scale.shape)
+    if (
+        wc != [lead]
+        or wb != list(range(lead))
+        or any(stored_scale[d] not in (1, shape[d]) for d in full)
+    ):
+        return None
+    if mode == "int8" and qarray.act_scale is not None:
+        _check_static_step(qarray._to_canonical(qarray.act_scale), shape, wc, wb)
+    rows = batch_hint or _rows(lhs, xc, xb)
+    group = shape[lead] // layout.groups
+    chosen = formulation(
+        mode, rows, size=math.prod(shape), grouped=True, group=group, group_major=True
+    )
+    if chosen not in ("limbs", "int8") or group > _MAX_K:
+        return None
+    if (1 if chosen == "int8" else _N_LIMBS) * rows <= _GROUPS_MAX_ROWS:
+        chosen += "_groups"  # one batched dot over every group
+    from jcompress.runtime._explain import kernel_scope
+
+    with kernel_scope(chosen, "int"):
+        return _integer_dot(qarray, lhs, dn, weight_is_rhs, out_dtype, chosen)
 
 
 def _stored_axes(qarray, dimension_numbers, weight_is_rhs):
@@ -282,6 +337,7 @@ def _integer_dot_jvp(dimension_numbers, weight_is_rhs, preferred_element_type, c
     t_scale = t_qarray.scale
     if not isinstance(t_scale, SymbolicZero):
         d_w = dequantize_blocks(qarray.values, t_scale, qarray.zero_point, qarray.dtype)
+        d_w = qarray._to_canonical(d_w)  # a GroupMajor weight keeps its layout here
         tangent += _dequantized(qarray, lhs, dimension_numbers, weight_is_rhs, out.dtype, d_w)
     return out, tangent
 
@@ -306,9 +362,9 @@ def _resolve(qarray, lhs, dimension_numbers, weight_is_rhs, mode, rows) -> str:
     return chosen
 
 
-def _check_static_step(qarray, wc, wb) -> None:
-    """``act_scale`` as a static activation step: size 1 except on stacked (batch) axes."""
-    a, shape = qarray.act_scale, qarray.values.shape
+def _check_static_step(a, shape, wc, wb) -> None:
+    """``act_scale`` ``a`` (canonical axes of a weight of ``shape``) as a static activation
+    step: size 1 except on stacked (batch) axes."""
     if len(a.shape) != len(shape):
         raise ValueError(
             f"act_scale of shape {tuple(a.shape)} must have the weight's rank {len(shape)} "
@@ -331,12 +387,19 @@ def _check_static_step(qarray, wc, wb) -> None:
         )
 
 
-def _static_step(qarray, wb, bt: int) -> jax.Array:
-    """The static activation step as ``(bt, 1, 1)`` float32 (one per stacked slice)."""
-    a = qarray.act_scale.astype(jnp.float32)
-    a = jnp.broadcast_to(a, [qarray.values.shape[d] if d in wb else 1 for d in range(a.ndim)])
+def _steps(act_scale, shape, wb, xk) -> tuple[jax.Array, jax.Array]:
+    """``(step, finite)`` of the activation rows ``xk (bt, m, K)``, both ``(bt, m or 1, 1)``:
+    the static step ``act_scale`` (canonical axes, one per stacked slice: calibrated and
+    saturating) when given, else each row's own (:func:`_row_step`); ``finite`` flags the rows
+    that give numbers."""
+    if act_scale is None:
+        step = _row_step(xk)
+        return step, jnp.isfinite(step)
+    a = act_scale.astype(jnp.float32)
+    a = jnp.broadcast_to(a, [shape[d] if d in wb else 1 for d in range(a.ndim)])
     a = jnp.transpose(a, [*wb, *(d for d in range(a.ndim) if d not in wb)])
-    return a.reshape(bt, 1, 1)
+    step = a.reshape(xk.shape[0], 1, 1)
+    return step, jnp.all(jnp.isfinite(xk), axis=2, keepdims=True) & (step > 0)
 
 
 def _chunk(size: int, multiple: int = 1) -> int:
@@ -369,6 +432,10 @@ def _loop(n: int, body, init):
 
 
 def _dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, chosen):
+    if isinstance(getattr(qarray, "layout", None), GroupMajor):
+        return _group_major_dot(
+            qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, chosen
+        )
     xc, wc, xb, wb = _split(dimension_numbers, weight_is_rhs)
     values = qarray.values
     out_dtype = preferred_element_type or jnp.promote_types(lhs.dtype, qarray.dtype)
@@ -409,18 +476,13 @@ def _dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, 
             return y + lax.dot_general(xi, w, dims).reshape(bt, m, n)
 
         y = _loop(values.shape[ka] // c, body, jnp.zeros((bt, m, n), jnp.float32))
-        return _to_output(y, values, lhs, wb, wf, xf, weight_is_rhs, out_dtype)
+        return _to_output(y, values.shape, lhs, wb, wf, xf, weight_is_rhs, out_dtype)
 
     n_limbs = 1 if chosen == "int8" else _N_LIMBS
     xk = x.reshape(bt, m, k_total)
-    if chosen == "int8" and getattr(qarray, "act_scale", None) is not None:
-        step = _static_step(qarray, wb, bt)  # (bt, 1, 1): calibrated, saturating
-        q = jnp.clip(jnp.round(xk / step), -127, 127)
-        q, weights = q.astype(jnp.int8)[None], [1.0]
-        finite = jnp.all(jnp.isfinite(xk), axis=2, keepdims=True) & (step > 0)
-    else:
-        q, step, weights = _limbs(xk, n_limbs)  # (L, bt, m, K)
-        finite = jnp.isfinite(step)
+    act = getattr(qarray, "act_scale", None) if chosen == "int8" else None
+    step, finite = _steps(act, values.shape, wb, xk)
+    q, weights = _limbs(xk / step, n_limbs)  # (L, bt, m, K)
     xq = q[0]  # the quantized activations (int8 mode: all of them)
     rows = max(n_limbs * m, 2)  # XLA:CPU's one-row integer dot is slow: use two rows
     q = jnp.moveaxis(q, 0, 1).reshape(bt, n_limbs * m, k_total)
@@ -443,18 +505,98 @@ def _dot(qarray, lhs, dimension_numbers, weight_is_rhs, preferred_element_type, 
     else:  # one group per step: its scale applied to its integer partial sum
         body = lambda i, y: y + int_dot(i, group).astype(jnp.float32) * s[i]
         y = _loop(n_groups, body, jnp.zeros((bt, rows, n), jnp.float32))
-    y = y[:, : n_limbs * m].reshape(bt, n_limbs, m, n)
+    if zp is not None:
+        zp = _canonical(zp.astype(jnp.float32), values.shape, wb, wf)[:, :, 0]  # (G, bt, n)
+    sums = lambda t: _group_sums(t, kshape, j, n_groups)
+    y = _combine(y, weights, step, finite, m, xq, xk, sums, zp, s[:, :, 0])
+    return _to_output(y, values.shape, lhs, wb, wf, xf, weight_is_rhs, out_dtype)
+
+
+def _combine(y, weights, step, finite, m, xq, xk, group_sums, zp, s) -> jax.Array:
+    """The float result ``(bt, m, n)`` of the scaled integer sums ``y (bt, rows, n)`` (limb
+    ``i`` in rows ``i·m ..``): limbs weighted and summed, times the row step; the zero point's
+    share ``Σ_G xsum[G]·z[G]·s[G]`` subtracted (``zp``, ``s``: ``(G, bt, n)``, ``group_sums``
+    of ``(bt, m, K)`` rows: ``(bt, m, G)``); NaN rows where the activations were not finite."""
+    bt, n = y.shape[0], y.shape[-1]
+    y = y[:, : len(weights) * m].reshape(bt, len(weights), m, n)
     y = sum(y[:, i] * w for i, w in enumerate(weights)) * step
     if zp is not None:
-        z = _canonical(zp.astype(jnp.float32), values.shape, wb, wf)[:, :, 0]  # (G, bt, n)
-        if n_limbs == 1:  # the quantized activations, exactly: (q·step) @ dequantize(w)
-            xsum = _group_sums(xq.astype(jnp.int32), kshape, j, n_groups).astype(jnp.float32)
-            xsum = xsum * step
+        if len(weights) == 1:  # the quantized activations, exactly: (q·step) @ dequantize(w)
+            xsum = group_sums(xq.astype(jnp.int32)).astype(jnp.float32) * step
         else:
-            xsum = _group_sums(xk, kshape, j, n_groups)  # (bt, m, G)
-        y = y - jnp.einsum("bmg,gbn->bmn", xsum, z * s[:, :, 0])
-    y = jnp.where(finite, y, jnp.nan)
-    return _to_output(y, values, lhs, wb, wf, xf, weight_is_rhs, out_dtype)
+            xsum = group_sums(xk)  # (bt, m, G)
+        y = y - jnp.einsum("bmg,gbn->bmn", xsum, zp * s)
+    return jnp.where(finite, y, jnp.nan)
+
+
+# An activation's limb rows up to which a GroupMajor weight is multiplied by one batched integer
+# dot over every group (batch 1-4 with three limbs); more rows loop over the groups
+# (``benchmarks/runtime.py``: the batched dot measured 1.9x float32 at batch 1 on 4096x4096
+# PerGroup(128), where one small dot per group runs at 1.0-1.2x; at batch 16 it is 0.9x).
+_GROUPS_MAX_ROWS = 12
+_UNROLL_GROUPS = 128
+
+
+def _group_major_dot(qarray, lhs, dimension_numbers, weight_is_rhs, out_dtype, chosen):
+    """The integer formulations on a ``GroupMajor`` weight (``_group_major`` checked the axes):
+    values ``(bt, G, n, g)``, activations ``(bt, m, K)`` split into limbs laid out ``(bt, G,
+    rows, g)`` directly (XLA:CPU widens a batched int8 dot whose operand comes from a transpose
+    to int32, slowly); one batched dot over the groups for few rows, else one dot per group."""
+    xc, _, xb, _ = _split(dimension_numbers, weight_is_rhs)
+    shape, layout = qarray.shape, qarray.layout
+    lead = len(shape) - layout.axes
+    n_groups = layout.groups
+    bt = math.prod(shape[:lead])
+    n = math.prod(shape[lead + 1 :])
+    k_total = shape[lead]
+    group = k_total // n_groups
+    out_dtype = out_dtype or jnp.promote_types(lhs.dtype, qarray.dtype)
+    xf = [d for d in range(lhs.ndim) if d not in xc and d not in xb]
+    m = math.prod(lhs.shape[d] for d in xf)
+    values = qarray.values.reshape(bt, n_groups, n, group)
+    if values.dtype != jnp.int8:  # sub-byte values (int8 containers: no-op)
+        values = values.astype(jnp.int8)
+    per_group = (*qarray.values.shape[:-1], 1)  # (*lead, G, *out, 1): stored scales' shape
+    s = jnp.broadcast_to(qarray.scale.astype(jnp.float32), per_group).reshape(bt, n_groups, n)
+    n_limbs = 1 if chosen.startswith("int8") else _N_LIMBS
+    xk = jnp.transpose(lhs.astype(jnp.float32), [*xb, *xf, *xc]).reshape(bt, m, k_total)
+    act = qarray._to_canonical(qarray.act_scale) if chosen.startswith("int8") else None
+    step, finite = _steps(act, shape, list(range(lead)), xk)
+    xg = jnp.moveaxis(xk.reshape(bt, m, n_groups, group), 2, 1)  # (bt, G, m, g)
+    q, weights = _limbs(xg / step[:, None], n_limbs, axis=2)  # (bt, G, L, m, g): no transpose
+    rows = n_limbs * m
+    q = q.reshape(bt, n_groups, rows, group)
+    if rows < 2:  # XLA:CPU's one-row integer dot is slow: use two rows
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, 2 - rows), (0, 0)))
+    if chosen.endswith("_groups"):  # one batched dot: (bt, G, n, rows)
+        acc = lax.dot_general(
+            values, q, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.int32
+        )
+        acc = acc.astype(jnp.float32) * s[..., None]
+        if n_groups <= _UNROLL_GROUPS:  # one fusion summing the groups (XLA:CPU: faster)
+            y = functools.reduce(jnp.add, [acc[:, i] for i in range(n_groups)])
+        else:
+            y = jnp.sum(acc, axis=1)
+        y = jnp.swapaxes(y, 1, 2)  # (bt, rows, n)
+    else:  # one dot per group, its scale applied to its integer partial sum
+
+        def body(i, y):
+            a = lax.dot_general(
+                q[:, i], values[:, i], (((2,), (2,)), ((0,), (0,))),
+                preferred_element_type=jnp.int32,
+            )  # fmt: skip
+            return y + a.astype(jnp.float32) * s[:, i, None, :]
+
+        y = _loop(n_groups, body, jnp.zeros((bt, q.shape[2], n), jnp.float32))
+    zp = qarray.zero_point
+    if zp is not None:
+        zp = jnp.broadcast_to(zp.astype(jnp.float32), per_group).reshape(bt, n_groups, n)
+        zp = jnp.swapaxes(zp, 0, 1)  # (G, bt, n)
+    sums = lambda t: jnp.swapaxes(jnp.sum(t, axis=-1), 1, 2)  # (bt, G, m, g) -> (bt, m, G)
+    xq = q[:, :, :m].reshape(bt, n_groups, m, group)  # the first limb
+    y = _combine(y, weights, step, finite, m, xq, xg, sums, zp, jnp.swapaxes(s, 0, 1))
+    wf = list(range(lead + 1, len(shape)))
+    return _to_output(y, shape, lhs, list(range(lead)), wf, xf, weight_is_rhs, out_dtype)
 
 
 def _group_sums(xk, kshape, j: int, n_groups: int) -> jax.Array:
@@ -465,12 +607,13 @@ def _group_sums(xk, kshape, j: int, n_groups: int) -> jax.Array:
     return jnp.sum(t, axis=[2 + a for a in range(len(shape)) if a != j])
 
 
-def _to_output(y, values, lhs, wb, wf, xf, weight_is_rhs, out_dtype) -> jax.Array:
-    """``y (bt, m, n)`` in ``lax.dot_general``'s output layout and dtype."""
+def _to_output(y, shape, lhs, wb, wf, xf, weight_is_rhs, out_dtype) -> jax.Array:
+    """``y (bt, m, n)`` in ``lax.dot_general``'s output layout and dtype (``shape``: the
+    weight's, in the axes ``wb``/``wf`` name)."""
     out_shape = (
-        *[values.shape[a] for a in wb],
+        *[shape[a] for a in wb],
         *[lhs.shape[d] for d in xf],
-        *[values.shape[a] for a in wf],
+        *[shape[a] for a in wf],
     )
     y = y.reshape(out_shape)
     if not weight_is_rhs:

@@ -14,6 +14,7 @@ from jcompress import tree as jtree
 from jcompress.tree._kinds import register_static
 
 __all__ = [
+    "GroupMajor",
     "OutMajor",
     "QArray",
     "block_shapes",
@@ -52,6 +53,87 @@ class OutMajor(NamedTuple):
     def canonical_order(self, ndim: int) -> tuple[int, ...]:
         """Float-array axis ``i`` is stored axis ``canonical_order(ndim)[i]``."""
         return tuple(int(i) for i in np.argsort(self.stored_order(ndim)))
+
+    @property
+    def axes(self) -> int:
+        """How many trailing axes of the float array the layout rearranges."""
+        return self.contracting + self.output
+
+    def canonical_shape(self, stored: Sequence[int]) -> tuple[int, ...]:
+        """The float array's shape of a child stored with shape ``stored``."""
+        return tuple(stored[i] for i in self.canonical_order(len(stored)))
+
+    def store(self, x: jax.Array) -> jax.Array:
+        """A child (float-array axis order) in this layout."""
+        return jnp.transpose(x, self.stored_order(x.ndim))
+
+    def restore(self, x: jax.Array) -> jax.Array:
+        """A stored child back in the float array's axis order."""
+        return jnp.transpose(x, self.canonical_order(x.ndim))
+
+
+@register_static
+class GroupMajor(NamedTuple):
+    """A runtime layout of a per-group matmul weight ``(..., K, *output axes)`` whose scales hold
+    ``groups`` blocks along ``K``, its one contracting axis (Flax ``Dense`` ``(in, out)`` with
+    ``PerGroup`` scales): stored ``(..., groups, *output axes, K // groups)``, so each group's
+    rows are output-major and contiguous and one batched integer dot multiplies every group at
+    once (the batch-1 decode formulation of ``jc.compressed`` on CPU).
+
+    Every child is stored alike: ``K`` split into ``(groups, K // groups)`` (a child with one
+    entry along ``K``, such as a scale, into ``(groups, 1)``; a child of size 1 there into
+    ``(1, 1)``), the block axis moved last. Leading (stacked) axes stay where they are. Made by
+    ``jcompress.quantization.runtime_layout``; :meth:`QArray.stored` returns the float array's
+    form.
+
+    >>> GroupMajor(groups=4, output=1).stored_shape((2, 8, 3))  # (layers, in, out)
+    (2, 4, 3, 2)
+    """
+
+    groups: int
+    output: int
+
+    @property
+    def axes(self) -> int:
+        """How many trailing axes of the float array the layout rearranges."""
+        return 1 + self.output
+
+    def _split(self, size: int) -> tuple[int, int]:
+        if size == 1:
+            return 1, 1
+        if self.groups < 1 or size % self.groups:
+            raise ValueError(f"{self} does not fit an axis of {size} entries")
+        return self.groups, size // self.groups
+
+    def _lead(self, ndim: int) -> int:
+        lead = ndim - self.axes
+        if lead < 0 or self.output < 1:
+            raise ValueError(f"{self} does not fit an array of rank {ndim}")
+        return lead
+
+    def stored_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The stored shape of a child of float-array shape ``shape``."""
+        lead = self._lead(len(shape))
+        a, b = self._split(shape[lead])
+        return (*shape[:lead], a, *shape[lead + 1 :], b)
+
+    def canonical_shape(self, stored: Sequence[int]) -> tuple[int, ...]:
+        """The float array's shape of a child stored with shape ``stored``."""
+        lead = self._lead(len(stored) - 1)
+        a, b = stored[lead], stored[-1]
+        return (*stored[:lead], a * b, *stored[lead + 1 : -1])
+
+    def store(self, x: jax.Array) -> jax.Array:
+        """A child (float-array axis order) in this layout."""
+        lead = self._lead(x.ndim)
+        a, b = self._split(x.shape[lead])
+        x = x.reshape(*x.shape[:lead], a, b, *x.shape[lead + 1 :])
+        return jnp.moveaxis(x, lead + 1, -1)
+
+    def restore(self, x: jax.Array) -> jax.Array:
+        """A stored child back in the float array's axis order."""
+        shape = self.canonical_shape(x.shape)
+        return jnp.moveaxis(x, -1, self._lead(len(shape)) + 1).reshape(shape)
 
 
 def storage_dtype(bits: int) -> np.dtype:
@@ -130,7 +212,9 @@ class QArray(jtree.Compressed, kind="QArray"):
     Static (aux) data: ``bits``, the original float ``dtype`` and ``layout``: ``None`` (the
     children in the float array's axis order, which the constructor takes and checkpoints store:
     :meth:`stored`) or a runtime layout made by ``runtime_layout`` (:class:`OutMajor`: the
-    children's axes permuted; ``shape``, ``dequantize``, ``take`` and indexing account for it).
+    children's axes permuted; :class:`GroupMajor`: the contracting axis split into its groups,
+    each group output-major); ``shape``, ``dequantize``, ``take``, indexing and ``stored``
+    account for it.
 
     Invariants: ``shape == values.shape`` in the canonical layout; ``dtype`` is the original
     float dtype (what :meth:`dequantize` returns); every value lies in the spec's integer range;
@@ -204,9 +288,7 @@ class QArray(jtree.Compressed, kind="QArray"):
     @property
     def shape(self) -> tuple[int, ...]:
         shape = tuple(self.values.shape)
-        if self.layout is None:
-            return shape
-        return tuple(shape[i] for i in self.layout.canonical_order(len(shape)))
+        return shape if self.layout is None else self.layout.canonical_shape(shape)
 
     # -- computation -----------------------------------------------------------------------------
 
@@ -219,7 +301,7 @@ class QArray(jtree.Compressed, kind="QArray"):
         """A child (or the dequantized array) from the stored axis order to the float array's."""
         if x is None or self.layout is None:
             return x
-        return jnp.transpose(x, self.layout.canonical_order(x.ndim))
+        return self.layout.restore(x)
 
     def canonical(self) -> QArray:
         """The same array with its children in the float array's axis order (``layout=None``);
@@ -238,7 +320,7 @@ class QArray(jtree.Compressed, kind="QArray"):
         """
         layout = self.layout
         n = len(index) if isinstance(index, tuple) else 1
-        if layout is not None and n > len(self.shape) - sum(layout):
+        if layout is not None and n > len(self.shape) - layout.axes:
             return self.canonical()[index]  # indexing into the permuted axes
         return super().__getitem__(index)
 
@@ -279,7 +361,7 @@ class QArray(jtree.Compressed, kind="QArray"):
         zp = None if self.zero_point is None else self.zero_point.astype(container)
         return self.replace(values=self.values.astype(container), zero_point=zp)
 
-    def with_layout(self, layout: OutMajor | None) -> QArray:
+    def with_layout(self, layout: OutMajor | GroupMajor | None) -> QArray:
         """The same array with its children stored in ``layout`` (``None``: canonical).
 
         >>> import jax.numpy as jnp
@@ -292,11 +374,22 @@ class QArray(jtree.Compressed, kind="QArray"):
         base = self.canonical()
         if layout is None:
             return base
-        if not isinstance(layout, OutMajor):
-            raise TypeError(f"QArray layout must be None or an OutMajor, got {layout!r}")
-        order = layout.stored_order(len(self.shape))
+        if not isinstance(layout, OutMajor | GroupMajor):
+            raise TypeError(
+                f"QArray layout must be None, an OutMajor or a GroupMajor, got {layout!r}"
+            )
+        if isinstance(layout, GroupMajor):
+            k = len(self.shape) - layout.axes
+            if k < 0 or base.scale.shape[k] != layout.groups:
+                raise ValueError(
+                    f"{layout} needs scales with {layout.groups} blocks along axis {k} of a "
+                    f"weight of shape {self.shape}; this one's scale has shape "
+                    f"{tuple(base.scale.shape)}"
+                )
+        else:
+            layout.stored_order(len(self.shape))  # raises when it does not fit
         children = {n: getattr(base, n) for n in self.array_fields}
-        children = {n: None if c is None else jnp.transpose(c, order) for n, c in children.items()}
+        children = {n: None if c is None else layout.store(c) for n, c in children.items()}
         return base.replace(**children, layout=layout)
 
     def take(self, indices: ArrayLike, axis: int = 0) -> jax.Array:
@@ -305,6 +398,8 @@ class QArray(jtree.Compressed, kind="QArray"):
         For gathered tables (``Embed``: ``table.take(ids)``); indices follow ``jnp.take`` (negative
         indices count from the end).
         """
+        if isinstance(self.layout, GroupMajor):  # a matmul weight: gathered rarely
+            return self.canonical().take(indices, axis)
         indices = jnp.asarray(indices)
         ndim = len(self.shape)
         axis = axis % ndim
