@@ -530,9 +530,10 @@ def _combine(y, weights, step, finite, m, xq, xk, group_sums, zp, s) -> jax.Arra
 
 
 # An activation's limb rows up to which a GroupMajor weight is multiplied by one batched integer
-# dot over every group (batch 1-4 with three limbs); more rows loop over the groups
-# (``benchmarks/runtime.py``: the batched dot measured 1.9x float32 at batch 1 on 4096x4096
-# PerGroup(128), where one small dot per group runs at 1.0-1.2x; at batch 16 it is 0.9x).
+# dot over every group (batch 1-4 with three limbs); more rows loop over the groups. Measured
+# with forced formulations on 4096x4096 PerGroup(128) chains (2-core x86, one process): the
+# batched dot 1.8-1.9x float32 at batch 1 where the loop runs 1.0-1.2x, equal at batch 4, 0.9x
+# at batch 16 where the loop runs 2.5x; ``benchmarks/runtime.py`` measures the dispatch.
 _GROUPS_MAX_ROWS = 12
 _UNROLL_GROUPS = 128
 
