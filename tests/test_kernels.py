@@ -591,9 +591,10 @@ def test_group_major_equals_the_numpy_reference(name, spec, mode, rows, static, 
     ``shape``, ``nbytes``, ``dequantize`` and ``stored`` are unchanged."""
     wshape, role, xshape, dn, layout = GROUP_MAJOR[name]
     rng = np.random.default_rng(seed)
-    q = widen(_quant(rng.standard_normal(wshape), role, **spec))
+    q = _quant(rng.standard_normal(wshape), role, **spec)
     if static and mode == "int8":
         q = _with_step(q, np.float32([0.02, 0.04])[: 2 if role.stacked else 1])
+    q = widen(q)
     laid = q.with_layout(layout)
     assert laid.layout == layout and laid.shape == q.shape and laid.nbytes == q.nbytes
     np.testing.assert_array_equal(laid.dequantize(), q.dequantize())
@@ -715,3 +716,23 @@ def test_group_major_model_explain_and_no_retrace(monkeypatch):
     records = explain(run, fast, x)
     assert {r.formulation for r in records} == {"limbs_groups"}
     assert all(r.intended == r.compiled == INTEGER_DOT for r in records)
+
+
+def test_group_major_sharded(devices):
+    """A ``GroupMajor`` weight sharded along its output axis (and the activations along the
+    batch) computes the canonical result on all 8 devices, batched dot and loop alike."""
+    rng = np.random.default_rng(3)
+    q = widen(_quant(rng.standard_normal((256, 16)), DENSE, bits=4, group=128, asym=True))
+    laid = q.with_layout(GroupMajor(2, 1))
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(2, 4), ("data", "model"))
+    P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+    out_axis = lambda a: NS(mesh, P(None, "model", None) if a.shape[1] > 1 else P())
+    sharded = jax.tree.map(lambda a: jax.device_put(a, out_axis(a)), laid)
+    for rows in (2, 8):  # limbs_groups, then the per-group loop
+        x = jnp.asarray(rng.standard_normal((rows, 256)), jnp.float32)
+        xs = jax.device_put(x, NS(mesh, P("data", None)))
+        got = KERNEL(sharded, xs, DN, mode="limbs")
+        assert len(got.sharding.device_set) == 8
+        np.testing.assert_allclose(
+            got, KERNEL(q, x, DN, mode="limbs"), rtol=1e-5, atol=1e-5 * np.abs(got).max()
+        )

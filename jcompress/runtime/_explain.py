@@ -89,7 +89,8 @@ class Explained:
         rows"``.
       compiled: what the compiled HLO shows, in the same terms (``"unknown"`` if unreadable).
       formulation: the formulation the leaf's kernel named at trace time (:func:`kernel_scope`;
-        for ``QArray``: ``limbs``, ``limbs_nk``, ``int8``, ``chunked``, ``dequantize``, ...),
+        for ``QArray``: ``limbs``, ``limbs_nk``, ``limbs_groups``, ``int8``, ``chunked``,
+        ``dequantize``, ...),
         else the runtime's own (``dequantize``, ``take``, or the ``mode`` it asked for).
       note: why a float path was intended, where there is a known reason (convolutions).
     """
