@@ -562,9 +562,12 @@ def test_runtime_layout_model_explain_and_no_retrace(monkeypatch):
 # GroupMajor: per-group weights stored (..., G, out, g), one batched integer dot over the groups
 # ------------------------------------------------------------------------------------------------
 
-# name: (weight shape, role, lhs shape for m rows, dimension numbers, layout); groups of 4
+# name: (weight shape, role, lhs shape for m rows, dimension numbers, layout[, weight on the
+# left]); groups of 4
 GROUP_MAJOR = {
     "dense": ((8, 6), DENSE, lambda m: (m, 8), DN, GroupMajor(2, 1)),
+    "dense_left": ((8, 6), DENSE, lambda m: (m, 8), (((0,), (1,)), ((), ())), GroupMajor(2, 1),
+                   False),
     "qkv": ((8, 2, 3), LAYOUTS["qkv"][1], lambda m: (m, 8), (((1,), (0,)), ((), ())),
             GroupMajor(2, 2)),
     "stacked": ((2, 8, 3), LAYOUTS["stacked"][1], lambda m: (2, m, 8), LAYOUTS["stacked"][3],
@@ -589,7 +592,8 @@ def test_group_major_equals_the_numpy_reference(name, spec, mode, rows, static, 
     weight-only modes equal the NumPy product with the NumPy dequantization; ``int8`` (dynamic
     or static step) equals the canonical weight's result (the same activation rounding);
     ``shape``, ``nbytes``, ``dequantize`` and ``stored`` are unchanged."""
-    wshape, role, xshape, dn, layout = GROUP_MAJOR[name]
+    wshape, role, xshape, dn, layout, *left = GROUP_MAJOR[name]
+    rhs = not left
     rng = np.random.default_rng(seed)
     q = _quant(rng.standard_normal(wshape), role, **spec)
     if static and mode == "int8":
@@ -600,10 +604,10 @@ def test_group_major_equals_the_numpy_reference(name, spec, mode, rows, static, 
     np.testing.assert_array_equal(laid.dequantize(), q.dequantize())
     np.testing.assert_array_equal(laid.stored().values, q.stored().values)
     x = jnp.asarray(rng.standard_normal(xshape(rows)), dtype)
-    got = KERNEL(laid, x, dn, mode=mode)
-    canonical = KERNEL(q, x, dn, mode=mode)
-    x64 = np.asarray(x, np.float64)
-    ref = canonical if mode == "int8" else np_dot_general(x64, _np_dequantize(q), dn)
+    got = KERNEL(laid, x, dn, weight_is_rhs=rhs, mode=mode)
+    canonical = KERNEL(q, x, dn, weight_is_rhs=rhs, mode=mode)
+    ops = (np.asarray(x, np.float64), _np_dequantize(q))
+    ref = canonical if mode == "int8" else np_dot_general(*(ops if rhs else ops[::-1]), dn)
     assert got.shape == ref.shape and got.dtype == jnp.float32
     scale = np.abs(np.asarray(ref)).max() + 1e-30
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * scale)

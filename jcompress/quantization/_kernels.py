@@ -246,11 +246,11 @@ def _group_major(qarray, lhs, dimension_numbers, weight_is_rhs, out_dtype, mode,
     shape = qarray.shape
     lead = len(shape) - layout.axes
     full = [d for d in range(len(shape)) if d != lead]  # scales there: shared or per element
-    stored_scale = layout.canonical_shape(qarray.scale.shape)
+    scale_shape = layout.canonical_shape(qarray.scale.shape)
     if (
         wc != [lead]
         or wb != list(range(lead))
-        or any(stored_scale[d] not in (1, shape[d]) for d in full)
+        or any(scale_shape[d] not in (1, shape[d]) for d in full)
     ):
         return None
     if mode == "int8" and qarray.act_scale is not None:
@@ -535,6 +535,8 @@ def _combine(y, weights, step, finite, m, xq, xk, group_sums, zp, s) -> jax.Arra
 # batched dot 1.8-1.9x float32 at batch 1 where the loop runs 1.0-1.2x, equal at batch 4, 0.9x
 # at batch 16 where the loop runs 2.5x; ``benchmarks/runtime.py`` measures the dispatch.
 _GROUPS_MAX_ROWS = 12
+# Up to this many groups the batched dot's scaled partial sums are added in one unrolled fusion
+# (faster on XLA:CPU than a reduction over the group axis); more groups: a reduction.
 _UNROLL_GROUPS = 128
 
 
