@@ -323,7 +323,8 @@ def test_scan_over_stacked_codebook_layers():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(
+# one leaf of each number format with a trainable table or scales
+FORMAT_SPECS = pytest.mark.parametrize(
     "spec",
     [
         QuantSpec(format=NF4(), granularity=PerGroup(16)),
@@ -332,6 +333,9 @@ def test_scan_over_stacked_codebook_layers():
     ],
     ids=["nf4", "codebook", "e4m3"],
 )
+
+
+@FORMAT_SPECS
 def test_sharded_formats_stay_sharded_through_quantize_partition_and_grad(devices, spec):
     mesh = jax.sharding.Mesh(np.array(devices), ("x",))
     sharding = NamedSharding(mesh, P(None, "x"))  # output channels across the 8 devices
@@ -360,15 +364,7 @@ def test_sharded_formats_stay_sharded_through_quantize_partition_and_grad(device
             assert g.sharding.is_equivalent_to(sharding, g.ndim), g.sharding
 
 
-@pytest.mark.parametrize(
-    "spec",
-    [
-        QuantSpec(format=NF4(), granularity=PerGroup(16)),
-        QuantSpec(bits=3, format=Codebook(init="density", iters=5), granularity=PerChannel()),
-        QuantSpec(format=E4M3()),
-    ],
-    ids=["nf4", "codebook", "e4m3"],
-)
+@FORMAT_SPECS
 def test_vmap_and_scan_over_stacked_format_layers(spec):
     layers = jnp.stack([_pruned_w()[:64, :64] * (i + 1) for i in range(3)])  # (3, 64, 64)
     roles = {"kernel": jc.Role("matmul", contracting=(1,), output=(2,), stacked=(0,))}
